@@ -1,0 +1,94 @@
+//! Softmax attention with grouped KV heads and causal masking of the newest tokens.
+use crate::KvError;
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+/// Queries are processed in chunks of this many tokens so that the score matrix of a long
+/// prefill stays bounded (`[kv_heads, group × chunk, keys]` floats at a time).
+pub const ATTENTION_QUERY_CHUNK: usize = 512;
+
+/// Scaled dot-product attention of `q` over cached `k`, `v`.
+///
+/// The queries are the *last* `tq` tokens of the cached sequence: query `i` sees every cached
+/// token up to and including its own (`j ≤ tk − tq + i`). This one convention covers prefill
+/// (queries = the chunk just appended) and decode (`tq = 1`, no mask), and holds for compressed
+/// caches because compression never touches the newest tokens.
+///
+/// Heads are folded into the batch dimension before the matmuls (3-D batched matmul is much
+/// faster than 4-D on burn-ndarray), and query head `h` reads KV head `h / group`.
+///
+/// # Shapes
+/// - `q`: `[b, q_heads, tq, d]`
+/// - `k`, `v`: `[b, kv_heads, tk, d]`
+/// - returns `[b, q_heads, tq, d]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, KvError> {
+    let [b, qh, tq, d] = q.dims();
+    let [kb, kvh, tk, kd] = k.dims();
+    if k.dims() != v.dims() || kb != b || kd != d || kvh == 0 || qh % kvh != 0 {
+        return Err(KvError::Shape {
+            context: "attention q/k/v",
+            expected: vec![b, qh, tk, d],
+            got: k.dims().to_vec(),
+        });
+    }
+    if tk == 0 {
+        return Err(KvError::Empty);
+    }
+    if tq > tk {
+        return Err(KvError::QueriesExceedCache {
+            queries: tq,
+            cached: tk,
+        });
+    }
+    let g = qh / kvh;
+    let scale = 1.0 / (d as f64).sqrt();
+    let device = q.device();
+    let q5 = q.reshape([b * kvh, g, tq, d]);
+    let k3 = k.reshape([b * kvh, tk, d]);
+    let v3 = v.reshape([b * kvh, tk, d]);
+    let mut outs = Vec::with_capacity(tq.div_ceil(ATTENTION_QUERY_CHUNK));
+    let mut start = 0;
+    while start < tq {
+        let end = (start + ATTENTION_QUERY_CHUNK).min(tq);
+        let c = end - start;
+        // Keys visible to the last query of this chunk.
+        let visible = tk - tq + end;
+        let qc = q5
+            .clone()
+            .slice_dim(2, start..end)
+            .reshape([b * kvh, g * c, d]);
+        let kc = k3.clone().slice_dim(1, 0..visible);
+        let vc = v3.clone().slice_dim(1, 0..visible);
+        let mut scores = qc.matmul(kc.swap_dims(1, 2)).mul_scalar(scale);
+        if c > 1 || visible > tk - tq + start + 1 {
+            // Query i (absolute row tk − tq + start + i) may not see keys beyond itself.
+            let first = (tk - tq + start) as i64;
+            let rows = Tensor::<B, 1, Int>::arange(first..first + c as i64, &device)
+                .reshape([c, 1])
+                .expand([c, visible]);
+            let cols = Tensor::<B, 1, Int>::arange(0..visible as i64, &device)
+                .reshape([1, visible])
+                .expand([c, visible]);
+            let mask = cols
+                .greater(rows)
+                .reshape([1, 1, c, visible])
+                .expand([b * kvh, g, c, visible])
+                .reshape([b * kvh, g * c, visible]);
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        let probs = softmax(scores, 2);
+        outs.push(probs.matmul(vc).reshape([b * kvh, g, c, d]));
+        start = end;
+    }
+    let out = if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(outs, 2)
+    };
+    Ok(out.reshape([b, qh, tq, d]))
+}

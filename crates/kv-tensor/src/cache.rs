@@ -1,0 +1,89 @@
+//! The single attention patch point: the model talks to each layer's cache only through
+//! [`LayerCache`]; [`FullCache`] is the uncompressed reference.
+use crate::{AxisError, CompressedLayer, Footprint, KvError, ObservationCtx, attention};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// One layer's KV cache as the model sees it. Keys arrive after RoPE.
+///
+/// GQA is the cache's business: `attend` takes all query heads. The default `attend` decodes
+/// the cache and runs [`attention`]; a backend-specific cache may override it with a fused
+/// kernel (or score keys in a reduced space).
+pub trait LayerCache<B: Backend> {
+    /// Appends new tokens.
+    ///
+    /// # Shapes
+    /// `k`, `v`: `[b, kv_heads, t, d]`
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), KvError>;
+
+    /// Everything cached, decoded to dense `[b, kv_heads, stored, d]` keys and values.
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError>;
+
+    /// Attention of the newest `tq` tokens' queries over the cache (see [`attention`] for the
+    /// causal convention).
+    ///
+    /// # Shapes
+    /// `q`: `[b, q_heads, tq, d]` → `[b, q_heads, tq, d]`
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        let (k, v) = self.keys_values()?;
+        attention(q, k, v)
+    }
+
+    /// Called once per layer when the prompt has been prefilled: the moment question-agnostic
+    /// compression happens. The context carries what scorers observed during prefill.
+    fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        let _ = ctx;
+        Ok(())
+    }
+
+    /// Exact bytes held.
+    fn footprint(&self) -> Footprint;
+
+    /// Tokens appended so far (the logical sequence length; the next token's position).
+    fn len(&self) -> usize;
+
+    /// True before the first append.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens actually held per head (≤ `len` once tokens were evicted).
+    fn stored(&self) -> usize;
+}
+
+/// The uncompressed reference cache: every token, dense, at the backend's float precision.
+#[derive(Debug, Clone, Default)]
+pub struct FullCache<B: Backend> {
+    layer: CompressedLayer<B>,
+}
+
+impl<B: Backend> FullCache<B> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self {
+            layer: CompressedLayer::new(),
+        }
+    }
+}
+
+impl<B: Backend> LayerCache<B> for FullCache<B> {
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), KvError> {
+        self.layer.push(k, v)
+    }
+
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        self.layer.decode()
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.layer.footprint()
+    }
+
+    fn len(&self) -> usize {
+        self.layer.seen()
+    }
+
+    fn stored(&self) -> usize {
+        self.layer.stored()
+    }
+}

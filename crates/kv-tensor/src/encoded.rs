@@ -1,0 +1,206 @@
+//! How one side (K or V) of a cache segment is stored: dense floats, low-rank coefficients with
+//! a basis, or packed integer codes with fp16 scales and zero-points.
+use crate::{Bytes, Footprint, Fp16Tensor, KvError, PackedCodes};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// Which axis a quantization group runs along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupAxis {
+    /// Groups of `g` consecutive tokens share a scale per channel (KIVI keys: per-channel).
+    Tokens,
+    /// Groups of `g` consecutive channels share a scale per token (KIVI values: per-token).
+    Channels,
+}
+
+/// Asymmetric integer quantization: `x ≈ code · scale + min`, one `(scale, min)` per group.
+///
+/// # Shapes
+/// codes unpack to `[b, h, t, d]`; scales and mins are `[b, h, t/g, d]` for
+/// [`GroupAxis::Tokens`] and `[b, h, t, d/g]` for [`GroupAxis::Channels`].
+#[derive(Debug, Clone)]
+pub struct Quantized<B: Backend> {
+    codes: PackedCodes<B>,
+    scales: Fp16Tensor<B, 4>,
+    mins: Fp16Tensor<B, 4>,
+    group: usize,
+    along: GroupAxis,
+}
+
+impl<B: Backend> Quantized<B> {
+    /// Assembles a quantized tensor, checking that codes, scales and mins agree on the grouping.
+    pub fn new(
+        codes: PackedCodes<B>,
+        scales: Fp16Tensor<B, 4>,
+        mins: Fp16Tensor<B, 4>,
+        group: usize,
+        along: GroupAxis,
+    ) -> Result<Self, KvError> {
+        let s = codes.shape().to_vec();
+        if s.len() != 4 || group == 0 {
+            return Err(KvError::Shape {
+                context: "quantized codes",
+                expected: vec![0; 4],
+                got: s,
+            });
+        }
+        let expected = match along {
+            GroupAxis::Tokens if s[2] % group == 0 => vec![s[0], s[1], s[2] / group, s[3]],
+            GroupAxis::Channels if s[3] % group == 0 => vec![s[0], s[1], s[2], s[3] / group],
+            _ => {
+                return Err(KvError::InvalidValue {
+                    what: "quantization group",
+                    value: format!("group {group} over shape {s:?}"),
+                    allowed: "a group size dividing the grouped axis",
+                });
+            }
+        };
+        for (what, t) in [("scales", &scales), ("mins", &mins)] {
+            if t.dims().to_vec() != expected {
+                let _ = what;
+                return Err(KvError::Shape {
+                    context: "quantization scales/mins",
+                    expected,
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        Ok(Self {
+            codes,
+            scales,
+            mins,
+            group,
+            along,
+        })
+    }
+
+    /// Dequantizes to floats `[b, h, t, d]`.
+    pub fn decode(&self) -> Result<Tensor<B, 4>, KvError> {
+        let [b, h, t, d] = self.dims();
+        let g = self.group;
+        let x = self.codes.unpack::<4>()?.float();
+        let (scales, mins) = (self.scales.decode(), self.mins.decode());
+        Ok(match self.along {
+            GroupAxis::Tokens => {
+                let x = x.reshape([b, h, t / g, g, d]);
+                let s = scales.reshape([b, h, t / g, 1, d]);
+                let m = mins.reshape([b, h, t / g, 1, d]);
+                (x * s + m).reshape([b, h, t, d])
+            }
+            GroupAxis::Channels => {
+                let x = x.reshape([b, h, t, d / g, g]);
+                let s = scales.reshape([b, h, t, d / g, 1]);
+                let m = mins.reshape([b, h, t, d / g, 1]);
+                (x * s + m).reshape([b, h, t, d])
+            }
+        })
+    }
+
+    /// Shape of the decoded tensor.
+    pub fn dims(&self) -> [usize; 4] {
+        let s = self.codes.shape();
+        [s[0], s[1], s[2], s[3]]
+    }
+
+    /// The packed codes.
+    pub fn codes(&self) -> &PackedCodes<B> {
+        &self.codes
+    }
+
+    /// Group size.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Grouping axis.
+    pub fn along(&self) -> GroupAxis {
+        self.along
+    }
+
+    /// Bytes by kind: codes, and scales + mins.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            codes: self.codes.bytes(),
+            scales: self.scales.bytes() + self.mins.bytes(),
+            ..Footprint::default()
+        }
+    }
+}
+
+/// One side of a segment as stored.
+#[derive(Debug, Clone)]
+pub enum Encoded<B: Backend> {
+    /// Plain floats `[b, h, t, d]`.
+    Dense(Tensor<B, 4>),
+    /// Low-rank coefficients `[b, h, t, r]` (themselves dense or quantized) and the layer's
+    /// orthonormal basis `[h, d, r]`; the value is `coeffs · basisᵀ`.
+    Projected {
+        /// The coefficients.
+        coeffs: Box<Encoded<B>>,
+        /// The basis, shared by every segment of the layer (counted once per layer).
+        basis: Tensor<B, 3>,
+    },
+    /// Packed integer codes.
+    Quantized(Quantized<B>),
+}
+
+impl<B: Backend> Encoded<B> {
+    /// Decodes to floats `[b, h, t, d]`.
+    pub fn decode(&self) -> Result<Tensor<B, 4>, KvError> {
+        match self {
+            Encoded::Dense(t) => Ok(t.clone()),
+            Encoded::Quantized(q) => q.decode(),
+            Encoded::Projected { coeffs, basis } => {
+                let c = coeffs.decode()?;
+                let [h, d, r] = basis.dims();
+                let [b, ch, t, cr] = c.dims();
+                if ch != h || cr != r {
+                    return Err(KvError::Shape {
+                        context: "projected coefficients vs basis",
+                        expected: vec![b, h, t, r],
+                        got: vec![b, ch, t, cr],
+                    });
+                }
+                // [b·h… ] as a batch of per-head matmuls: [h, b·t, r] × [h, r, d].
+                let c = c.swap_dims(0, 1).reshape([h, b * t, r]);
+                let out = c.matmul(basis.clone().swap_dims(1, 2));
+                Ok(out.reshape([h, b, t, d]).swap_dims(0, 1))
+            }
+        }
+    }
+
+    /// Decoded shape `[b, h, t, d]`.
+    pub fn dims(&self) -> [usize; 4] {
+        match self {
+            Encoded::Dense(t) => t.dims(),
+            Encoded::Quantized(q) => q.dims(),
+            Encoded::Projected { coeffs, basis } => {
+                let [b, h, t, _] = coeffs.dims();
+                [b, h, t, basis.dims()[1]]
+            }
+        }
+    }
+
+    /// Bytes of this side, excluding any basis (a basis belongs to the layer: see
+    /// [`Encoded::basis`]).
+    pub fn footprint(&self) -> Footprint {
+        match self {
+            Encoded::Dense(t) => Footprint::dense(dense_bytes(t)),
+            Encoded::Quantized(q) => q.footprint(),
+            Encoded::Projected { coeffs, .. } => coeffs.footprint(),
+        }
+    }
+
+    /// The low-rank basis, if this side is projected.
+    pub fn basis(&self) -> Option<&Tensor<B, 3>> {
+        match self {
+            Encoded::Projected { basis, .. } => Some(basis),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes allocated by a dense float tensor.
+pub(crate) fn dense_bytes<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Bytes {
+    Bytes((t.shape().num_elements() * t.dtype().size()) as u64)
+}

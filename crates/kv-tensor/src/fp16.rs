@@ -1,0 +1,171 @@
+//! Half-precision storage for small per-group tensors (quantization scales and zero-points).
+//!
+//! Not every burn backend stores `f16` floats (burn-ndarray does not), so the half-precision
+//! value is kept as its IEEE-754 binary16 bit pattern in a `u16` integer tensor: two bytes per
+//! value on every backend, as the footprint says. Encoding and decoding are tensor ops; powers of
+//! two come from a 32-entry table so decoding is exact.
+use crate::Bytes;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, IntDType, Tensor, TensorData};
+
+const MIN_NORMAL: f32 = 6.103_515_6e-5; // 2^-14
+const MAX_HALF: f32 = 65504.0;
+
+/// A float tensor stored as binary16 bit patterns (`u16`).
+#[derive(Debug, Clone)]
+pub struct Fp16Tensor<B: Backend, const D: usize> {
+    bits: Tensor<B, D, Int>,
+}
+
+impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
+    /// Rounds `x` to the nearest binary16 value (saturating at ±65504) and stores its bits.
+    /// NaN is the caller's business: quantizers reject non-finite input before they get here.
+    pub fn encode(x: Tensor<B, D>) -> Self {
+        let device = x.device();
+        let dims = x.dims();
+        let negative = x.clone().lower_elem(0.0);
+        let a = x.abs().clamp_max(MAX_HALF);
+        let subnormal = a.clone().lower_elem(MIN_NORMAL);
+
+        // Normal numbers: a = m · 2^e with m ∈ [1, 2).
+        let safe = a.clone().clamp_min(MIN_NORMAL);
+        let e = (safe.clone().log() / std::f32::consts::LN_2)
+            .floor()
+            .clamp(-14.0, 15.0);
+        let m = safe.clone() / pow2(e.clone(), &device, dims);
+        // log2 can be off by one next to a power of two: correct both ways.
+        let too_big = m.clone().greater_equal_elem(2.0);
+        let e = e.clone().mask_where(too_big, e + 1.0);
+        let m = safe.clone() / pow2(e.clone(), &device, dims);
+        let too_small = m.clone().lower_elem(1.0);
+        let e = e.clone().mask_where(too_small, e - 1.0);
+        let m = safe / pow2(e.clone(), &device, dims);
+        let mant = ((m - 1.0) * 1024.0).round();
+        // Mantissa rounding up to 1024 carries into the exponent; that is still a valid pattern
+        // because (e + 15) · 1024 + 1024 = (e + 16) · 1024 + 0 (and saturates at 65504 = 0x7BFF).
+        let normal = ((e + 15.0) * 1024.0 + mant).clamp_max(31743.0);
+
+        let sub = (a / 5.960_464_5e-8).round(); // 2^-24
+        let magnitude = normal.mask_where(subnormal, sub);
+        let bits = magnitude.clone().mask_where(negative, magnitude + 32768.0);
+        Self {
+            bits: bits.int().cast(IntDType::U16),
+        }
+    }
+
+    /// Decodes to the backend's float type, exactly.
+    pub fn decode(&self) -> Tensor<B, D> {
+        let device = self.bits.device();
+        let dims = self.bits.dims();
+        let b = self.bits.clone().cast(IntDType::I32);
+        let negative = b.clone().greater_equal_elem(32768);
+        let mag = b.clone().remainder_scalar(32768);
+        let e = mag.clone().div_scalar(1024);
+        let m = mag.clone() - e.clone().mul_scalar(1024);
+        let is_normal = e.clone().greater_elem(0);
+        let significand = m.float() + is_normal.float() * 1024.0;
+        // 2^(max(e,1) − 25): the subnormal range shares the scale of exponent 1.
+        let n: usize = dims.iter().product();
+        let table: Vec<f32> = (0..32).map(|k| 2f32.powi(k.max(1) - 25)).collect();
+        let scale = Tensor::<B, 1>::from_data(TensorData::new(table, [32]), &device)
+            .select(0, e.reshape([n]))
+            .reshape(dims);
+        let v = significand * scale;
+        v.clone().mask_where(negative, v.neg())
+    }
+
+    /// The shape of the stored tensor.
+    pub fn dims(&self) -> [usize; D] {
+        self.bits.dims()
+    }
+
+    /// Bytes allocated (two per value).
+    pub fn bytes(&self) -> Bytes {
+        Bytes((self.bits.shape().num_elements() * self.bits.dtype().size()) as u64)
+    }
+
+    /// Concatenates along `dim`.
+    pub fn cat(parts: Vec<Self>, dim: usize) -> Self {
+        Self {
+            bits: Tensor::cat(parts.into_iter().map(|p| p.bits).collect(), dim),
+        }
+    }
+}
+
+/// `2^e` for integer-valued float exponents in [-14, 16], exact via a table lookup.
+fn pow2<B: Backend, const D: usize>(
+    e: Tensor<B, D>,
+    device: &B::Device,
+    dims: [usize; D],
+) -> Tensor<B, D> {
+    let n: usize = dims.iter().product();
+    let table: Vec<f32> = (-14..=16).map(|k| 2f32.powi(k)).collect();
+    let idx = (e + 14.0).clamp(0.0, 30.0).int().reshape([n]);
+    Tensor::<B, 1>::from_data(TensorData::new(table, [31]), device)
+        .select(0, idx)
+        .reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_ndarray::NdArray;
+    use half::f16;
+    use proptest::prelude::*;
+
+    type B = NdArray<f32>;
+
+    fn check(values: Vec<f32>) {
+        let device = Default::default();
+        let n = values.len();
+        let t = Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
+        let enc = Fp16Tensor::encode(t);
+        assert_eq!(enc.bytes(), Bytes(2 * n as u64));
+        let bits: Vec<i64> = enc
+            .bits
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("int");
+        let dec: Vec<f32> = enc.decode().into_data().to_vec().expect("f32");
+        for ((&x, &b), &d) in values.iter().zip(&bits).zip(&dec) {
+            let reference = f16::from_f32(x.clamp(-MAX_HALF, MAX_HALF));
+            // Decoding is exact: it matches the bit pattern's value.
+            assert_eq!(d, f16::from_bits(b as u16).to_f32(), "decode of {b:#x}");
+            // Encoding is round-to-nearest: at most one ulp from the reference (ties may differ).
+            let ulp = (reference.to_f32().abs() * 2f32.powi(-10)).max(5.97e-8);
+            assert!(
+                (d - reference.to_f32()).abs() <= ulp,
+                "x={x} got {d} want {reference}"
+            );
+        }
+    }
+
+    #[test]
+    fn special_values() {
+        check(vec![
+            0.0,
+            1.0,
+            -1.0,
+            2.0,
+            0.5,
+            65504.0,
+            1e9,
+            -1e9,
+            6.1035156e-5,
+            1e-7,
+            3.0e-6,
+            1.0 / 3.0,
+        ]);
+    }
+
+    proptest! {
+        #[test]
+        fn encode_is_nearest_and_decode_exact(v in prop::collection::vec(-70000f32..70000f32, 1..64),
+                                              small in prop::collection::vec(-1e-3f32..1e-3f32, 1..64)) {
+            check(v);
+            check(small);
+        }
+    }
+}

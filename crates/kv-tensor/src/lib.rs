@@ -1,0 +1,33 @@
+//! The KV-cache vocabulary every kvnd crate speaks.
+//!
+//! Tensors are `[batch, kv_heads, tokens, head_dim]`, keys are stored *after* RoPE. A layer's
+//! cache is a list of compressed [`Segment`]s followed by a dense full-precision residual window
+//! ([`CompressedLayer`]). Every way of storing one side (K or V) of a segment is an [`Encoded`]
+//! value that decodes back to a float tensor, and every storage reports its exact [`Footprint`]
+//! in bytes, counted from what is allocated. Compression methods implement [`CompressionAxis`];
+//! the model talks to a cache only through [`LayerCache`].
+#![warn(missing_docs)]
+
+mod attention;
+mod axis;
+mod cache;
+mod encoded;
+mod error;
+mod footprint;
+mod fp16;
+mod layout;
+mod packing;
+mod segment;
+mod units;
+
+pub use attention::{ATTENTION_QUERY_CHUNK, attention};
+pub use axis::{CompressionAxis, ObservationCtx};
+pub use cache::{FullCache, LayerCache};
+pub use encoded::{Encoded, GroupAxis, Quantized};
+pub use error::{AxisError, KvError};
+pub use footprint::Footprint;
+pub use fp16::Fp16Tensor;
+pub use layout::{KvLayout, LayerShape};
+pub use packing::{CodeBits, PackedCodes};
+pub use segment::{CompressedLayer, Positions, Segment};
+pub use units::{Bits, Bytes, LayerIdx, Ratio};

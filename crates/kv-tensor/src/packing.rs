@@ -1,0 +1,240 @@
+//! Bit packing of small integer codes into 32-bit words, on any burn backend.
+//!
+//! Codes of width 2, 4 and 8 fill a word exactly (16, 8, 4 codes); 3-bit codes are packed ten to
+//! a word, leaving the top two bits unused (3.2 bits per code in the footprint). Packing and
+//! unpacking are tensor ops (multiply by powers of two and sum / divide and take the remainder
+//! in `u32`), so the packed words stay on the device: nothing goes through a host `Vec`.
+use crate::{Bytes, KvError};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, IntDType, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// A packable code width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum CodeBits {
+    /// 2-bit codes, 16 per word.
+    B2,
+    /// 3-bit codes, 10 per word.
+    B3,
+    /// 4-bit codes, 8 per word.
+    B4,
+    /// 8-bit codes, 4 per word.
+    B8,
+}
+
+impl CodeBits {
+    /// Every packable width, narrowest first.
+    pub const ALL: [CodeBits; 4] = [CodeBits::B2, CodeBits::B3, CodeBits::B4, CodeBits::B8];
+
+    /// The width in bits.
+    pub fn get(self) -> u8 {
+        match self {
+            CodeBits::B2 => 2,
+            CodeBits::B3 => 3,
+            CodeBits::B4 => 4,
+            CodeBits::B8 => 8,
+        }
+    }
+
+    /// How many codes share one 32-bit word.
+    pub fn codes_per_word(self) -> usize {
+        32 / self.get() as usize
+    }
+
+    /// The largest code, `2^bits − 1`.
+    pub fn max_code(self) -> u32 {
+        (1u32 << self.get()) - 1
+    }
+
+    /// Words needed for `n` codes.
+    pub fn words_for(self, n: usize) -> usize {
+        n.div_ceil(self.codes_per_word())
+    }
+}
+
+impl TryFrom<u8> for CodeBits {
+    type Error = KvError;
+    fn try_from(v: u8) -> Result<Self, KvError> {
+        match v {
+            2 => Ok(CodeBits::B2),
+            3 => Ok(CodeBits::B3),
+            4 => Ok(CodeBits::B4),
+            8 => Ok(CodeBits::B8),
+            _ => Err(KvError::InvalidValue {
+                what: "code width",
+                value: v.to_string(),
+                allowed: "one of 2, 3, 4, 8",
+            }),
+        }
+    }
+}
+
+impl From<CodeBits> for u8 {
+    fn from(b: CodeBits) -> u8 {
+        b.get()
+    }
+}
+
+/// Integer codes of one width, packed into a device tensor of `u32` words.
+#[derive(Debug, Clone)]
+pub struct PackedCodes<B: Backend> {
+    words: Tensor<B, 1, Int>,
+    bits: CodeBits,
+    shape: Vec<usize>,
+}
+
+impl<B: Backend> PackedCodes<B> {
+    /// Packs `codes` (any shape, every value in `0..=bits.max_code()`; larger values are
+    /// masked to their low bits) into 32-bit words.
+    pub fn pack<const D: usize>(codes: Tensor<B, D, Int>, bits: CodeBits) -> Self {
+        let shape = codes.dims().to_vec();
+        let n: usize = shape.iter().product();
+        let per = bits.codes_per_word();
+        let words = bits.words_for(n);
+        let device = codes.device();
+        let mut flat = codes
+            .reshape([n])
+            .cast(IntDType::U32)
+            .remainder_scalar(1u32 << bits.get());
+        if words * per > n {
+            let pad = Tensor::<B, 1, Int>::zeros([words * per - n], &device).cast(IntDType::U32);
+            flat = Tensor::cat(vec![flat, pad], 0);
+        }
+        let words = flat
+            .reshape([words, per])
+            .mul(Self::shifts(bits, &device))
+            .sum_dim(1)
+            .reshape([words]);
+        Self { words, bits, shape }
+    }
+
+    /// Unpacks to integer codes of the original shape.
+    pub fn unpack<const D: usize>(&self) -> Result<Tensor<B, D, Int>, KvError> {
+        if self.shape.len() != D {
+            return Err(KvError::Shape {
+                context: "unpacking codes (rank)",
+                expected: self.shape.clone(),
+                got: vec![D],
+            });
+        }
+        let n: usize = self.shape.iter().product();
+        let per = self.bits.codes_per_word();
+        let w = self.words.dims()[0];
+        let device = self.words.device();
+        let codes = self
+            .words
+            .clone()
+            .reshape([w, 1])
+            .div(Self::shifts(self.bits, &device))
+            .remainder_scalar(1u32 << self.bits.get())
+            .reshape([w * per])
+            .slice(0..n)
+            .cast(IntDType::I32);
+        let mut dims = [0usize; D];
+        dims.copy_from_slice(&self.shape);
+        Ok(codes.reshape(dims))
+    }
+
+    /// `[1, per]` powers of two `2^(bits × j)`: the place of each code inside its word.
+    fn shifts(bits: CodeBits, device: &B::Device) -> Tensor<B, 2, Int> {
+        let per = bits.codes_per_word();
+        let pow: Vec<u32> = (0..per)
+            .map(|j| 1u32 << (bits.get() as usize * j))
+            .collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(pow, [1, per]), device).cast(IntDType::U32)
+    }
+
+    /// The code width.
+    pub fn bits(&self) -> CodeBits {
+        self.bits
+    }
+
+    /// Shape of the unpacked codes.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The packed words (`u32`).
+    pub fn words(&self) -> &Tensor<B, 1, Int> {
+        &self.words
+    }
+
+    /// Bytes allocated for the packed words.
+    pub fn bytes(&self) -> Bytes {
+        Bytes((self.words.dims()[0] * self.words.dtype().size()) as u64)
+    }
+
+    /// Bytes that packing `n` codes allocates, without packing them.
+    pub fn predicted_bytes(bits: CodeBits, n: usize) -> Bytes {
+        Bytes((bits.words_for(n) * 4) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_ndarray::NdArray;
+    use proptest::prelude::*;
+
+    type B = NdArray<f32>;
+
+    fn roundtrip(bits: CodeBits, shape: [usize; 3], seed: u64) {
+        let n: usize = shape.iter().product();
+        let max = bits.max_code() as u64 + 1;
+        // A cheap deterministic sequence that covers every code, including the maximum.
+        let vals: Vec<i32> = (0..n as u64)
+            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) % max) as i32)
+            .collect();
+        let device = Default::default();
+        let codes = Tensor::<B, 3, Int>::from_data(TensorData::new(vals.clone(), shape), &device);
+        let packed = PackedCodes::pack(codes, bits);
+        assert_eq!(packed.bytes(), PackedCodes::<B>::predicted_bytes(bits, n));
+        assert_eq!(packed.bytes().get() as usize, bits.words_for(n) * 4);
+        let back: Vec<i32> = packed
+            .unpack::<3>()
+            .expect("rank matches")
+            .into_data()
+            .convert::<i32>()
+            .to_vec()
+            .expect("i32 data");
+        assert_eq!(back, vals);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn pack_unpack_roundtrips(
+            bits in prop::sample::select(CodeBits::ALL.to_vec()),
+            a in 1usize..4, b in 1usize..5, c in 1usize..70, seed in 0u64..1000,
+        ) {
+            roundtrip(bits, [a, b, c], seed);
+        }
+    }
+
+    #[test]
+    fn words_are_really_packed() {
+        // 64 four-bit codes take 8 words = 32 bytes, not 64 × 4.
+        let device = Default::default();
+        let codes = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![15i32; 64], [64]), &device);
+        let p = PackedCodes::pack(codes, CodeBits::B4);
+        assert_eq!(p.words().dims(), [8]);
+        assert_eq!(p.bytes(), Bytes(32));
+        let w: Vec<u32> = p
+            .words()
+            .clone()
+            .into_data()
+            .convert::<u32>()
+            .to_vec()
+            .expect("u32");
+        assert!(w.iter().all(|&x| x == u32::MAX));
+    }
+
+    #[test]
+    fn wrong_rank_is_an_error() {
+        let device = Default::default();
+        let codes = Tensor::<B, 2, Int>::zeros([2, 3], &device);
+        let p = PackedCodes::pack(codes, CodeBits::B2);
+        assert!(p.unpack::<3>().is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! A layer's compressed cache: compressed segments followed by a full-precision residual window.
+use crate::encoded::dense_bytes;
+use crate::{Bytes, Encoded, Footprint, KvError};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+/// Original sequence positions of the tokens a segment holds.
+#[derive(Debug, Clone)]
+pub enum Positions<B: Backend> {
+    /// Tokens `start..start + len`, implicit: costs no bytes.
+    Contiguous {
+        /// First position.
+        start: usize,
+        /// Number of tokens.
+        len: usize,
+    },
+    /// Per head, the kept positions `[b, h, t]` (strictly increasing along `t`), stored as
+    /// integers and counted in the footprint.
+    Explicit(Tensor<B, 3, Int>),
+}
+
+impl<B: Backend> Positions<B> {
+    /// Tokens per head.
+    pub fn len(&self) -> usize {
+        match self {
+            Positions::Contiguous { len, .. } => *len,
+            Positions::Explicit(t) => t.dims()[2],
+        }
+    }
+
+    /// True when no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of bookkeeping.
+    pub fn bytes(&self) -> Bytes {
+        match self {
+            Positions::Contiguous { .. } => Bytes(0),
+            Positions::Explicit(t) => Bytes((t.shape().num_elements() * t.dtype().size()) as u64),
+        }
+    }
+}
+
+/// A run of cached tokens stored one way. Keys are cached after RoPE, so a segment never needs
+/// re-rotation: evicting tokens only drops rows, and the kept rows keep their original positions.
+#[derive(Debug, Clone)]
+pub struct Segment<B: Backend> {
+    /// Where the tokens came from.
+    pub positions: Positions<B>,
+    /// Keys `[b, h, t, d]` as stored.
+    pub k: Encoded<B>,
+    /// Values `[b, h, t, d]` as stored.
+    pub v: Encoded<B>,
+}
+
+impl<B: Backend> Segment<B> {
+    /// A dense segment of contiguous tokens starting at `start`, checking K/V shapes agree.
+    pub fn dense(k: Tensor<B, 4>, v: Tensor<B, 4>, start: usize) -> Result<Self, KvError> {
+        if k.dims() != v.dims() {
+            return Err(KvError::Shape {
+                context: "keys vs values",
+                expected: k.dims().to_vec(),
+                got: v.dims().to_vec(),
+            });
+        }
+        let len = k.dims()[2];
+        Ok(Self {
+            positions: Positions::Contiguous { start, len },
+            k: Encoded::Dense(k),
+            v: Encoded::Dense(v),
+        })
+    }
+
+    /// Tokens held (per head).
+    pub fn len(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// True when the segment holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes, excluding low-rank bases (counted per layer by [`CompressedLayer`]).
+    pub fn footprint(&self) -> Footprint {
+        let mut f = self.k.footprint() + self.v.footprint();
+        f.indices += self.positions.bytes();
+        f
+    }
+}
+
+/// One layer's cache: compressed segments (oldest first) and a dense residual window holding
+/// the most recent tokens at full precision. New tokens land in the window; the owner decides
+/// when to turn the window (or part of it) into a segment.
+#[derive(Debug, Clone)]
+pub struct CompressedLayer<B: Backend> {
+    segments: Vec<Segment<B>>,
+    window: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    window_start: usize,
+    seen: usize,
+}
+
+impl<B: Backend> Default for CompressedLayer<B> {
+    fn default() -> Self {
+        Self {
+            segments: Vec::new(),
+            window: None,
+            window_start: 0,
+            seen: 0,
+        }
+    }
+}
+
+impl<B: Backend> CompressedLayer<B> {
+    /// An empty layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends new tokens `[b, h, t, d]` to the residual window.
+    pub fn push(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), KvError> {
+        if k.dims() != v.dims() {
+            return Err(KvError::Shape {
+                context: "appended keys vs values",
+                expected: k.dims().to_vec(),
+                got: v.dims().to_vec(),
+            });
+        }
+        if let Some((wk, _)) = &self.window {
+            let [b, h, _, d] = wk.dims();
+            let [nb, nh, _, nd] = k.dims();
+            if (b, h, d) != (nb, nh, nd) {
+                return Err(KvError::Shape {
+                    context: "appended keys vs cache",
+                    expected: vec![b, h, 0, d],
+                    got: k.dims().to_vec(),
+                });
+            }
+        }
+        self.seen += k.dims()[2];
+        self.window = Some(match self.window.take() {
+            None => (k, v),
+            Some((wk, wv)) => (Tensor::cat(vec![wk, k], 2), Tensor::cat(vec![wv, v], 2)),
+        });
+        Ok(())
+    }
+
+    /// Takes the oldest `n` tokens of the window out as a dense segment (all of it if `n` is
+    /// larger than the window). Returns `None` when the window is empty.
+    pub fn take_window(&mut self, n: usize) -> Option<Segment<B>> {
+        let (wk, wv) = self.window.take()?;
+        let len = wk.dims()[2];
+        let n = n.min(len);
+        let start = self.window_start;
+        if n < len {
+            self.window = Some((
+                wk.clone().slice_dim(2, n..len),
+                wv.clone().slice_dim(2, n..len),
+            ));
+        }
+        self.window_start += n;
+        let (k, v) = if n < len {
+            (wk.slice_dim(2, 0..n), wv.slice_dim(2, 0..n))
+        } else {
+            (wk, wv)
+        };
+        Some(Segment {
+            positions: Positions::Contiguous { start, len: n },
+            k: Encoded::Dense(k),
+            v: Encoded::Dense(v),
+        })
+    }
+
+    /// Appends a compressed segment after the existing ones. The caller keeps order: segments
+    /// hold tokens older than the window.
+    pub fn push_segment(&mut self, s: Segment<B>) {
+        self.segments.push(s);
+    }
+
+    /// The compressed segments.
+    pub fn segments(&self) -> &[Segment<B>] {
+        &self.segments
+    }
+
+    /// Tokens in the residual window.
+    pub fn window_len(&self) -> usize {
+        self.window.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Tokens appended so far (the logical sequence length).
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Tokens actually held (per head).
+    pub fn stored(&self) -> usize {
+        self.segments.iter().map(Segment::len).sum::<usize>() + self.window_len()
+    }
+
+    /// Decodes everything into dense `[b, h, stored, d]` keys and values, oldest first.
+    pub fn decode(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        let mut ks = Vec::with_capacity(self.segments.len() + 1);
+        let mut vs = Vec::with_capacity(self.segments.len() + 1);
+        for s in &self.segments {
+            ks.push(s.k.decode()?);
+            vs.push(s.v.decode()?);
+        }
+        if let Some((k, v)) = &self.window {
+            ks.push(k.clone());
+            vs.push(v.clone());
+        }
+        if ks.is_empty() {
+            return Err(KvError::Empty);
+        }
+        if ks.len() == 1 {
+            return Ok((ks.remove(0), vs.remove(0)));
+        }
+        Ok((Tensor::cat(ks, 2), Tensor::cat(vs, 2)))
+    }
+
+    /// Exact bytes: segments, the window, and each side's low-rank basis once.
+    pub fn footprint(&self) -> Footprint {
+        let mut f: Footprint = self.segments.iter().map(Segment::footprint).sum();
+        if let Some((k, v)) = &self.window {
+            f.dense += dense_bytes(k) + dense_bytes(v);
+        }
+        let k_basis = self.segments.iter().find_map(|s| s.k.basis());
+        let v_basis = self.segments.iter().find_map(|s| s.v.basis());
+        for b in [k_basis, v_basis].into_iter().flatten() {
+            f.basis += dense_bytes(b);
+        }
+        f
+    }
+}
