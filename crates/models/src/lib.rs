@@ -1,1 +1,26 @@
-//! placeholder
+//! Llama-family decoders in burn, generic over the backend, with the KV cache behind
+//! `kv_tensor::LayerCache`: GGUF and HF safetensors loading, tokenizer and chat template, and a
+//! generation loop over any cache.
+#![warn(missing_docs)]
+
+mod chat;
+mod config;
+mod dequant;
+mod error;
+pub mod gguf;
+mod llama;
+mod loader;
+pub mod paths;
+mod rope;
+mod tokenizer;
+mod weights;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{LlamaConfig, RopeLayout};
+pub use dequant::GgmlType;
+pub use error::ModelError;
+pub use llama::{Llama, Logits, PrefillOptions};
+pub use loader::{LoadedModel, load_gguf};
+pub use rope::Rope;
+pub use tokenizer::Tokenizer;
+pub use weights::{SafetensorsWeights, WeightSource};

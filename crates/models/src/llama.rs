@@ -1,0 +1,390 @@
+//! The Llama-family decoder, top to bottom: embedding, blocks (RMSNorm → fused QKV → optional
+//! q/k norm → RoPE → cache → attention → output projection; RMSNorm → SwiGLU MLP), final norm,
+//! head. The KV cache is passed in, one [`LayerCache`] per layer: `append` + `attend` is the
+//! single patch point where every compression method acts.
+//!
+//! Batch size is one: prompts are processed in chunks of tokens, rows of a `[t, hidden]` matrix.
+use crate::ModelError;
+use crate::config::LlamaConfig;
+use crate::rope::Rope;
+use crate::weights::WeightSource;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use kv_tensor::{LayerCache, ObservationCtx};
+
+/// One decoder block's weights. Matrices are stored `[in, out]` so that `x.matmul(w)` applies
+/// them; q, k, v are fused into one matrix and gate, up into another (fewer, larger matmuls).
+#[derive(Debug, Clone)]
+struct Block<B: Backend> {
+    attn_norm: Tensor<B, 1>,
+    wqkv: Tensor<B, 2>,
+    bqkv: Option<Tensor<B, 1>>,
+    q_norm: Option<Tensor<B, 1>>,
+    k_norm: Option<Tensor<B, 1>>,
+    wo: Tensor<B, 2>,
+    ffn_norm: Tensor<B, 1>,
+    w_gate_up: Tensor<B, 2>,
+    w_down: Tensor<B, 2>,
+}
+
+/// What a prefill hands back besides filling the caches.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillOptions {
+    /// Tokens per forward chunk (bounds activation memory).
+    pub chunk: usize,
+    /// How many of the last prompt tokens' queries to give scorers (SnapKV's window).
+    pub observe_window: usize,
+    /// Also give scorers pre-RoPE queries and keys.
+    pub pre_rope: bool,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        Self {
+            chunk: 512,
+            observe_window: 32,
+            pre_rope: false,
+        }
+    }
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (teacher-forced scoring).
+    All,
+}
+
+/// A loaded Llama-family model.
+#[derive(Debug, Clone)]
+pub struct Llama<B: Backend> {
+    /// Hyper-parameters.
+    pub config: LlamaConfig,
+    embed: Tensor<B, 2>,
+    blocks: Vec<Block<B>>,
+    norm: Tensor<B, 1>,
+    head: Tensor<B, 2>,
+    rope: Rope<B>,
+}
+
+/// Per-layer observations gathered during prefill.
+#[derive(Default)]
+struct Observed<B: Backend> {
+    queries: Option<Tensor<B, 4>>,
+    pre_q: Option<Tensor<B, 4>>,
+    pre_k: Vec<Tensor<B, 4>>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model from weights named as in GGUF.
+    pub fn load(
+        config: LlamaConfig,
+        w: &dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let c = &config;
+        let (qd, kvd) = (c.q_heads * c.head_dim, c.kv_heads * c.head_dim);
+        let (edims, evals) = w.require("token_embd.weight")?;
+        expect(&edims, &[c.hidden, c.vocab], "token_embd.weight")?;
+        let embed = Tensor::from_data(TensorData::new(evals.clone(), [c.vocab, c.hidden]), device);
+        let head = match w.fetch("output.weight")? {
+            Some((d, v)) => {
+                expect(&d, &[c.hidden, c.vocab], "output.weight")?;
+                matrix(v, c.hidden, c.vocab, device)
+            }
+            None => matrix(evals, c.hidden, c.vocab, device),
+        };
+        let mut blocks = Vec::with_capacity(c.layers);
+        for l in 0..c.layers {
+            let n = |s: &str| format!("blk.{l}.{s}");
+            let mat = |s: &str, i: usize, o: usize| -> Result<Tensor<B, 2>, ModelError> {
+                let (d, v) = w.require(&n(s))?;
+                expect(&d, &[i, o], &n(s))?;
+                Ok(matrix(v, i, o, device))
+            };
+            let vec = |s: &str, len: usize| -> Result<Tensor<B, 1>, ModelError> {
+                let (d, v) = w.require(&n(s))?;
+                expect(&d, &[len], &n(s))?;
+                Ok(Tensor::from_data(TensorData::new(v, [len]), device))
+            };
+            let wqkv = Tensor::cat(
+                vec![
+                    mat("attn_q.weight", c.hidden, qd)?,
+                    mat("attn_k.weight", c.hidden, kvd)?,
+                    mat("attn_v.weight", c.hidden, kvd)?,
+                ],
+                1,
+            );
+            let bqkv = if c.qkv_bias {
+                Some(Tensor::cat(
+                    vec![
+                        vec("attn_q.bias", qd)?,
+                        vec("attn_k.bias", kvd)?,
+                        vec("attn_v.bias", kvd)?,
+                    ],
+                    0,
+                ))
+            } else {
+                None
+            };
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(vec("attn_q_norm.weight", c.head_dim)?),
+                    Some(vec("attn_k_norm.weight", c.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            blocks.push(Block {
+                attn_norm: vec("attn_norm.weight", c.hidden)?,
+                wqkv,
+                bqkv,
+                q_norm,
+                k_norm,
+                wo: mat("attn_output.weight", qd, c.hidden)?,
+                ffn_norm: vec("ffn_norm.weight", c.hidden)?,
+                w_gate_up: Tensor::cat(
+                    vec![
+                        mat("ffn_gate.weight", c.hidden, c.ffn)?,
+                        mat("ffn_up.weight", c.hidden, c.ffn)?,
+                    ],
+                    1,
+                ),
+                w_down: mat("ffn_down.weight", c.ffn, c.hidden)?,
+            });
+        }
+        let (nd, nv) = w.require("output_norm.weight")?;
+        expect(&nd, &[c.hidden], "output_norm.weight")?;
+        let norm = Tensor::from_data(TensorData::new(nv, [c.hidden]), device);
+        let rope = Rope::new(c.head_dim, c.context, c.rope_theta, c.rope_layout, device);
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            head,
+            rope,
+        })
+    }
+
+    /// Runs the prompt through the model in chunks, filling `caches`, then lets every cache
+    /// compress itself (`finish_prefill`) with what was observed. Returns the logits of the
+    /// last prompt token `[1, vocab]` (computed before compression, from full attention).
+    pub fn prefill<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [C],
+        opts: &PrefillOptions,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        let (logits, observed) = self.run(ids, caches, Logits::Last, Some(opts))?;
+        for (layer, (cache, obs)) in caches.iter_mut().zip(observed).enumerate() {
+            let ctx = ObservationCtx {
+                layer,
+                window_queries: obs.queries,
+                attention_mass: None,
+                pre_rope_queries: obs.pre_q,
+                pre_rope_keys: if obs.pre_k.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::cat(obs.pre_k, 2))
+                },
+            };
+            cache
+                .finish_prefill(&ctx)
+                .map_err(|source| ModelError::Compress { layer, source })?;
+        }
+        Ok(logits)
+    }
+
+    /// Feeds tokens after the prompt (decode steps, or a question appended to a compressed
+    /// context) without compressing at the end. Returns `[1, vocab]` or `[t, vocab]` logits.
+    pub fn forward<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [C],
+        want: Logits,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        Ok(self.run(ids, caches, want, None)?.0)
+    }
+
+    fn run<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [C],
+        want: Logits,
+        observe: Option<&PrefillOptions>,
+    ) -> Result<(Tensor<B, 2>, Vec<Observed<B>>), ModelError> {
+        let c = &self.config;
+        if ids.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if caches.len() != c.layers {
+            return Err(ModelError::Metadata {
+                key: "caches".into(),
+                problem: format!("{} caches for {} layers", caches.len(), c.layers),
+            });
+        }
+        let start = caches[0].len();
+        if start + ids.len() > self.rope.context() {
+            return Err(ModelError::PromptTooLong {
+                tokens: start + ids.len(),
+                context: self.rope.context(),
+            });
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab) {
+            return Err(ModelError::Tokenizer(format!(
+                "token id {bad} outside the vocabulary of {}",
+                c.vocab
+            )));
+        }
+        let chunk = observe.map_or(ids.len(), |o| o.chunk.max(1));
+        let mut observed: Vec<Observed<B>> = (0..c.layers).map(|_| Observed::default()).collect();
+        let mut outs = Vec::new();
+        let mut pos = start;
+        for piece in ids.chunks(chunk) {
+            let x = self.chunk(piece, pos, caches, observe, &mut observed)?;
+            let x = match want {
+                Logits::Last => {
+                    let t = x.dims()[0];
+                    x.slice(t - 1..t)
+                }
+                Logits::All => x,
+            };
+            outs.push(x);
+            pos += piece.len();
+        }
+        let x = match want {
+            Logits::Last => outs
+                .pop()
+                .unwrap_or_else(|| unreachable!("ids is not empty")),
+            Logits::All => Tensor::cat(outs, 0),
+        };
+        let logits = rms_norm(x, &self.norm, c.rms_eps).matmul(self.head.clone());
+        Ok((logits, observed))
+    }
+
+    /// One chunk through every block; returns the last hidden states `[t, hidden]`.
+    fn chunk<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        start: usize,
+        caches: &mut [C],
+        observe: Option<&PrefillOptions>,
+        observed: &mut [Observed<B>],
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        let c = &self.config;
+        let device = self.embed.device();
+        let t = ids.len();
+        let (qh, kvh, d) = (c.q_heads, c.kv_heads, c.head_dim);
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [t]),
+            &device,
+        );
+        let mut x = self.embed.clone().select(0, idx);
+        for (l, (blk, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
+            let h = rms_norm(x.clone(), &blk.attn_norm, c.rms_eps);
+            let mut qkv = h.matmul(blk.wqkv.clone());
+            if let Some(b) = &blk.bqkv {
+                qkv = qkv + b.clone().unsqueeze();
+            }
+            let heads = |from: usize, n: usize| {
+                qkv.clone()
+                    .slice([0..t, from * d..(from + n) * d])
+                    .reshape([t, n, d])
+                    .swap_dims(0, 1)
+                    .unsqueeze::<4>()
+            };
+            let mut q = heads(0, qh);
+            let mut k = heads(qh, kvh);
+            let v = heads(qh + kvh, kvh);
+            if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
+                q = rms_norm(q, qn, c.rms_eps);
+                k = rms_norm(k, kn, c.rms_eps);
+            }
+            if let Some(o) = observe {
+                let ob = &mut observed[l];
+                if o.pre_rope {
+                    ob.pre_k.push(k.clone());
+                    ob.pre_q = Some(keep_last(ob.pre_q.take(), q.clone(), o.observe_window));
+                }
+            }
+            let q = self.rope.apply(q, start);
+            let k = self.rope.apply(k, start);
+            if let Some(o) = observe {
+                let ob = &mut observed[l];
+                ob.queries = Some(keep_last(ob.queries.take(), q.clone(), o.observe_window));
+            }
+            cache
+                .append(k, v)
+                .map_err(|source| ModelError::Cache { layer: l, source })?;
+            let att = cache
+                .attend(q)
+                .map_err(|source| ModelError::Cache { layer: l, source })?;
+            let att = att.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([t, qh * d]);
+            x = x + att.matmul(blk.wo.clone());
+            let h = rms_norm(x.clone(), &blk.ffn_norm, c.rms_eps);
+            let gu = h.matmul(blk.w_gate_up.clone());
+            let g = gu.clone().slice([0..t, 0..c.ffn]);
+            let u = gu.slice([0..t, c.ffn..2 * c.ffn]);
+            x = x + (silu(g) * u).matmul(blk.w_down.clone());
+        }
+        Ok(x)
+    }
+}
+
+/// The last `w` tokens of `prev ++ new` along the token axis (dim 2).
+fn keep_last<B: Backend>(prev: Option<Tensor<B, 4>>, new: Tensor<B, 4>, w: usize) -> Tensor<B, 4> {
+    let all = match prev {
+        Some(p) => Tensor::cat(vec![p, new], 2),
+        None => new,
+    };
+    let n = all.dims()[2];
+    if n > w {
+        all.slice_dim(2, n - w..n)
+    } else {
+        all
+    }
+}
+
+/// RMSNorm over the last dimension, scaled by `w`.
+fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let ms = x.clone().square().mean_dim(D - 1);
+    let shape: [usize; D] = std::array::from_fn(|i| if i == D - 1 { w.dims()[0] } else { 1 });
+    x * (ms + eps).sqrt().recip() * w.clone().reshape(shape)
+}
+
+/// A GGUF-order `[in, out]` weight (rows of length `in`, one per output) as an `[in, out]`
+/// tensor: transposed once on the host so every matmul reads it contiguously.
+fn matrix<B: Backend>(
+    rows_out: Vec<f32>,
+    inp: usize,
+    out: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mut t = vec![0f32; rows_out.len()];
+    for o in 0..out {
+        for i in 0..inp {
+            t[i * out + o] = rows_out[o * inp + i];
+        }
+    }
+    Tensor::from_data(TensorData::new(t, [inp, out]), device)
+}
+
+fn expect(got: &[usize], want: &[usize], name: &str) -> Result<(), ModelError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(ModelError::TensorShape {
+            tensor: name.into(),
+            expected: want.to_vec(),
+            got: got.to_vec(),
+        })
+    }
+}

@@ -1,0 +1,29 @@
+//! Where kvnd keeps fetched models and data: `$KVND_HOME`, else `<user cache dir>/kvnd`.
+//! Shared by xtask (which fetches) and the tests and benches (which read).
+use std::path::PathBuf;
+
+/// File name of the embedded default model (SmolLM2-135M-Instruct, Q4_1).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The cache root (not created).
+pub fn home() -> Option<PathBuf> {
+    match std::env::var_os("KVND_HOME") {
+        Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+        _ => dirs::cache_dir().map(|d| d.join("kvnd")),
+    }
+}
+
+/// Directory of fetched model files.
+pub fn models_dir() -> Option<PathBuf> {
+    home().map(|h| h.join("models"))
+}
+
+/// Directory of the prose addresses (one `.txt` each).
+pub fn sotu_dir() -> Option<PathBuf> {
+    home().map(|h| h.join("data").join("sotu"))
+}
+
+/// The default model's path in the cache (it may not be fetched yet).
+pub fn default_model() -> Option<PathBuf> {
+    models_dir().map(|d| d.join(DEFAULT_MODEL_FILE))
+}
