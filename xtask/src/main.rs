@@ -1,6 +1,8 @@
 //! `cargo xtask <command>`: kvnd's automation (see `cargo xtask --help`).
+mod backend;
 mod fetch;
 mod paths;
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +35,45 @@ enum Cmd {
         #[arg(long)]
         from: Option<PathBuf>,
     },
+    /// Fetch the model and data if needed, then run the whole test suite (`cargo test --workspace`).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Answer a chat prompt; prints the answer, tokens/s and the KV-cache size.
+    Generate {
+        /// The user message.
+        #[arg(long)]
+        prompt: String,
+        /// A GGUF file (default: the embedded SmolLM2-135M-Instruct, fetched if needed).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 128)]
+        max_new: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Print the next-token logits of a prompt as one JSON object.
+    Logits {
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// No chat template: tokenize the prompt as is.
+        #[arg(long)]
+        raw: bool,
+        /// How many top tokens.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// A GGUF file (default: the embedded model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -45,6 +86,31 @@ fn main() -> Result<()> {
             let p = fetch::data(from.as_deref())?;
             println!("{}", p.display());
         }
+        Cmd::Test { args } => {
+            fetch::model(fetch::DEFAULT_MODEL, None)?;
+            fetch::data(None)?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["test", "--workspace"])
+                .args(&args)
+                .status()?;
+            if !status.success() {
+                anyhow::bail!("cargo test failed ({status})");
+            }
+        }
+        Cmd::Generate {
+            prompt,
+            model,
+            max_new,
+            temperature,
+            seed,
+        } => run::generate(model.as_deref(), &prompt, max_new, temperature, seed)?,
+        Cmd::Logits {
+            prompt,
+            raw,
+            top,
+            model,
+        } => run::logits(model.as_deref(), &prompt, raw, top)?,
     }
     Ok(())
 }

@@ -1,32 +1,24 @@
-//! Where kvnd keeps downloaded models, data and calibration results.
+//! Cache directories (the layout itself is `models::paths`; this adds creation and errors).
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
-/// The cache root: `$KVND_HOME` if set, else `<user cache dir>/kvnd`.
+/// The cache root, created if needed.
 pub fn home() -> Result<PathBuf> {
-    let dir = match std::env::var_os("KVND_HOME") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => dirs::cache_dir()
-            .context("no user cache directory on this system: set KVND_HOME")?
-            .join("kvnd"),
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating cache directory {}", dir.display()))?;
-    Ok(dir)
+    ensure(models::paths::home())
 }
 
-/// Directory of fetched model files.
+/// Directory of fetched model files, created if needed.
 pub fn models() -> Result<PathBuf> {
-    sub("models")
+    ensure(models::paths::models_dir())
 }
 
-/// Directory of the prose data set (one `.txt` per address).
+/// Directory of the prose data set, created if needed.
 pub fn sotu() -> Result<PathBuf> {
-    sub("data/sotu")
+    ensure(models::paths::sotu_dir())
 }
 
-fn sub(name: &str) -> Result<PathBuf> {
-    let d = home()?.join(name);
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    Ok(d)
+fn ensure(dir: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = dir.context("no user cache directory on this system: set KVND_HOME")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }

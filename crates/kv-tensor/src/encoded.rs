@@ -45,8 +45,10 @@ impl<B: Backend> Quantized<B> {
             });
         }
         let expected = match along {
-            GroupAxis::Tokens if s[2] % group == 0 => vec![s[0], s[1], s[2] / group, s[3]],
-            GroupAxis::Channels if s[3] % group == 0 => vec![s[0], s[1], s[2], s[3] / group],
+            GroupAxis::Tokens if s[2].is_multiple_of(group) => vec![s[0], s[1], s[2] / group, s[3]],
+            GroupAxis::Channels if s[3].is_multiple_of(group) => {
+                vec![s[0], s[1], s[2], s[3] / group]
+            }
             _ => {
                 return Err(KvError::InvalidValue {
                     what: "quantization group",

@@ -33,7 +33,7 @@ impl KvLayout {
                 allowed: "all counts positive",
             });
         }
-        if q_heads % kv_heads != 0 {
+        if !q_heads.is_multiple_of(kv_heads) {
             return Err(KvError::InvalidValue {
                 what: "KV layout",
                 value: format!("{q_heads} query heads over {kv_heads} KV heads"),

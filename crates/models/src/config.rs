@@ -158,9 +158,9 @@ impl LlamaConfig {
             && self.hidden > 0
             && self.q_heads > 0
             && self.kv_heads > 0
-            && self.q_heads % self.kv_heads == 0
+            && self.q_heads.is_multiple_of(self.kv_heads)
             && self.head_dim > 0
-            && self.head_dim % 2 == 0
+            && self.head_dim.is_multiple_of(2)
             && self.ffn > 0
             && self.vocab > 0
             && self.context > 0;

@@ -81,7 +81,7 @@ impl GgmlType {
     /// Bytes of `n` values (`None` if `n` is not a whole number of blocks or overflows).
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bv = self.block_values() as u64;
-        if n % bv != 0 {
+        if !n.is_multiple_of(bv) {
             return None;
         }
         (n / bv).checked_mul(self.block_bytes() as u64)

@@ -323,7 +323,7 @@ impl Gguf {
                     });
                 }
             }
-            info.offset = data_start + info.offset;
+            info.offset += data_start;
             if tensors.insert(name.clone(), info).is_some() {
                 return Err(ModelError::Corrupt {
                     what: format!("duplicate tensor {name}"),

@@ -93,10 +93,10 @@ impl Tokenizer {
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
         // Chat models end a turn with <|im_end|> even when EOS is another token.
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
-            if let Some(i) = tokens.iter().position(|x| *x == t) {
-                if !eos.contains(&(i as u32)) {
-                    eos.push(i as u32);
-                }
+            if let Some(i) = tokens.iter().position(|x| *x == t)
+                && !eos.contains(&(i as u32))
+            {
+                eos.push(i as u32);
             }
         }
         Ok(Self {

@@ -4,21 +4,24 @@ use crate::ModelError;
 use crate::gguf::Gguf;
 use std::collections::HashMap;
 
+/// A dequantised tensor: dims in GGUF order (fastest-varying first) and row-major values.
+pub type RawTensor = (Vec<usize>, Vec<f32>);
+
 /// A source of f32 weights, addressed by GGUF tensor names (`blk.3.attn_q.weight`).
 pub trait WeightSource {
     /// A tensor's dims (GGUF order: fastest-varying first) and row-major values, or `None`
     /// when absent.
-    fn fetch(&self, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, ModelError>;
+    fn fetch(&self, name: &str) -> Result<Option<RawTensor>, ModelError>;
 
     /// Like [`WeightSource::fetch`], but absence is an error.
-    fn require(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+    fn require(&self, name: &str) -> Result<RawTensor, ModelError> {
         self.fetch(name)?
             .ok_or_else(|| ModelError::MissingTensor(name.into()))
     }
 }
 
 impl WeightSource for Gguf {
-    fn fetch(&self, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, ModelError> {
+    fn fetch(&self, name: &str) -> Result<Option<RawTensor>, ModelError> {
         if self.tensors.contains_key(name) {
             self.tensor_f32(name).map(Some)
         } else {
@@ -29,7 +32,7 @@ impl WeightSource for Gguf {
 
 /// HF safetensors shards, renamed to GGUF names on the fly.
 pub struct SafetensorsWeights {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: HashMap<String, RawTensor>,
 }
 
 impl SafetensorsWeights {
@@ -80,7 +83,7 @@ impl SafetensorsWeights {
 }
 
 impl WeightSource for SafetensorsWeights {
-    fn fetch(&self, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>, ModelError> {
+    fn fetch(&self, name: &str) -> Result<Option<RawTensor>, ModelError> {
         Ok(self.tensors.get(name).cloned())
     }
 }

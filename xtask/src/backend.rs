@@ -1,0 +1,12 @@
+//! The one place the backend is chosen: burn-ndarray on the CPU, burn-cuda with `--features cuda`.
+#[cfg(not(feature = "cuda"))]
+/// The backend every command runs on.
+pub type B = burn_ndarray::NdArray<f32>;
+#[cfg(feature = "cuda")]
+/// The backend every command runs on.
+pub type B = burn_cuda::Cuda<f32, i32>;
+
+/// The default device of [`B`].
+pub fn device() -> <B as burn::tensor::backend::BackendTypes>::Device {
+    Default::default()
+}
