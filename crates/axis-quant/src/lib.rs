@@ -1,1 +1,22 @@
-//! placeholder
+//! The precision axis: asymmetric integer quantization of the KV cache.
+//!
+//! - [`Kivi`] (KIVI, Liu et al. 2024): keys per-channel (groups run along tokens), values
+//!   per-token (groups run along the head dimension), K and V bits chosen independently, codes
+//!   bit-packed through `kv_tensor::PackedCodes`, fp16 scales and minimums.
+//! - [`QuantizedCache`]: a `LayerCache` that keeps the newest tokens in a full-precision
+//!   residual window and quantizes older ones a whole group at a time — never re-quantizing
+//!   history.
+//! - [`moqae`] (MoQAE): chunk-level mixed precision, a bit width per chunk of tokens chosen by a
+//!   pluggable [`moqae::ChunkRouter`], with the first chunk kept at 16 bits.
+#![warn(missing_docs)]
+
+mod cache;
+mod error;
+mod kivi;
+pub mod moqae;
+mod setting;
+
+pub use cache::QuantizedCache;
+pub use error::QuantError;
+pub use kivi::{Kivi, quantize};
+pub use setting::{GroupSize, QuantSetting};

@@ -92,3 +92,48 @@ pub fn attention<B: Backend>(
     };
     Ok(out.reshape([b, qh, tq, d]))
 }
+
+/// Attention that the observation-window queries pay to each cached key, averaged over the
+/// window and over the query heads of each KV head: the signal of SnapKV-style scorers and of
+/// MoQAE's chunk importance. The window queries are the last `w` tokens of the cache, so they
+/// see keys causally.
+///
+/// # Shapes
+/// - `window_queries`: `[b, q_heads, w, d]`
+/// - `keys`: `[b, kv_heads, t, d]`
+/// - returns `[b, kv_heads, t]` (each row sums to 1 over `t`)
+pub fn window_attention<B: Backend>(
+    window_queries: Tensor<B, 4>,
+    keys: Tensor<B, 4>,
+) -> Result<Tensor<B, 3>, KvError> {
+    let [b, qh, w, d] = window_queries.dims();
+    let [kb, kvh, t, kd] = keys.dims();
+    if kb != b || kd != d || kvh == 0 || qh % kvh != 0 || w > t {
+        return Err(KvError::Shape {
+            context: "window attention q/k",
+            expected: vec![b, qh, t, d],
+            got: keys.dims().to_vec(),
+        });
+    }
+    let g = qh / kvh;
+    let device = keys.device();
+    let q = window_queries.reshape([b * kvh, g * w, d]);
+    let k = keys.reshape([b * kvh, t, d]);
+    let scores = q
+        .matmul(k.swap_dims(1, 2))
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    // Window query i sits at row t − w + i and sees keys j ≤ t − w + i.
+    let rows = Tensor::<B, 1, Int>::arange((t - w) as i64..t as i64, &device)
+        .reshape([w, 1])
+        .expand([w, t]);
+    let cols = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+        .reshape([1, t])
+        .expand([w, t]);
+    let mask = cols
+        .greater(rows)
+        .reshape([1, 1, w, t])
+        .expand([b * kvh, g, w, t])
+        .reshape([b * kvh, g * w, t]);
+    let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 2);
+    Ok(probs.mean_dim(1).reshape([b, kvh, t]))
+}

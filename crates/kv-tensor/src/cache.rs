@@ -10,11 +10,12 @@ use burn::tensor::backend::Backend;
 /// the cache and runs [`attention`]; a backend-specific cache may override it with a fused
 /// kernel (or score keys in a reduced space).
 pub trait LayerCache<B: Backend> {
-    /// Appends new tokens.
+    /// Appends new tokens. A compressing cache may compress older tokens here (a residual
+    /// window that fills up), hence the axis error.
     ///
     /// # Shapes
     /// `k`, `v`: `[b, kv_heads, t, d]`
-    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), KvError>;
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError>;
 
     /// Everything cached, decoded to dense `[b, kv_heads, stored, d]` keys and values.
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError>;
@@ -67,8 +68,8 @@ impl<B: Backend> FullCache<B> {
 }
 
 impl<B: Backend> LayerCache<B> for FullCache<B> {
-    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), KvError> {
-        self.layer.push(k, v)
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        Ok(self.layer.push(k, v)?)
     }
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {

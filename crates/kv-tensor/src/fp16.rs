@@ -53,6 +53,42 @@ impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
         }
     }
 
+    /// The largest binary16 value ≤ `x` (`x` finite and within ±65504).
+    pub fn encode_floor(x: Tensor<B, D>) -> Self {
+        Self::encode_directed(x, true)
+    }
+
+    /// The smallest binary16 value ≥ `x` (`x` finite and within ±65504).
+    pub fn encode_ceil(x: Tensor<B, D>) -> Self {
+        Self::encode_directed(x, false)
+    }
+
+    /// Round to nearest, then step one ulp towards the wanted side where nearest overshot.
+    fn encode_directed(x: Tensor<B, D>, floor: bool) -> Self {
+        let near = Self::encode(x.clone());
+        let dec = near.decode();
+        let overshoot = if floor { dec.greater(x) } else { dec.lower(x) };
+        let bits = near.bits.cast(IntDType::I32);
+        let negative = bits.clone().greater_equal_elem(32768);
+        let magnitude = bits.clone().remainder_scalar(32768);
+        // Moving down: positive values lose magnitude (+0 becomes the smallest negative
+        // subnormal), negative values gain it. Moving up is the mirror image.
+        let (shrink_side, zero_step) = if floor {
+            (negative.clone().bool_not(), 32769)
+        } else {
+            (negative.clone(), 1)
+        };
+        let is_zero = magnitude.equal_elem(0);
+        let shrunk = bits.clone() - 1;
+        let grown = bits.clone() + 1;
+        let stepped = grown.mask_where(shrink_side, shrunk);
+        let stepped = stepped.mask_fill(is_zero, zero_step);
+        let out = bits.mask_where(overshoot, stepped);
+        Self {
+            bits: out.cast(IntDType::U16),
+        }
+    }
+
     /// Decodes to the backend's float type, exactly.
     pub fn decode(&self) -> Tensor<B, D> {
         let device = self.bits.device();
@@ -82,6 +118,13 @@ impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
     /// Bytes allocated (two per value).
     pub fn bytes(&self) -> Bytes {
         Bytes((self.bits.shape().num_elements() * self.bits.dtype().size()) as u64)
+    }
+
+    /// Reshapes the stored values.
+    pub fn reshape<const D2: usize>(self, dims: [usize; D2]) -> Fp16Tensor<B, D2> {
+        Fp16Tensor {
+            bits: self.bits.reshape(dims),
+        }
     }
 
     /// Concatenates along `dim`.
@@ -160,7 +203,42 @@ mod tests {
         ]);
     }
 
+    fn directed(values: Vec<f32>) {
+        let device = Default::default();
+        let n = values.len();
+        let t = Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
+        let lo: Vec<f32> = Fp16Tensor::encode_floor(t.clone())
+            .decode()
+            .into_data()
+            .to_vec()
+            .expect("f32");
+        let hi: Vec<f32> = Fp16Tensor::encode_ceil(t)
+            .decode()
+            .into_data()
+            .to_vec()
+            .expect("f32");
+        for ((&x, &l), &h) in values.iter().zip(&lo).zip(&hi) {
+            assert!(l <= x && x <= h, "x={x} floor={l} ceil={h}");
+            let ulp = (x.abs() * 2f32.powi(-10)).max(5.97e-8) * 1.01;
+            assert!(x - l <= ulp && h - x <= ulp, "x={x} floor={l} ceil={h}");
+        }
+    }
+
+    #[test]
+    fn directed_rounding_edges() {
+        directed(vec![
+            0.0, -0.0, 1.0, -1.0, 0.1, -0.1, 1e-8, -1e-8, 3.0e-5, 65000.0, -65000.0,
+        ]);
+    }
+
     proptest! {
+        #[test]
+        fn floor_and_ceil_bracket(v in prop::collection::vec(-60000f32..60000f32, 1..64),
+                                  small in prop::collection::vec(-1e-4f32..1e-4f32, 1..64)) {
+            directed(v);
+            directed(small);
+        }
+
         #[test]
         fn encode_is_nearest_and_decode_exact(v in prop::collection::vec(-70000f32..70000f32, 1..64),
                                               small in prop::collection::vec(-1e-3f32..1e-3f32, 1..64)) {

@@ -51,6 +51,11 @@ impl CodeBits {
     pub fn words_for(self, n: usize) -> usize {
         n.div_ceil(self.codes_per_word())
     }
+
+    /// Bytes that packing `n` codes allocates.
+    pub fn packed_bytes(self, n: usize) -> Bytes {
+        Bytes((self.words_for(n) * 4) as u64)
+    }
 }
 
 impl TryFrom<u8> for CodeBits {
@@ -164,11 +169,6 @@ impl<B: Backend> PackedCodes<B> {
     pub fn bytes(&self) -> Bytes {
         Bytes((self.words.dims()[0] * self.words.dtype().size()) as u64)
     }
-
-    /// Bytes that packing `n` codes allocates, without packing them.
-    pub fn predicted_bytes(bits: CodeBits, n: usize) -> Bytes {
-        Bytes((bits.words_for(n) * 4) as u64)
-    }
 }
 
 #[cfg(test)]
@@ -189,7 +189,7 @@ mod tests {
         let device = Default::default();
         let codes = Tensor::<B, 3, Int>::from_data(TensorData::new(vals.clone(), shape), &device);
         let packed = PackedCodes::pack(codes, bits);
-        assert_eq!(packed.bytes(), PackedCodes::<B>::predicted_bytes(bits, n));
+        assert_eq!(packed.bytes(), bits.packed_bytes(n));
         assert_eq!(packed.bytes().get() as usize, bits.words_for(n) * 4);
         let back: Vec<i32> = packed
             .unpack::<3>()

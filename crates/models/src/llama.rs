@@ -319,7 +319,7 @@ impl<B: Backend> Llama<B> {
             }
             cache
                 .append(k, v)
-                .map_err(|source| ModelError::Cache { layer: l, source })?;
+                .map_err(|source| ModelError::Compress { layer: l, source })?;
             let att = cache
                 .attend(q)
                 .map_err(|source| ModelError::Cache { layer: l, source })?;

@@ -2,9 +2,9 @@
 //! parsed or rejected with a typed error, never a panic; and a parsed file dequantises safely.
 mod support;
 
-use models::gguf::Gguf;
 use models::ModelError;
-use support::{tiny_gguf, Rng};
+use models::gguf::Gguf;
+use support::{Rng, tiny_gguf};
 
 fn parse_and_read(bytes: Vec<u8>) -> Result<(), ModelError> {
     let g = Gguf::parse(bytes)?;
@@ -45,7 +45,11 @@ fn byte_flips_never_panic() {
         let mut b = full.clone();
         // Flip 1–4 bytes, biased towards the header where structure lives.
         for _ in 0..1 + i % 4 {
-            let limit = if r.next_u64() % 4 == 0 { b.len() } else { 2048.min(b.len()) };
+            let limit = if r.next_u64() % 4 == 0 {
+                b.len()
+            } else {
+                2048.min(b.len())
+            };
             let at = (r.next_u64() as usize) % limit;
             b[at] ^= 1 << (r.next_u64() % 8);
         }
@@ -54,7 +58,10 @@ fn byte_flips_never_panic() {
         }
     }
     // Many flips land in names or weights and are harmless; many others must be caught.
-    assert!(rejected > 100, "only {rejected} of 3000 corrupted files were rejected");
+    assert!(
+        rejected > 100,
+        "only {rejected} of 3000 corrupted files were rejected"
+    );
 }
 
 #[test]
@@ -62,14 +69,23 @@ fn specific_errors_name_the_problem() {
     let full = tiny_gguf(4);
     let mut bad_magic = full.clone();
     bad_magic[0] = b'X';
-    assert!(matches!(Gguf::parse(bad_magic), Err(ModelError::BadMagic { .. })));
+    assert!(matches!(
+        Gguf::parse(bad_magic),
+        Err(ModelError::BadMagic { .. })
+    ));
     let mut bad_version = full.clone();
     bad_version[4] = 9;
-    assert!(matches!(Gguf::parse(bad_version), Err(ModelError::UnsupportedVersion(9))));
+    assert!(matches!(
+        Gguf::parse(bad_version),
+        Err(ModelError::UnsupportedVersion(9))
+    ));
     let e = Gguf::parse(full[..full.len() - 10].to_vec()).expect_err("truncated data");
     assert!(e.to_string().contains("data of tensor"), "{e}");
     let g = Gguf::parse(full).expect("valid");
     let e = g.get_u64("llama.no_such_key").expect_err("missing key");
     assert!(e.to_string().contains("llama.no_such_key"), "{e}");
-    assert!(matches!(g.tensor_f32("nope"), Err(ModelError::MissingTensor(_))));
+    assert!(matches!(
+        g.tensor_f32("nope"),
+        Err(ModelError::MissingTensor(_))
+    ));
 }

@@ -30,25 +30,49 @@ fn gguf_and_safetensors_layouts_agree() {
     let weights = tiny_hf_weights(5);
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
         .iter()
-        .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("view"),
+            )
+        })
         .collect();
     let st = dir.join("model.safetensors");
     safetensors::tensor::serialize_to_file(views, None, &st).expect("write safetensors");
     let cfg = LlamaConfig::from_hf_json(&tiny_config_json(), "config.json").expect("hf config");
     assert_eq!(cfg.rope_layout, RopeLayout::Halves);
-    let from_hf = Llama::<B>::load(cfg, &SafetensorsWeights::open(&[st]).expect("open"), &device).expect("load hf");
+    let from_hf = Llama::<B>::load(
+        cfg,
+        &SafetensorsWeights::open(&[st]).expect("open"),
+        &device,
+    )
+    .expect("load hf");
     std::fs::remove_dir_all(&dir).ok();
 
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 % VOCAB) as u32).collect();
     let (a, b) = (logits(&from_gguf, &ids), logits(&from_hf, &ids));
-    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
     // f32 sums in a different order: agreement to 1e-4 of the logit scale (a layout bug is O(1)).
-    assert!(worst <= 1e-4 * scale, "layouts disagree by {worst} (logit scale {scale})");
+    assert!(
+        worst <= 1e-4 * scale,
+        "layouts disagree by {worst} (logit scale {scale})"
+    );
     assert!(scale > 0.1);
 }
 
@@ -56,19 +80,31 @@ fn gguf_and_safetensors_layouts_agree() {
 fn chunked_prefill_and_decode_match_one_pass() {
     let device = Default::default();
     let g = Gguf::parse(tiny_gguf(6)).expect("gguf");
-    let m = Llama::<B>::load(LlamaConfig::from_gguf(&g).expect("config"), &g, &device).expect("load");
+    let m =
+        Llama::<B>::load(LlamaConfig::from_gguf(&g).expect("config"), &g, &device).expect("load");
     let ids: Vec<u32> = (0..50).map(|i| (i * 11 % VOCAB) as u32).collect();
     let one = logits(&m, &ids);
     // Prefill the first 45 in chunks of 16, then decode the last 5 one at a time.
     let mut caches: Vec<FullCache<B>> = (0..LAYERS).map(|_| FullCache::new()).collect();
-    let opts = PrefillOptions { chunk: 16, ..PrefillOptions::default() };
+    let opts = PrefillOptions {
+        chunk: 16,
+        ..PrefillOptions::default()
+    };
     let mut last = m.prefill(&ids[..45], &mut caches, &opts).expect("prefill");
     for (i, &id) in ids[45..].iter().enumerate() {
         let want = &one[(44 + i) * VOCAB..(45 + i) * VOCAB];
         let got: Vec<f32> = last.into_data().to_vec().expect("f32");
-        let worst = got.iter().zip(want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(worst <= 1e-4 * scale, "position {}: {worst} (logit scale {scale})", 44 + i);
+        assert!(
+            worst <= 1e-4 * scale,
+            "position {}: {worst} (logit scale {scale})",
+            44 + i
+        );
         last = m.forward(&[id], &mut caches, Logits::Last).expect("decode");
     }
 }
@@ -77,11 +113,29 @@ fn chunked_prefill_and_decode_match_one_pass() {
 fn over_long_prompt_is_an_error() {
     let device = Default::default();
     let g = Gguf::parse(tiny_gguf(7)).expect("gguf");
-    let m = Llama::<B>::load(LlamaConfig::from_gguf(&g).expect("config"), &g, &device).expect("load");
+    let m =
+        Llama::<B>::load(LlamaConfig::from_gguf(&g).expect("config"), &g, &device).expect("load");
     let mut caches: Vec<FullCache<B>> = (0..LAYERS).map(|_| FullCache::new()).collect();
     let ids = vec![1u32; 300];
-    let e = m.prefill(&ids, &mut caches, &PrefillOptions::default()).expect_err("too long");
-    assert!(matches!(e, models::ModelError::PromptTooLong { tokens: 300, context: 256 }), "{e}");
-    assert!(m.prefill(&[], &mut caches, &PrefillOptions::default()).is_err());
-    assert!(m.prefill(&[VOCAB as u32], &mut caches, &PrefillOptions::default()).is_err());
+    let e = m
+        .prefill(&ids, &mut caches, &PrefillOptions::default())
+        .expect_err("too long");
+    assert!(
+        matches!(
+            e,
+            models::ModelError::PromptTooLong {
+                tokens: 300,
+                context: 256
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        m.prefill(&[], &mut caches, &PrefillOptions::default())
+            .is_err()
+    );
+    assert!(
+        m.prefill(&[VOCAB as u32], &mut caches, &PrefillOptions::default())
+            .is_err()
+    );
 }

@@ -86,7 +86,9 @@ impl Rng {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
     pub fn weights(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| (self.uniform() * 2.0 - 1.0) * scale).collect()
+        (0..n)
+            .map(|_| (self.uniform() * 2.0 - 1.0) * scale)
+            .collect()
     }
 }
 
@@ -102,12 +104,22 @@ pub const LAYERS: usize = 2;
 pub fn tiny_hf_weights(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut r = Rng(seed);
     let mut w = vec![
-        ("model.embed_tokens.weight".to_string(), vec![VOCAB, HIDDEN], r.weights(VOCAB * HIDDEN, 1.0)),
-        ("model.norm.weight".to_string(), vec![HIDDEN], r.weights(HIDDEN, 0.2).iter().map(|x| 1.0 + x).collect()),
+        (
+            "model.embed_tokens.weight".to_string(),
+            vec![VOCAB, HIDDEN],
+            r.weights(VOCAB * HIDDEN, 1.0),
+        ),
+        (
+            "model.norm.weight".to_string(),
+            vec![HIDDEN],
+            r.weights(HIDDEN, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ),
     ];
     for l in 0..LAYERS {
         let p = |s: &str| format!("model.layers.{l}.{s}");
-        let mut m = |name: &str, rows: usize, cols: usize| (p(name), vec![rows, cols], r.weights(rows * cols, 0.3));
+        let mut m = |name: &str, rows: usize, cols: usize| {
+            (p(name), vec![rows, cols], r.weights(rows * cols, 0.3))
+        };
         let items = [
             m("self_attn.q_proj.weight", HEADS * HEAD_DIM, HIDDEN),
             m("self_attn.k_proj.weight", KV_HEADS * HEAD_DIM, HIDDEN),
@@ -119,7 +131,11 @@ pub fn tiny_hf_weights(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         ];
         w.extend(items);
         w.push((p("input_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
-        w.push((p("post_attention_layernorm.weight"), vec![HIDDEN], vec![1.0; HIDDEN]));
+        w.push((
+            p("post_attention_layernorm.weight"),
+            vec![HIDDEN],
+            vec![1.0; HIDDEN],
+        ));
     }
     w
 }
@@ -134,7 +150,8 @@ pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
             for s in 0..2 {
                 let src = h * d + s * (d / 2) + i;
                 let dst = h * d + 2 * i + s;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -192,7 +209,10 @@ pub fn tiny_gguf(seed: u64) -> Vec<u8> {
         ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
         ("llama.vocab_size", Meta::U32(VOCAB as u32)),
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
-        ("tokenizer.ggml.tokens", Meta::Strs((0..VOCAB).map(|i| format!("t{i}")).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            Meta::Strs((0..VOCAB).map(|i| format!("t{i}")).collect()),
+        ),
     ];
     write_gguf(&meta, &tensors)
 }

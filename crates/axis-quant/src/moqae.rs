@@ -1,0 +1,282 @@
+//! MoQAE-style chunk-level mixed precision (Tao et al., "MoQAE: Mixed-Precision Quantization
+//! for Long-Context LLM Inference via Mixture of Quantization-Aware Experts", 2025): the cache is
+//! cut into chunks of `C` tokens and each chunk gets a bit width from an expert set, chosen by a
+//! [`ChunkRouter`]. The first chunk (attention sinks) is frozen at 16 bits.
+//!
+//! The router here is a heuristic ([`AttentionMassRouter`]); a learned router implements the
+//! same trait. One router can be shared by every layer, or [`PerLayer`] holds one per layer.
+use crate::{Kivi, QuantSetting};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use kv_tensor::{
+    AxisError, Bits, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache,
+    ObservationCtx, window_attention,
+};
+use std::sync::Arc;
+
+/// What a router sees of one chunk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChunkFeatures {
+    /// Chunk index from the start of the sequence.
+    pub index: usize,
+    /// Share of the observation window's attention the chunk received, scaled so that the mean
+    /// over the routed chunks is 1 (1.0 when nothing was observed).
+    pub importance: f64,
+}
+
+/// Picks a bit width for each chunk of a layer.
+pub trait ChunkRouter: Send + Sync {
+    /// One width per chunk, each from the router's expert set.
+    fn route(&self, layer: usize, chunks: &[ChunkFeatures]) -> Vec<Bits>;
+}
+
+/// Heuristic router: for each chunk, the expert minimising
+/// `importance · err(bits) + λ · bits / 16`, where `err(b) = 1 / (2^b − 1)` is the relative
+/// step of `b`-bit quantization (0 at 16 bits). λ = 0 keeps everything at 16 bits; a large λ
+/// sends every chunk to the narrowest expert.
+#[derive(Debug, Clone)]
+pub struct AttentionMassRouter {
+    experts: Vec<Bits>,
+    lambda: f64,
+}
+
+impl AttentionMassRouter {
+    /// A router over `experts` (non-empty) with memory weight `lambda` ≥ 0.
+    pub fn new(experts: Vec<Bits>, lambda: f64) -> Result<Self, KvError> {
+        if experts.is_empty() || !(lambda.is_finite() && lambda >= 0.0) {
+            return Err(KvError::InvalidValue {
+                what: "MoQAE router",
+                value: format!("{} experts, λ = {lambda}", experts.len()),
+                allowed: "at least one expert and λ ≥ 0",
+            });
+        }
+        Ok(Self { experts, lambda })
+    }
+
+    /// MoQAE's expert set {16, 4, 2}.
+    pub fn default_experts() -> Vec<Bits> {
+        [16u8, 4, 2]
+            .iter()
+            .filter_map(|&b| Bits::try_from(b).ok())
+            .collect()
+    }
+}
+
+impl ChunkRouter for AttentionMassRouter {
+    fn route(&self, _layer: usize, chunks: &[ChunkFeatures]) -> Vec<Bits> {
+        let err = |b: Bits| match b {
+            Bits::Full => 0.0,
+            Bits::Code(c) => 1.0 / c.max_code() as f64,
+        };
+        chunks
+            .iter()
+            .map(|c| {
+                let cost = |b: Bits| c.importance * err(b) + self.lambda * b.get() as f64 / 16.0;
+                self.experts
+                    .iter()
+                    .copied()
+                    .min_by(|a, b| cost(*a).total_cmp(&cost(*b)))
+                    .unwrap_or(Bits::Full)
+            })
+            .collect()
+    }
+}
+
+/// One router per layer.
+pub struct PerLayer(pub Vec<Arc<dyn ChunkRouter>>);
+
+impl ChunkRouter for PerLayer {
+    fn route(&self, layer: usize, chunks: &[ChunkFeatures]) -> Vec<Bits> {
+        match self.0.get(layer) {
+            Some(r) => r.route(layer, chunks),
+            None => vec![Bits::Full; chunks.len()],
+        }
+    }
+}
+
+/// A layer cache with chunk-level mixed precision. Chunks are routed at the end of prefill
+/// (with the observation window's attention) and, during decode, whenever a new chunk is full
+/// (with neutral importance); the incomplete last chunk stays dense.
+pub struct MoqaeCache<B: Backend> {
+    layer: CompressedLayer<B>,
+    router: Arc<dyn ChunkRouter>,
+    layer_idx: usize,
+    chunk: usize,
+    chunks_done: usize,
+    prefilled: bool,
+    /// Bits chosen per chunk, in order (for reports).
+    pub routed: Vec<Bits>,
+}
+
+impl<B: Backend> MoqaeCache<B> {
+    /// MoQAE's default chunk size.
+    pub const DEFAULT_CHUNK: usize = 32;
+
+    /// An empty cache for layer `layer_idx`; `chunk` must be a multiple of the KIVI group (32).
+    pub fn new(router: Arc<dyn ChunkRouter>, layer_idx: usize, chunk: usize) -> Self {
+        Self {
+            layer: CompressedLayer::new(),
+            router,
+            layer_idx,
+            chunk,
+            chunks_done: 0,
+            prefilled: false,
+            routed: Vec::new(),
+        }
+    }
+
+    fn flush(&mut self, mass: Option<Tensor<B, 3>>) -> Result<(), AxisError> {
+        let c = self.chunk;
+        let n = self.layer.window_len() / c;
+        if n == 0 {
+            return Ok(());
+        }
+        let first_pos = self.layer.seen() - self.layer.window_len();
+        let features: Vec<ChunkFeatures> = match mass {
+            Some(m) => {
+                // Attention per token, summed over heads → per chunk of the window.
+                let [_, _, t] = m.dims();
+                let per_token: Vec<f32> = m
+                    .sum_dim(1)
+                    .sum_dim(0)
+                    .reshape([t])
+                    .into_data()
+                    .iter::<f32>()
+                    .collect();
+                let sums: Vec<f64> = (0..n)
+                    .map(|i| {
+                        per_token[first_pos + i * c..first_pos + (i + 1) * c]
+                            .iter()
+                            .map(|&x| x as f64)
+                            .sum()
+                    })
+                    .collect();
+                let mean = sums.iter().sum::<f64>() / n as f64;
+                sums.iter()
+                    .enumerate()
+                    .map(|(i, s)| ChunkFeatures {
+                        index: self.chunks_done + i,
+                        importance: if mean > 0.0 { s / mean } else { 1.0 },
+                    })
+                    .collect()
+            }
+            None => (0..n)
+                .map(|i| ChunkFeatures {
+                    index: self.chunks_done + i,
+                    importance: 1.0,
+                })
+                .collect(),
+        };
+        let mut bits = self.router.route(self.layer_idx, &features);
+        bits.resize(n, Bits::Full);
+        for (f, b) in features.iter().zip(bits) {
+            // Attention sinks: the first chunk is never quantized.
+            let b = if f.index == 0 { Bits::Full } else { b };
+            let seg = self.layer.take_window(c).ok_or(KvError::Empty)?;
+            let seg = CompressionAxis::<B>::compress(
+                &Kivi,
+                seg,
+                &QuantSetting::new(b, b),
+                &ObservationCtx::bare(self.layer_idx),
+            )?;
+            self.layer.push_segment(seg);
+            self.routed.push(b);
+        }
+        self.chunks_done += n;
+        Ok(())
+    }
+}
+
+impl<B: Backend> LayerCache<B> for MoqaeCache<B> {
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        self.layer.push(k, v)?;
+        if self.prefilled {
+            self.flush(None)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        self.layer.decode()
+    }
+
+    fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        self.prefilled = true;
+        let mass = match &ctx.window_queries {
+            Some(q) => {
+                let (k, _) = self.layer.decode()?;
+                Some(window_attention(q.clone(), k)?)
+            }
+            None => None,
+        };
+        self.flush(mass)
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.layer.footprint()
+    }
+
+    fn len(&self) -> usize {
+        self.layer.seen()
+    }
+
+    fn stored(&self) -> usize {
+        self.layer.stored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use burn_ndarray::NdArray;
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn lambda_trades_precision_for_memory() {
+        let chunks: Vec<_> = (0..8)
+            .map(|i| ChunkFeatures {
+                index: i,
+                importance: if i == 3 { 5.0 } else { 0.4 },
+            })
+            .collect();
+        let at = |l: f64| {
+            AttentionMassRouter::new(AttentionMassRouter::default_experts(), l)
+                .expect("router")
+                .route(0, &chunks)
+        };
+        assert!(at(0.0).iter().all(|b| *b == Bits::Full));
+        assert!(at(100.0).iter().all(|b| b.get() == 2));
+        let mid = at(0.05);
+        // The important chunk keeps more bits than the others.
+        assert!(mid[3].get() > mid[0].get(), "{mid:?}");
+        assert!(AttentionMassRouter::new(vec![], 1.0).is_err());
+        assert!(AttentionMassRouter::new(AttentionMassRouter::default_experts(), -1.0).is_err());
+    }
+
+    #[test]
+    fn first_chunk_stays_full_and_bytes_shrink() {
+        let d = Default::default();
+        let r: Arc<dyn ChunkRouter> = Arc::new(
+            AttentionMassRouter::new(AttentionMassRouter::default_experts(), 100.0)
+                .expect("router"),
+        );
+        let mut c = MoqaeCache::<B>::new(r, 0, 32);
+        let k = Tensor::<B, 4>::random([1, 3, 200, 64], Distribution::Normal(0.0, 1.0), &d);
+        c.append(k.clone(), k.clone()).expect("append");
+        let q = Tensor::<B, 4>::random([1, 9, 16, 64], Distribution::Normal(0.0, 1.0), &d);
+        let ctx = ObservationCtx {
+            window_queries: Some(q),
+            ..ObservationCtx::bare(0)
+        };
+        let before = c.footprint().total();
+        c.finish_prefill(&ctx).expect("route");
+        assert_eq!(c.routed.len(), 6);
+        assert_eq!(c.routed[0], Bits::Full);
+        assert!(c.routed[1..].iter().all(|b| b.get() == 2));
+        assert!(c.footprint().total().get() * 3 < before.get());
+        assert_eq!(c.stored(), 200);
+    }
+}
