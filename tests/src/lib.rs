@@ -77,14 +77,24 @@ pub fn prose_tokens(skip: usize, n: usize) -> Vec<u32> {
 /// Prefills `ids` through recording caches: per layer, post-RoPE K/V and the last `window`
 /// queries.
 pub fn capture(ids: &[u32], window: usize) -> Vec<kv_tensor::RecordingCache<B>> {
+    capture_with(
+        ids,
+        models::PrefillOptions {
+            observe_window: window,
+            ..Default::default()
+        },
+    )
+}
+
+/// Like [`capture`] with explicit prefill options (e.g. accumulated attention for H2O).
+pub fn capture_with(
+    ids: &[u32],
+    opts: models::PrefillOptions,
+) -> Vec<kv_tensor::RecordingCache<B>> {
     let m = model();
     let mut caches: Vec<kv_tensor::RecordingCache<B>> = (0..m.model.config.layers)
         .map(|_| kv_tensor::RecordingCache::new())
         .collect();
-    let opts = models::PrefillOptions {
-        observe_window: window,
-        ..Default::default()
-    };
     m.model.prefill(ids, &mut caches, &opts).expect("prefill");
     caches
 }

@@ -138,3 +138,58 @@ impl<B: Backend> LayerCache<B> for RecordingCache<B> {
         self.inner.stored()
     }
 }
+
+/// A cache that compresses the whole prompt with one axis at the end of prefill (the kvpress
+/// protocol: question-agnostic compression after a full-attention prefill); tokens appended
+/// afterwards stay dense. The building block of single-method baselines.
+pub struct PrefillCompressedCache<B: Backend, A: crate::CompressionAxis<B>> {
+    layer: CompressedLayer<B>,
+    axis: A,
+    setting: A::Setting,
+}
+
+impl<B: Backend, A: crate::CompressionAxis<B>> PrefillCompressedCache<B, A> {
+    /// An empty cache applying `axis` with `setting`.
+    pub fn new(axis: A, setting: A::Setting) -> Self {
+        Self {
+            layer: CompressedLayer::new(),
+            axis,
+            setting,
+        }
+    }
+
+    /// The underlying storage.
+    pub fn layer(&self) -> &CompressedLayer<B> {
+        &self.layer
+    }
+}
+
+impl<B: Backend, A: crate::CompressionAxis<B>> LayerCache<B> for PrefillCompressedCache<B, A> {
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        Ok(self.layer.push(k, v)?)
+    }
+
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        self.layer.decode()
+    }
+
+    fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        if let Some(seg) = self.layer.take_window(usize::MAX) {
+            let seg = self.axis.compress(seg, &self.setting, ctx)?;
+            self.layer.push_segment(seg);
+        }
+        Ok(())
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.layer.footprint()
+    }
+
+    fn len(&self) -> usize {
+        self.layer.seen()
+    }
+
+    fn stored(&self) -> usize {
+        self.layer.stored()
+    }
+}

@@ -22,7 +22,7 @@ mod units;
 
 pub use attention::{ATTENTION_QUERY_CHUNK, attention, window_attention};
 pub use axis::{CompressionAxis, ObservationCtx};
-pub use cache::{FullCache, LayerCache, RecordingCache};
+pub use cache::{FullCache, LayerCache, PrefillCompressedCache, RecordingCache};
 pub use encoded::{Encoded, GroupAxis, Quantized};
 pub use error::{AxisError, KvError};
 pub use footprint::Footprint;

@@ -37,6 +37,9 @@ pub struct PrefillOptions {
     pub observe_window: usize,
     /// Also give scorers pre-RoPE queries and keys.
     pub pre_rope: bool,
+    /// Also accumulate the attention every key receives from every prompt query (H2O). Costs
+    /// a second attention pass per chunk.
+    pub attention_mass: bool,
 }
 
 impl Default for PrefillOptions {
@@ -45,6 +48,7 @@ impl Default for PrefillOptions {
             chunk: 512,
             observe_window: 32,
             pre_rope: false,
+            attention_mass: false,
         }
     }
 }
@@ -82,6 +86,7 @@ struct Observed<B: Backend> {
     queries: Option<Tensor<B, 4>>,
     pre_q: Option<Tensor<B, 4>>,
     pre_k: Vec<Tensor<B, 4>>,
+    mass: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -190,7 +195,7 @@ impl<B: Backend> Llama<B> {
             let ctx = ObservationCtx {
                 layer,
                 window_queries: obs.queries,
-                attention_mass: None,
+                attention_mass: obs.mass,
                 pre_rope_queries: obs.pre_q,
                 pre_rope_keys: if obs.pre_k.is_empty() {
                     None
@@ -332,6 +337,25 @@ impl<B: Backend> Llama<B> {
             cache
                 .append(k, v)
                 .map_err(|source| ModelError::Compress { layer: l, source })?;
+            if observe.is_some_and(|o| o.attention_mass) {
+                let (keys, _) = cache
+                    .keys_values()
+                    .map_err(|source| ModelError::Cache { layer: l, source })?;
+                let total = keys.dims()[2];
+                // Mean over the chunk's queries and grouped heads → sum.
+                let chunk_mass = kv_tensor::window_attention(q.clone(), keys)
+                    .map_err(|source| ModelError::Cache { layer: l, source })?
+                    .mul_scalar((t * (qh / kvh)) as f64);
+                let ob = &mut observed[l];
+                ob.mass = Some(match ob.mass.take() {
+                    Some(prev) => {
+                        let [b, h, old] = prev.dims();
+                        let pad = Tensor::zeros([b, h, total - old], &device);
+                        Tensor::cat(vec![prev, pad], 2) + chunk_mass
+                    }
+                    None => chunk_mass,
+                });
+            }
             let att = cache
                 .attend(q)
                 .map_err(|source| ModelError::Cache { layer: l, source })?;

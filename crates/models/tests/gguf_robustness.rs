@@ -45,7 +45,7 @@ fn byte_flips_never_panic() {
         let mut b = full.clone();
         // Flip 1–4 bytes, biased towards the header where structure lives.
         for _ in 0..1 + i % 4 {
-            let limit = if r.next_u64() % 4 == 0 {
+            let limit = if r.next_u64().is_multiple_of(4) {
                 b.len()
             } else {
                 2048.min(b.len())
