@@ -77,6 +77,44 @@ impl<B: Backend> Segment<B> {
         self.k.dims()[2]
     }
 
+    /// Splits a dense segment into its first `n` tokens and the rest (positions follow).
+    pub fn split_at(self, n: usize) -> Result<(Segment<B>, Segment<B>), KvError> {
+        let t = self.len();
+        let (Encoded::Dense(k), Encoded::Dense(v)) = (self.k, self.v) else {
+            return Err(KvError::InvalidValue {
+                what: "segment split",
+                value: "an encoded segment".into(),
+                allowed: "dense segments only",
+            });
+        };
+        let n = n.min(t);
+        let (p0, p1) = match self.positions {
+            Positions::Contiguous { start, .. } => (
+                Positions::Contiguous { start, len: n },
+                Positions::Contiguous {
+                    start: start + n,
+                    len: t - n,
+                },
+            ),
+            Positions::Explicit(p) => (
+                Positions::Explicit(p.clone().slice_dim(2, 0..n)),
+                Positions::Explicit(p.slice_dim(2, n..t)),
+            ),
+        };
+        Ok((
+            Segment {
+                positions: p0,
+                k: Encoded::Dense(k.clone().slice_dim(2, 0..n)),
+                v: Encoded::Dense(v.clone().slice_dim(2, 0..n)),
+            },
+            Segment {
+                positions: p1,
+                k: Encoded::Dense(k.slice_dim(2, n..t)),
+                v: Encoded::Dense(v.slice_dim(2, n..t)),
+            },
+        ))
+    }
+
     /// True when the segment holds no token.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -1,1 +1,27 @@
-//! placeholder
+//! Which expert each layer gets: calibrate how much quality each layer loses under each expert,
+//! then pick the per-layer routing with the least predicted loss under a byte budget.
+//!
+//! - [`LossPredictor`]: the pluggable loss model; [`SensitivityTable`] is the stored result of
+//!   calibration ([`calibrate()`]: the MoE-nD proxy, relative L2 error of one layer's attention
+//!   output with only that layer compressed).
+//! - [`Budget`]: bytes, or a fraction of the fp16 cache (`1/14`).
+//! - [`greedy`] (the paper's rule) and [`exact`] (multiple-choice knapsack by dynamic
+//!   programming) over a [`Problem`]: per layer, each expert's bytes and predicted loss.
+//! - [`Method`]: the named baselines (`1d`, `2d_uniform`, `2d`, `hetero`) as menu restrictions.
+#![warn(missing_docs)]
+
+mod budget;
+pub mod calibrate;
+pub mod exact;
+pub mod greedy;
+mod menu;
+mod method;
+mod problem;
+mod table;
+
+pub use budget::Budget;
+pub use calibrate::{CalibrationOptions, calibrate};
+pub use menu::default_menu;
+pub use method::Method;
+pub use problem::{Problem, Solution, SolverError};
+pub use table::{LossPredictor, SensitivityTable};

@@ -1,0 +1,80 @@
+//! Routed caches: footprint == prediction for random experts; plans round-trip and are
+//! validated on load with errors that name the line.
+use axis_evict::{EvictSetting, ScorerKind};
+use axis_quant::QuantSetting;
+use burn::tensor::{Distribution, Tensor};
+use burn_ndarray::NdArray;
+use kv_tensor::{Bits, LayerCache, LayerShape, ObservationCtx, Ratio};
+use proptest::prelude::*;
+use router::{Expert, RoutedCache, RouterError, RoutingPlan};
+
+type B = NdArray<f32>;
+
+fn bits() -> impl Strategy<Value = Bits> {
+    prop::sample::select(vec![2u8, 3, 4, 8, 16]).prop_map(|b| Bits::try_from(b).expect("valid"))
+}
+
+fn expert() -> impl Strategy<Value = Expert> {
+    (
+        prop::option::of(0.05f64..1.0),
+        prop::option::of((bits(), bits())),
+    )
+        .prop_map(|(keep, q)| Expert {
+            evict: keep
+                .map(|k| EvictSetting::new(ScorerKind::Knorm, Ratio::new(k).expect("ratio"))),
+            quant: q.map(|(k, v)| QuantSetting::new(k, v)),
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+    #[test]
+    fn footprint_equals_prediction(e in expert(), t in 40usize..400, decode in 0usize..80) {
+        let d = Default::default();
+        let mut c = RoutedCache::<B>::new(e);
+        let k = Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);
+        c.append(k.clone(), k).expect("append");
+        c.finish_prefill(&ObservationCtx::bare(0)).expect("compress");
+        let shape = LayerShape { batch: 1, kv_heads: 3, tokens: t, head_dim: 64 };
+        prop_assert_eq!(c.footprint(), e.footprint::<B>(&shape, t));
+        prop_assert_eq!(c.stored(), e.kept(t));
+        for _ in 0..decode {
+            let x = Tensor::<B, 4>::random([1, 3, 1, 64], Distribution::Normal(0.0, 1.0), &d);
+            c.append(x.clone(), x).expect("append");
+        }
+        prop_assert_eq!(c.len(), t + decode);
+        prop_assert_eq!(c.stored(), e.kept(t) + decode);
+        let (k, _) = c.keys_values().expect("decode");
+        prop_assert_eq!(k.dims()[2], e.kept(t) + decode);
+    }
+}
+
+#[test]
+fn plans_roundtrip_and_validate() {
+    let e = Expert {
+        evict: Some(EvictSetting::new(
+            ScorerKind::Snapkv,
+            Ratio::new(0.5).expect("r"),
+        )),
+        quant: Some(QuantSetting::new(
+            Bits::try_from(4).expect("b"),
+            Bits::try_from(2).expect("b"),
+        )),
+    };
+    let plan = RoutingPlan {
+        layers: vec![e, Expert::FULL, e],
+    };
+    let text = plan.to_toml().expect("toml");
+    assert_eq!(RoutingPlan::from_toml(&text, 3).expect("parses"), plan);
+    assert!(matches!(
+        RoutingPlan::from_toml(&text, 30),
+        Err(RouterError::LayerCount { plan: 3, model: 30 })
+    ));
+    let bad = text.replacen("k_bits = 4", "k_bits = 5", 1);
+    let err = RoutingPlan::from_toml(&bad, 3)
+        .expect_err("bad bits")
+        .to_string();
+    assert!(err.contains("line"), "{err}");
+    let unknown = format!("{text}\n[[layers]]\nspeed = 3\n");
+    assert!(RoutingPlan::from_toml(&unknown, 4).is_err());
+}

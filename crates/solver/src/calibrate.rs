@@ -1,0 +1,145 @@
+//! Calibration: how much each layer loses under each expert of a menu.
+//!
+//! The signal is MoE-nD's proxy: the relative L2 error of one layer's attention output with
+//! only that layer compressed. Each passage is `context + future` tokens of prose; the context
+//! is compressed exactly as at inference (question-agnostic, end of prefill, with the same
+//! observations), and the error is measured on the attention outputs of the `future` tokens'
+//! queries — held out, so scorers are judged on queries they never saw.
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use kv_tensor::{LayerCache, RecordingCache, attention};
+use models::{Llama, ModelError, PrefillOptions};
+use router::{Expert, RoutedCache};
+
+/// Passage geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct CalibrationOptions {
+    /// Context tokens compressed.
+    pub context: usize,
+    /// Held-out tokens whose queries judge the compression.
+    pub future: usize,
+    /// Observation window handed to scorers.
+    pub observe_window: usize,
+}
+
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        Self {
+            context: 2048,
+            future: 64,
+            observe_window: 32,
+        }
+    }
+}
+
+/// `loss[layer][expert]`, averaged over `passages` (each at least `context + future` tokens).
+/// `progress(done, total)` is called after every (passage, layer).
+pub fn calibrate<B: Backend>(
+    model: &Llama<B>,
+    passages: &[Vec<u32>],
+    menu: &[Expert],
+    opts: &CalibrationOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<f64>>, ModelError> {
+    let layers = model.config.layers;
+    let (c, f) = (opts.context, opts.future);
+    let needs_mass = menu
+        .iter()
+        .any(|e| e.evict.is_some_and(|s| s.scorer.needs_attention_mass()));
+    let mut loss = vec![vec![0f64; menu.len()]; layers];
+    let total = passages.len() * layers;
+    for (pi, ids) in passages.iter().enumerate() {
+        if ids.len() < c + f {
+            return Err(ModelError::PromptTooLong {
+                tokens: ids.len(),
+                context: c + f,
+            });
+        }
+        let ctx = capture(
+            model,
+            &ids[..c],
+            PrefillOptions {
+                observe_window: opts.observe_window,
+                attention_mass: needs_mass,
+                ..Default::default()
+            },
+        )?;
+        let all = capture(
+            model,
+            &ids[..c + f],
+            PrefillOptions {
+                observe_window: f,
+                ..Default::default()
+            },
+        )?;
+        for l in 0..layers {
+            let err = |e: kv_tensor::KvError| ModelError::Cache {
+                layer: l,
+                source: e,
+            };
+            let obs = ctx[l]
+                .observed()
+                .cloned()
+                .unwrap_or_else(|| kv_tensor::ObservationCtx::bare(l));
+            let (k, v) = ctx[l].keys_values().map_err(err)?;
+            let (ka, va) = all[l].keys_values().map_err(err)?;
+            let q = all[l]
+                .observed()
+                .and_then(|o| o.window_queries.clone())
+                .ok_or(ModelError::EmptyPrompt)?;
+            let kf = ka.clone().slice_dim(2, c..c + f);
+            let vf = va.clone().slice_dim(2, c..c + f);
+            let reference = attention(q.clone(), ka, va).map_err(err)?;
+            for (ei, expert) in menu.iter().enumerate() {
+                let mut cache = RoutedCache::<B>::new(*expert);
+                cache
+                    .append(k.clone(), v.clone())
+                    .map_err(|source| ModelError::Compress { layer: l, source })?;
+                cache
+                    .finish_prefill(&obs)
+                    .map_err(|source| ModelError::Compress { layer: l, source })?;
+                let (kc, vc) = cache.keys_values().map_err(err)?;
+                let out = attention(
+                    q.clone(),
+                    Tensor::cat(vec![kc, kf.clone()], 2),
+                    Tensor::cat(vec![vc, vf.clone()], 2),
+                )
+                .map_err(err)?;
+                loss[l][ei] += relative_error(out, reference.clone()) / passages.len() as f64;
+            }
+            progress(pi * layers + l + 1, total);
+        }
+    }
+    Ok(loss)
+}
+
+fn capture<B: Backend>(
+    model: &Llama<B>,
+    ids: &[u32],
+    opts: PrefillOptions,
+) -> Result<Vec<RecordingCache<B>>, ModelError> {
+    let mut caches: Vec<RecordingCache<B>> = (0..model.config.layers)
+        .map(|_| RecordingCache::new())
+        .collect();
+    model.prefill(ids, &mut caches, &opts)?;
+    Ok(caches)
+}
+
+/// `‖a − b‖ / ‖b‖` (Frobenius).
+pub fn relative_error<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    let num: f64 = (a - b.clone())
+        .square()
+        .sum()
+        .into_data()
+        .iter::<f64>()
+        .next()
+        .unwrap_or(f64::NAN);
+    let den: f64 = b
+        .square()
+        .sum()
+        .into_data()
+        .iter::<f64>()
+        .next()
+        .unwrap_or(f64::NAN);
+    (num / den).sqrt()
+}
