@@ -42,11 +42,11 @@ impl<B: Backend> RoutedCache<B> {
         };
         let g = q.group.get();
         let ready = self.layer.window_len().saturating_sub(RESIDUAL) / g * g;
-        if ready > 0 {
-            if let Some(seg) = self.layer.take_window(ready) {
-                let seg = CompressionAxis::<B>::compress(&Kivi, seg, &q, &ObservationCtx::bare(0))?;
-                self.layer.push_segment(seg);
-            }
+        if ready > 0
+            && let Some(seg) = self.layer.take_window(ready)
+        {
+            let seg = CompressionAxis::<B>::compress(&Kivi, seg, &q, &ObservationCtx::bare(0))?;
+            self.layer.push_segment(seg);
         }
         Ok(())
     }
