@@ -22,6 +22,6 @@ mod table;
 pub use budget::Budget;
 pub use calibrate::{CalibrationOptions, calibrate};
 pub use menu::default_menu;
-pub use method::Method;
+pub use method::{Geometry, Method};
 pub use problem::{Problem, Solution, SolverError};
 pub use table::{LossPredictor, SensitivityTable};

@@ -5,6 +5,17 @@ use router::{Expert, RoutingPlan};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
+/// What the plan is for: `layers` layers of `shape` after a `tokens`-token prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    /// Decoder layers.
+    pub layers: usize,
+    /// One layer's KV shape (its token count is ignored).
+    pub shape: LayerShape,
+    /// Prompt tokens.
+    pub tokens: usize,
+}
+
 /// How a plan is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Method {
