@@ -16,6 +16,17 @@ pub struct Geometry {
     pub tokens: usize,
 }
 
+/// What a plan is for: `layers` layers of `shape` after a `tokens`-token prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    /// Decoder layers.
+    pub layers: usize,
+    /// One layer's KV shape (its token count is ignored).
+    pub shape: LayerShape,
+    /// Prompt tokens.
+    pub tokens: usize,
+}
+
 /// How a plan is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Method {
@@ -52,21 +63,23 @@ impl Method {
         }
     }
 
-    /// The least-loss plan of this method under `budget` bytes, for `layers` layers whose
-    /// shape is `shape` after a `tokens`-token prompt. `loss(l, e)` indexes `menu`.
+    /// The least-loss plan of this method under `budget` bytes. `loss(l, e)` indexes `menu`.
     pub fn plan<B: burn::tensor::backend::Backend>(
         self,
         menu: &[Expert],
         loss: &dyn Fn(usize, usize) -> f64,
-        layers: usize,
-        shape: &LayerShape,
-        tokens: usize,
+        geometry: &Geometry,
         budget: u64,
         use_exact: bool,
     ) -> Result<(RoutingPlan, Solution), SolverError> {
+        let Geometry {
+            layers,
+            shape,
+            tokens,
+        } = *geometry;
         let bytes: Vec<u64> = menu
             .iter()
-            .map(|e| e.footprint::<B>(shape, tokens).total().get())
+            .map(|e| e.footprint::<B>(&shape, tokens).total().get())
             .collect();
         let keep = |e: &Expert| e.evict.map_or(1.0, |s| s.keep.get());
         let bits = |e: &Expert| {
