@@ -5,17 +5,6 @@ use router::{Expert, RoutingPlan};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
-/// What the plan is for: `layers` layers of `shape` after a `tokens`-token prompt.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Geometry {
-    /// Decoder layers.
-    pub layers: usize,
-    /// One layer's KV shape (its token count is ignored).
-    pub shape: LayerShape,
-    /// Prompt tokens.
-    pub tokens: usize,
-}
-
 /// What a plan is for: `layers` layers of `shape` after a `tokens`-token prompt.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Geometry {
