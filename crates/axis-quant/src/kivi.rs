@@ -97,6 +97,7 @@ impl Kivi {
                 coeffs: Box::new(Self::side(*coeffs, bits, group, along, what)?),
                 basis,
             },
+            Encoded::Half(h) => Encoded::Quantized(quantize(h.decode(), cb, group, along, what)?),
             Encoded::Quantized(q) => Encoded::Quantized(q),
         })
     }

@@ -144,6 +144,9 @@ pub enum Encoded<B: Backend> {
     },
     /// Packed integer codes.
     Quantized(Quantized<B>),
+    /// Half precision (binary16 bits in a `u16` tensor): the "16-bit" of a compressed layer,
+    /// two bytes per value on every backend.
+    Half(Fp16Tensor<B, 4>),
 }
 
 impl<B: Backend> Encoded<B> {
@@ -151,6 +154,7 @@ impl<B: Backend> Encoded<B> {
     pub fn decode(&self) -> Result<Tensor<B, 4>, KvError> {
         match self {
             Encoded::Dense(t) => Ok(t.clone()),
+            Encoded::Half(h) => Ok(h.decode()),
             Encoded::Quantized(q) => q.decode(),
             Encoded::Projected { coeffs, basis } => {
                 let c = coeffs.decode()?;
@@ -175,6 +179,7 @@ impl<B: Backend> Encoded<B> {
     pub fn dims(&self) -> [usize; 4] {
         match self {
             Encoded::Dense(t) => t.dims(),
+            Encoded::Half(h) => h.dims(),
             Encoded::Quantized(q) => q.dims(),
             Encoded::Projected { coeffs, basis } => {
                 let [b, h, t, _] = coeffs.dims();
@@ -188,8 +193,22 @@ impl<B: Backend> Encoded<B> {
     pub fn footprint(&self) -> Footprint {
         match self {
             Encoded::Dense(t) => Footprint::dense(dense_bytes(t)),
+            Encoded::Half(h) => Footprint::dense(h.bytes()),
             Encoded::Quantized(q) => q.footprint(),
             Encoded::Projected { coeffs, .. } => coeffs.footprint(),
+        }
+    }
+
+    /// Stores dense floats (also inside projections) as half precision; other encodings are
+    /// kept as they are.
+    pub fn into_half(self) -> Self {
+        match self {
+            Encoded::Dense(t) => Encoded::Half(Fp16Tensor::encode(t)),
+            Encoded::Projected { coeffs, basis } => Encoded::Projected {
+                coeffs: Box::new(coeffs.into_half()),
+                basis,
+            },
+            other => other,
         }
     }
 

@@ -77,6 +77,15 @@ impl<B: Backend> Segment<B> {
         self.k.dims()[2]
     }
 
+    /// The segment with dense sides stored as half precision (see [`Encoded::into_half`]).
+    pub fn into_half(self) -> Self {
+        Segment {
+            positions: self.positions,
+            k: self.k.into_half(),
+            v: self.v.into_half(),
+        }
+    }
+
     /// Splits a dense segment into its first `n` tokens and the rest (positions follow).
     pub fn split_at(self, n: usize) -> Result<(Segment<B>, Segment<B>), KvError> {
         let t = self.len();

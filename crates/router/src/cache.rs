@@ -11,7 +11,8 @@ use kv_tensor::{
 /// A `LayerCache` applying one [`Expert`].
 ///
 /// End of prefill: the prompt is evicted (if the expert evicts), then the oldest kept tokens
-/// are quantized in whole groups, leaving at least [`RESIDUAL`] recent tokens dense. Decode:
+/// are quantized in whole groups, leaving at least [`RESIDUAL`] recent tokens unquantized;
+/// every unquantized part of the prompt is stored in fp16 (16 bits, two bytes per value). Decode:
 /// tokens land in the residual window; a full group beyond the window is quantized and appended
 /// (never re-quantizing history). Its footprint equals [`Expert::footprint`] after prefill.
 #[derive(Debug, Clone)]
@@ -76,13 +77,15 @@ impl<B: Backend> LayerCache<B> for RoutedCache<B> {
             seg = Evict.compress(seg, e, ctx)?;
         }
         let (quantized, _) = self.expert.split(t);
+        // Whatever stays unquantized is stored at 16 bits (fp16), as the expert says.
         match self.expert.quant {
             Some(q) if quantized > 0 => {
                 let (old, recent) = seg.split_at(quantized)?;
-                self.layer.push_segment(Kivi.compress(old, &q, ctx)?);
-                self.layer.push_segment(recent);
+                self.layer
+                    .push_segment(Kivi.compress(old, &q, ctx)?.into_half());
+                self.layer.push_segment(recent.into_half());
             }
-            _ => self.layer.push_segment(seg),
+            _ => self.layer.push_segment(seg.into_half()),
         }
         Ok(())
     }

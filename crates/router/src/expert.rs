@@ -1,8 +1,7 @@
 //! One layer's recipe and its exact byte cost.
 use axis_evict::EvictSetting;
 use axis_quant::{Kivi, QuantSetting};
-use burn::tensor::backend::Backend;
-use kv_tensor::{Bits, CompressionAxis, Footprint, LayerShape};
+use kv_tensor::{Bits, Footprint, GroupAxis, LayerShape};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -47,17 +46,20 @@ impl Expert {
     }
 
     /// Exact bytes of one layer after a `t`-token prefill of `shape` (tokens ignored): what
-    /// [`crate::RoutedCache`] allocates, so solvers can plan without compressing.
-    pub fn footprint<B: Backend>(&self, shape: &LayerShape, t: usize) -> Footprint {
+    /// [`crate::RoutedCache`] allocates, so solvers can plan without compressing. Unquantized
+    /// sides are stored in fp16.
+    pub fn footprint(&self, shape: &LayerShape, t: usize) -> Footprint {
         let (quantized, dense) = self.split(t);
-        let fb = std::mem::size_of::<B::FloatElem>();
+        const HALF: usize = 2;
         let at = |n: usize| LayerShape {
             tokens: n,
             ..*shape
         };
-        let mut f = Footprint::dense(kv_tensor::Bytes((2 * at(dense).numel() * fb) as u64));
+        let mut f = Footprint::dense(kv_tensor::Bytes((2 * at(dense).numel() * HALF) as u64));
         if let Some(q) = self.quant.filter(|_| quantized > 0) {
-            f += CompressionAxis::<B>::footprint(&Kivi, &at(quantized), &q);
+            let g = q.group.get();
+            f += Kivi::side_footprint(&at(quantized), q.k_bits, g, GroupAxis::Tokens, HALF);
+            f += Kivi::side_footprint(&at(quantized), q.v_bits, g, GroupAxis::Channels, HALF);
         }
         if self.kept(t) < t {
             // Kept positions (i32) for every kept token and head.

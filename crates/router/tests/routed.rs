@@ -36,7 +36,7 @@ proptest! {
         c.append(k.clone(), k).expect("append");
         c.finish_prefill(&ObservationCtx::bare(0)).expect("compress");
         let shape = LayerShape { batch: 1, kv_heads: 3, tokens: t, head_dim: 64 };
-        prop_assert_eq!(c.footprint(), e.footprint::<B>(&shape, t));
+        prop_assert_eq!(c.footprint(), e.footprint(&shape, t));
         prop_assert_eq!(c.stored(), e.kept(t));
         for _ in 0..decode {
             let x = Tensor::<B, 4>::random([1, 3, 1, 64], Distribution::Normal(0.0, 1.0), &d);

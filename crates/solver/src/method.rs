@@ -53,7 +53,7 @@ impl Method {
     }
 
     /// The least-loss plan of this method under `budget` bytes. `loss(l, e)` indexes `menu`.
-    pub fn plan<B: burn::tensor::backend::Backend>(
+    pub fn plan(
         self,
         menu: &[Expert],
         loss: &dyn Fn(usize, usize) -> f64,
@@ -68,7 +68,7 @@ impl Method {
         } = *geometry;
         let bytes: Vec<u64> = menu
             .iter()
-            .map(|e| e.footprint::<B>(&shape, tokens).total().get())
+            .map(|e| e.footprint(&shape, tokens).total().get())
             .collect();
         let keep = |e: &Expert| e.evict.map_or(1.0, |s| s.keep.get());
         let bits = |e: &Expert| {
