@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: kvnd's automation (see `cargo xtask --help`).
 mod backend;
+mod eval;
 mod fetch;
 mod paths;
 mod run;
@@ -34,6 +35,31 @@ enum Cmd {
         /// Install from the local .tgz that `npm pack` produced.
         #[arg(long)]
         from: Option<PathBuf>,
+    },
+    /// The main job: calibrate (or reuse the table), then compare every method at matched bytes
+    /// on identical inputs; writes results.md and results.json.
+    Eval {
+        /// A few samples, one short context, one budget (CI-sized).
+        #[arg(long)]
+        quick: bool,
+        /// Budgets as fractions of fp16 bytes.
+        #[arg(long, value_delimiter = ',', default_values_t = ["1/4".to_string(), "1/8".to_string(), "1/14".to_string()])]
+        budgets: Vec<String>,
+        /// Context tokens (up to the model's 8k).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Samples per task.
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Seed of the task generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory (default: $KVND_HOME/eval).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch the model and data if needed, then run the whole test suite (`cargo test --workspace`).
     Test {
@@ -85,6 +111,30 @@ fn main() -> Result<()> {
         Cmd::FetchData { from } => {
             let p = fetch::data(from.as_deref())?;
             println!("{}", p.display());
+        }
+        Cmd::Eval {
+            quick,
+            budgets,
+            context,
+            samples,
+            seed,
+            out,
+            json,
+        } => {
+            let budgets = if quick {
+                vec![budgets.first().cloned().unwrap_or_else(|| "1/4".into())]
+            } else {
+                budgets
+            };
+            eval::run(&eval::EvalOptions {
+                quick,
+                budgets,
+                context: context.unwrap_or(if quick { 512 } else { 2048 }),
+                samples: samples.unwrap_or(if quick { 1 } else { 3 }),
+                seed,
+                out,
+                json,
+            })?
         }
         Cmd::Test { args } => {
             for m in fetch::MODELS {

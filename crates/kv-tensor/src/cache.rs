@@ -193,3 +193,34 @@ impl<B: Backend, A: crate::CompressionAxis<B>> LayerCache<B> for PrefillCompress
         self.layer.stored()
     }
 }
+
+/// Boxed caches are caches: lets one run mix cache types (`Vec<Box<dyn LayerCache<B>>>`).
+impl<B: Backend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        (**self).append(k, v)
+    }
+
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        (**self).keys_values()
+    }
+
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        (**self).attend(q)
+    }
+
+    fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        (**self).finish_prefill(ctx)
+    }
+
+    fn footprint(&self) -> Footprint {
+        (**self).footprint()
+    }
+
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+
+    fn stored(&self) -> usize {
+        (**self).stored()
+    }
+}
