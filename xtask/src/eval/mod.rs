@@ -83,12 +83,13 @@ pub fn calibration(
             .join(format!("{}-ctx{context}-p{passages}.json", &sha[..12])),
     };
     if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Ok(t) = serde_json::from_str::<SensitivityTable>(&text) {
-            if t.model_sha256 == sha && t.tokens == context && t.loss.len() == m.model.config.layers
-            {
-                eprintln!("calibration table: {}", path.display());
-                return Ok(t);
-            }
+        if let Ok(t) = serde_json::from_str::<SensitivityTable>(&text)
+            && t.model_sha256 == sha
+            && t.tokens == context
+            && t.loss.len() == m.model.config.layers
+        {
+            eprintln!("calibration table: {}", path.display());
+            return Ok(t);
         }
         eprintln!("{} is stale or invalid: recalibrating", path.display());
     }
@@ -233,7 +234,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                     let mut probe = question.clone();
                     probe.extend(&answer[..answer.len() - 1]);
                     let logp = log_softmax(m.model.forward(&probe, &mut caches, Logits::All)?, 1);
-                    let rows = logp.slice([question.len() - 1..probe.len()]);
+                    let rows = logp.slice_dim(0, question.len() - 1..probe.len());
                     score.passkey_logp += -nll(&rows, answer);
                     score.passkey_acc += argmax_acc(&rows, answer);
                     let mut logits = m.model.forward(question, &mut gen_caches, Logits::Last)?;
