@@ -3,6 +3,7 @@ mod backend;
 mod eval;
 mod fetch;
 mod paths;
+mod plan_cmd;
 mod run;
 
 use anyhow::Result;
@@ -61,6 +62,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure how much each layer loses under each expert of the default menu (cached).
+    Calibrate {
+        /// Context tokens of the calibration passages.
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        /// Calibration passages.
+        #[arg(long, default_value_t = 1)]
+        passages: usize,
+        /// Where to write the table (default: the cache).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Choose every layer's expert under a byte budget and write the plan as TOML.
+    Solve {
+        /// Budget: a fraction of the fp16 cache (1/14, 0.25) or bytes (3MiB).
+        #[arg(long)]
+        budget: String,
+        /// 1d, 2d_uniform, 2d or hetero.
+        #[arg(long, default_value = "hetero")]
+        method: String,
+        /// greedy or exact.
+        #[arg(long, default_value = "exact")]
+        solver: String,
+        /// A calibration table (default: the cached one, calibrating if needed).
+        #[arg(long)]
+        table: Option<PathBuf>,
+        /// Where to write the plan.
+        #[arg(long, default_value = "plan.toml")]
+        out: PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the criterion benchmarks and print their figures.
+    Bench,
     /// Fetch the model and data if needed, then run the whole test suite (`cargo test --workspace`).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -84,6 +120,9 @@ enum Cmd {
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Answer through a compressed cache routed by this plan (from `cargo xtask solve`).
+        #[arg(long)]
+        plan: Option<PathBuf>,
     },
     /// Print the next-token logits of a prompt as one JSON object.
     Logits {
@@ -136,6 +175,27 @@ fn main() -> Result<()> {
                 json,
             })?
         }
+        Cmd::Calibrate {
+            context,
+            passages,
+            out,
+        } => plan_cmd::calibrate(context, passages, out)?,
+        Cmd::Solve {
+            budget,
+            method,
+            solver,
+            table,
+            out,
+            json,
+        } => {
+            let exact = match solver.as_str() {
+                "exact" => true,
+                "greedy" => false,
+                other => anyhow::bail!("unknown solver {other:?}: greedy or exact"),
+            };
+            plan_cmd::solve(table.as_deref(), &budget, &method, exact, &out, json)?
+        }
+        Cmd::Bench => plan_cmd::bench()?,
         Cmd::Test { args } => {
             for m in fetch::MODELS {
                 fetch::model(m.name, None)?;
@@ -156,7 +216,15 @@ fn main() -> Result<()> {
             max_new,
             temperature,
             seed,
-        } => run::generate(model.as_deref(), &prompt, max_new, temperature, seed)?,
+            plan,
+        } => run::generate(
+            model.as_deref(),
+            plan.as_deref(),
+            &prompt,
+            max_new,
+            temperature,
+            seed,
+        )?,
         Cmd::Logits {
             prompt,
             raw,

@@ -29,9 +29,11 @@ pub fn prompt_ids(m: &LoadedModel<B>, prompt: &str, raw: bool) -> Result<Vec<u32
     Ok(m.tokenizer.encode(&text)?)
 }
 
-/// Prints the chat answer as it is generated, then timings and cache size.
+/// Prints the chat answer as it is generated, then timings and cache size. With `plan`, the
+/// answer goes through caches routed by that plan.
 pub fn generate(
     model: Option<&Path>,
+    plan: Option<&Path>,
     prompt: &str,
     max_new: usize,
     temperature: f32,
@@ -39,9 +41,22 @@ pub fn generate(
 ) -> Result<()> {
     let m = load(model)?;
     let ids = prompt_ids(&m, prompt, false)?;
-    let mut caches: Vec<FullCache<B>> = (0..m.model.config.layers)
-        .map(|_| FullCache::new())
-        .collect();
+    let layers = m.model.config.layers;
+    let mut caches: Vec<Box<dyn LayerCache<B>>> = match plan {
+        None => (0..layers)
+            .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
+            .collect(),
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let plan = router::RoutingPlan::from_toml(&text, layers)
+                .with_context(|| format!("loading {}", p.display()))?;
+            plan.layers
+                .into_iter()
+                .map(|e| Box::new(router::RoutedCache::<B>::new(e)) as Box<dyn LayerCache<B>>)
+                .collect()
+        }
+    };
     let sampling = if temperature > 0.0 {
         Sampling::Temperature {
             t: temperature,

@@ -127,6 +127,16 @@ pub fn calibration(
     Ok(table)
 }
 
+/// The prose corpus (fetched if needed).
+pub fn corpus_text() -> Result<String> {
+    data::corpus(&crate::fetch::data(None)?)
+}
+
+/// The layer geometry of a model after `tokens` tokens.
+pub fn geometry(layout: kv_tensor::KvLayout, tokens: usize) -> solver::Geometry {
+    methods::geometry(layout, tokens)
+}
+
 /// Runs the comparison.
 pub fn run(opts: &EvalOptions) -> Result<()> {
     let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;

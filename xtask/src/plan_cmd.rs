@@ -1,0 +1,110 @@
+//! `calibrate`, `solve` and `bench`.
+use anyhow::{Context, Result};
+use solver::{Budget, Method, SensitivityTable};
+use std::path::{Path, PathBuf};
+
+/// Measures (or reuses) the calibration table and writes it to `out` (or the cache).
+pub fn calibrate(context: usize, passages: usize, out: Option<PathBuf>) -> Result<()> {
+    let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
+    let text = crate::eval::corpus_text()?;
+    let m = crate::run::load(Some(&model_path))?;
+    let t = crate::eval::calibration(&m, &model_path, &text, context, passages, out)?;
+    let mean: f64 = t.loss.iter().flatten().sum::<f64>() / (t.loss.len() * t.menu.len()) as f64;
+    println!(
+        "{} layers × {} experts, mean proxy loss {mean:.4}",
+        t.loss.len(),
+        t.menu.len()
+    );
+    Ok(())
+}
+
+/// Solves a plan under a budget and writes it as TOML.
+pub fn solve(
+    table: Option<&Path>,
+    budget: &str,
+    method: &str,
+    exact: bool,
+    out: &Path,
+    json: bool,
+) -> Result<()> {
+    let table: SensitivityTable = match table {
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{} is not a calibration table", p.display()))?,
+        None => {
+            let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
+            let text = crate::eval::corpus_text()?;
+            let m = crate::run::load(Some(&model_path))?;
+            crate::eval::calibration(&m, &model_path, &text, 2048, 1, None)?
+        }
+    };
+    let method: Method = method.parse().map_err(anyhow::Error::msg)?;
+    let layers = table.loss.len();
+    // SmolLM2-135M geometry (3 KV heads × 64); the table's token count is the planning length.
+    let layout = kv_tensor::KvLayout::new(layers, 3, 9, 64)?;
+    let geo = crate::eval::geometry(layout, table.tokens);
+    let fp16 = layout.fp16_bytes(1, table.tokens);
+    let budget_bytes = budget.parse::<Budget>()?.bytes(fp16).get();
+    let loss = |l: usize, e: usize| table.loss[l][e];
+    let (plan, sol) = method.plan(&table.menu, &loss, &geo, budget_bytes, exact)?;
+    std::fs::write(out, plan.to_toml()?).with_context(|| format!("writing {}", out.display()))?;
+    if json {
+        let layers: Vec<_> = plan
+            .layers
+            .iter()
+            .map(|e| serde_json::to_value(e).unwrap_or_default())
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"budget_bytes": budget_bytes, "plan_bytes": sol.bytes.get(), "full_bytes": fp16.get(), "predicted_loss": sol.loss, "layers": layers})
+        );
+    } else {
+        println!("layer | expert                              | bytes      | predicted loss");
+        for (l, e) in plan.layers.iter().enumerate() {
+            let i = table.menu.iter().position(|m| m == e).unwrap_or(0);
+            println!(
+                "{l:5} | {:35} | {:>10} | {:.4}",
+                e.to_string(),
+                kv_tensor::Bytes(e.footprint(&geo.shape, geo.tokens).total().get()).to_string(),
+                table.loss[l][i]
+            );
+        }
+        println!(
+            "plan {} of budget {} (fp16 cache {}: {:.1}x), predicted loss {:.4}; written to {}",
+            sol.bytes,
+            kv_tensor::Bytes(budget_bytes),
+            fp16,
+            fp16.get() as f64 / sol.bytes.get().max(1) as f64,
+            sol.loss,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the criterion benches (dev profile: dependencies at opt-level 3, shared with tests).
+pub fn bench() -> Result<()> {
+    crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (pkg, bench) in [("models", "forward"), ("axis-quant", "kivi")] {
+        let status = std::process::Command::new(&cargo)
+            .args([
+                "bench",
+                "--profile",
+                "dev",
+                "-p",
+                pkg,
+                "--bench",
+                bench,
+                "--",
+                "--warm-up-time",
+                "1",
+                "--measurement-time",
+                "5",
+            ])
+            .status()?;
+        anyhow::ensure!(status.success(), "bench {pkg}/{bench} failed ({status})");
+    }
+    Ok(())
+}
