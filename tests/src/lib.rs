@@ -47,20 +47,9 @@ pub fn fixture(name: &str) -> PathBuf {
 /// file-name order, concatenated, starting `skip` characters in.
 pub fn prose(skip: usize, chars: usize) -> String {
     let dir = models::paths::sotu_dir().expect("no cache directory: set KVND_HOME");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}: run `cargo xtask fetch-data` first", dir.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-        .collect();
-    files.sort();
-    let mut text = String::new();
-    for f in files {
-        text.push_str(&std::fs::read_to_string(&f).expect("readable address"));
-        text.push('\n');
-        if text.len() > skip + chars + 1000 {
-            break;
-        }
-    }
+    let text = models::paths::read_sotu(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: run `cargo xtask fetch-data` first", dir.display()));
+    assert!(text.len() > skip + chars, "the prose data set is too small");
     text.chars().skip(skip).take(chars).collect()
 }
 

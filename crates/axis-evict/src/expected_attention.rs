@@ -14,13 +14,7 @@ pub fn score<B: Backend>(
     v: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
-    let q = ctx
-        .window_queries
-        .clone()
-        .ok_or(AxisError::MissingObservation {
-            method: "expected_attention",
-            what: "window queries",
-        })?;
+    let q = ctx.require_window_queries("expected_attention")?;
     let [b, qh, w, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let g = qh / kvh.max(1);

@@ -15,13 +15,7 @@ pub fn score<B: Backend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
-    let q = ctx
-        .window_queries
-        .clone()
-        .ok_or(AxisError::MissingObservation {
-            method: "snapkv",
-            what: "window queries",
-        })?;
+    let q = ctx.require_window_queries("snapkv")?;
     let att = window_attention(q, k.clone())?;
     let [b, h, t] = att.dims();
     let pooled = max_pool1d(att.reshape([b * h, 1, t]), KERNEL, 1, KERNEL / 2, 1, false);

@@ -9,13 +9,7 @@ pub fn score<B: Backend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
-    let q = ctx
-        .window_queries
-        .clone()
-        .ok_or(AxisError::MissingObservation {
-            method: "tova",
-            what: "window queries",
-        })?;
+    let q = ctx.require_window_queries("tova")?;
     let w = q.dims()[2];
     let last = q.slice_dim(2, w - 1..w);
     let att = window_attention(last, k.clone())?;

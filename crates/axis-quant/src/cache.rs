@@ -46,12 +46,10 @@ impl<B: Backend> QuantizedCache<B> {
         if self.setting.is_identity() {
             return Ok(());
         }
-        let g = self.setting.group.get();
-        let ready = self.layer.window_len().saturating_sub(self.residual) / g * g;
-        if ready == 0 {
-            return Ok(());
-        }
-        if let Some(seg) = self.layer.take_window(ready) {
+        if let Some(seg) = self
+            .layer
+            .take_overflow(self.residual, self.setting.group.get())
+        {
             let seg = CompressionAxis::<B>::compress(
                 &Kivi,
                 seg,

@@ -25,6 +25,16 @@ pub struct ObservationCtx<B: Backend> {
 }
 
 impl<B: Backend> ObservationCtx<B> {
+    /// The window queries, or the typed error naming the scorer that needed them.
+    pub fn require_window_queries(&self, method: &'static str) -> Result<Tensor<B, 4>, AxisError> {
+        self.window_queries
+            .clone()
+            .ok_or(AxisError::MissingObservation {
+                method,
+                what: "window queries",
+            })
+    }
+
     /// A context that carries nothing but the layer index.
     pub fn bare(layer: usize) -> Self {
         Self {

@@ -219,6 +219,18 @@ impl<B: Backend> CompressedLayer<B> {
         })
     }
 
+    /// Takes the oldest tokens of the window in whole multiples of `group`, leaving at least
+    /// `residual` tokens in it (the flush rule of residual-window quantization); `None` when
+    /// fewer than `residual + group` tokens wait.
+    pub fn take_overflow(&mut self, residual: usize, group: usize) -> Option<Segment<B>> {
+        let ready = self.window_len().saturating_sub(residual) / group.max(1) * group.max(1);
+        if ready == 0 {
+            None
+        } else {
+            self.take_window(ready)
+        }
+    }
+
     /// Appends a compressed segment after the existing ones. The caller keeps order: segments
     /// hold tokens older than the window.
     pub fn push_segment(&mut self, s: Segment<B>) {

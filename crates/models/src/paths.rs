@@ -27,3 +27,19 @@ pub fn sotu_dir() -> Option<PathBuf> {
 pub fn default_model() -> Option<PathBuf> {
     models_dir().map(|d| d.join(DEFAULT_MODEL_FILE))
 }
+
+/// The prose data set in `dir`: every address (`*.txt`), in file-name order, concatenated with
+/// a newline after each. One reader for the tests and the evaluation, so both see the same text.
+pub fn read_sotu(dir: &std::path::Path) -> std::io::Result<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(&f)?);
+        text.push('\n');
+    }
+    Ok(text)
+}

@@ -41,13 +41,9 @@ impl<B: Backend> RoutedCache<B> {
         let Some(q) = self.expert.quant.filter(|q| !q.is_identity()) else {
             return Ok(());
         };
-        let g = q.group.get();
-        let ready = self.layer.window_len().saturating_sub(RESIDUAL) / g * g;
-        if ready > 0
-            && let Some(seg) = self.layer.take_window(ready)
-        {
+        if let Some(seg) = self.layer.take_overflow(RESIDUAL, q.group.get()) {
             let seg = CompressionAxis::<B>::compress(&Kivi, seg, &q, &ObservationCtx::bare(0))?;
-            self.layer.push_segment(seg);
+            self.layer.push_segment(seg.into_half());
         }
         Ok(())
     }

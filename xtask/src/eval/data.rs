@@ -9,19 +9,8 @@ pub const CALIBRATION_CHARS: usize = 2_000_000;
 
 /// The addresses, concatenated in file-name order.
 pub fn corpus(dir: &Path) -> Result<String> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-        .collect();
-    files.sort();
-    let mut text = String::new();
-    for f in files {
-        text.push_str(
-            &std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
-        );
-        text.push('\n');
-    }
+    let text =
+        models::paths::read_sotu(dir).with_context(|| format!("reading {}", dir.display()))?;
     anyhow::ensure!(
         text.len() > CALIBRATION_CHARS * 2,
         "the prose data set in {} is too small",
