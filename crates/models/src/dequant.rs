@@ -314,6 +314,52 @@ mod tests {
     }
 
     #[test]
+    fn q5_1_block() {
+        // d = 0.5, m = −4, high bits only on the first half: codes j | 16 and (15 − j).
+        let mut b = Vec::from(h(0.5));
+        b.extend(h(-4.0));
+        b.extend(0x0000_FFFFu32.to_le_bytes());
+        b.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+        let mut y = [0f32; 32];
+        GgmlType::Q5_1.dequantize(&b, &mut y);
+        for j in 0..16 {
+            assert_eq!(y[j], (j as f32 + 16.0) * 0.5 - 4.0, "low {j}");
+            assert_eq!(y[j + 16], (15 - j) as f32 * 0.5 - 4.0, "high {j}");
+        }
+    }
+
+    #[test]
+    fn q5_k_high_bits_and_scales() {
+        // d = 1, dmin = 0.5; sub-block 0: scale 2, min 3 (j < 4 layout); qh bit 0 set for all
+        // l → +16 on the first 32 values; ql low nibble 1 → code 17.
+        let mut b = Vec::from(h(1.0));
+        b.extend(h(0.5));
+        let mut sc = [0u8; 12];
+        sc[0] = 2;
+        sc[4] = 3;
+        b.extend(sc);
+        b.extend([0x01u8; 32]); // qh
+        b.extend([0x01u8; 128]); // ql
+        let mut y = [0f32; 256];
+        GgmlType::Q5K.dequantize(&b, &mut y);
+        assert_eq!(y[0], 2.0 * 17.0 - 0.5 * 3.0);
+        assert_eq!(y[31], 2.0 * 17.0 - 0.5 * 3.0);
+        // Sub-block 1 has scale 0 and min 0.
+        assert_eq!(y[32], 0.0);
+    }
+
+    #[test]
+    fn float_types() {
+        let mut y = [0f32; 1];
+        GgmlType::F16.dequantize(&h(-2.5), &mut y);
+        assert_eq!(y[0], -2.5);
+        GgmlType::BF16.dequantize(&half::bf16::from_f32(3.0).to_le_bytes(), &mut y);
+        assert_eq!(y[0], 3.0);
+        GgmlType::F32.dequantize(&1.25f32.to_le_bytes(), &mut y);
+        assert_eq!(y[0], 1.25);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(GgmlType::Q4_1.bytes_for(64), Some(40));
         assert_eq!(GgmlType::Q4_1.bytes_for(33), None);
