@@ -1,1 +1,16 @@
-//! placeholder
+//! The head-dimension axis: project K and V of each KV head onto the top principal directions
+//! calibrated offline, store the coefficients, and decode as `coeffs · P_rᵀ`.
+//!
+//! - [`PcaAccumulator`] / [`PcaBases`]: per layer and KV head, the second-moment matrix of
+//!   post-RoPE keys and of values accumulated in f64 over calibration prose, diagonalised with
+//!   nalgebra's symmetric eigendecomposition, saved to JSON with the model's sha256 and
+//!   validated on load.
+//! - [`LowRank`]: the `CompressionAxis` with setting `{ k_rank, v_rank }`.
+//! - [`reduced_scores`]: attention logits computed in the reduced space, `(q·P_r)·cᵀ`.
+#![warn(missing_docs)]
+
+mod axis;
+mod pca;
+
+pub use axis::{LowRank, LowRankSetting, reduced_scores};
+pub use pca::{LowRankError, PcaAccumulator, PcaBases};

@@ -1,0 +1,137 @@
+//! Low-rank projection as a compression axis.
+use crate::{LowRankError, PcaBases};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use kv_tensor::{
+    AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Segment,
+};
+use serde::{Deserialize, Serialize};
+
+/// Ranks for keys and values (`None` = that side untouched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LowRankSetting {
+    /// Key rank.
+    #[serde(default)]
+    pub k_rank: Option<usize>,
+    /// Value rank.
+    #[serde(default)]
+    pub v_rank: Option<usize>,
+}
+
+/// The axis: per layer, full bases `[h, d, d]` for keys and values (columns by decreasing
+/// variance); a rank-r setting keeps the first r columns.
+pub struct LowRank<B: Backend> {
+    bases: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+    head_dim: usize,
+}
+
+impl<B: Backend> LowRank<B> {
+    /// Loads every layer's bases onto `device`.
+    pub fn new(bases: &PcaBases, device: &B::Device) -> Result<Self, LowRankError> {
+        let layers = (0..bases.layers.len())
+            .map(|l| bases.tensors::<B>(l, device))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            bases: layers,
+            head_dim: bases.head_dim,
+        })
+    }
+
+    /// From explicit bases (tests, other calibrations).
+    pub fn from_tensors(bases: Vec<(Tensor<B, 3>, Tensor<B, 3>)>, head_dim: usize) -> Self {
+        Self { bases, head_dim }
+    }
+
+    fn project(
+        &self,
+        e: Encoded<B>,
+        basis: &Tensor<B, 3>,
+        rank: Option<usize>,
+    ) -> Result<Encoded<B>, AxisError> {
+        let Some(r) = rank else { return Ok(e) };
+        let d = self.head_dim;
+        if r == 0 || r > d {
+            return Err(AxisError::Method {
+                method: "lowrank",
+                source: Box::new(LowRankError::Rank {
+                    rank: r,
+                    head_dim: d,
+                }),
+            });
+        }
+        let x = e.decode()?;
+        let [b, h, t, _] = x.dims();
+        let p = basis.clone().slice_dim(2, 0..r);
+        let coeffs = x
+            .swap_dims(0, 1)
+            .reshape([h, b * t, d])
+            .matmul(p.clone())
+            .reshape([h, b, t, r])
+            .swap_dims(0, 1);
+        Ok(Encoded::Projected {
+            coeffs: Box::new(Encoded::Dense(coeffs)),
+            basis: p,
+        })
+    }
+}
+
+impl<B: Backend> CompressionAxis<B> for LowRank<B> {
+    type Setting = LowRankSetting;
+
+    fn name(&self) -> &'static str {
+        "lowrank"
+    }
+
+    fn compress(
+        &self,
+        segment: Segment<B>,
+        s: &LowRankSetting,
+        ctx: &ObservationCtx<B>,
+    ) -> Result<Segment<B>, AxisError> {
+        let (kb, vb) = self.bases.get(ctx.layer).ok_or_else(|| AxisError::Method {
+            method: "lowrank",
+            source: Box::new(LowRankError::Layer(ctx.layer)),
+        })?;
+        Ok(Segment {
+            positions: segment.positions,
+            k: self.project(segment.k, kb, s.k_rank)?,
+            v: self.project(segment.v, vb, s.v_rank)?,
+        })
+    }
+
+    /// Coefficients only: the bases are counted once per layer by `CompressedLayer`
+    /// (`h·d·r` floats per projected side).
+    fn footprint(&self, shape: &LayerShape, s: &LowRankSetting) -> Footprint {
+        let fb = std::mem::size_of::<B::FloatElem>();
+        let per = |r: Option<usize>| {
+            shape.batch * shape.kv_heads * shape.tokens * r.unwrap_or(shape.head_dim) * fb
+        };
+        Footprint::dense(Bytes((per(s.k_rank) + per(s.v_rank)) as u64))
+    }
+}
+
+/// Attention logits `[b, q_heads, tq, t]` scored in the reduced space: each query is projected
+/// onto its KV head's basis and dotted with the stored coefficients, never decoding the keys.
+pub fn reduced_scores<B: Backend>(
+    q: Tensor<B, 4>,
+    coeffs: Tensor<B, 4>,
+    basis: Tensor<B, 3>,
+) -> Tensor<B, 4> {
+    let [b, qh, tq, d] = q.dims();
+    let [_, kvh, t, r] = coeffs.dims();
+    let g = qh / kvh;
+    let qr = q
+        .reshape([b, kvh, g * tq, d])
+        .swap_dims(0, 1)
+        .reshape([kvh, b * g * tq, d])
+        .matmul(basis);
+    let qr = qr
+        .reshape([kvh, b, g * tq, r])
+        .swap_dims(0, 1)
+        .reshape([b * kvh, g * tq, r]);
+    let c = coeffs.reshape([b * kvh, t, r]);
+    qr.matmul(c.swap_dims(1, 2))
+        .reshape([b, qh, tq, t])
+        .mul_scalar(1.0 / (d as f64).sqrt())
+}
