@@ -50,7 +50,7 @@ fn scorers_on_real_kv() {
             for (i, keep) in keeps.iter().enumerate() {
                 let s = EvictSetting::new(scorer, Ratio::new(*keep).expect("ratio"));
                 let seg = Segment::dense(k.clone(), v.clone(), 0).expect("segment");
-                let out = Evict
+                let out = Evict::new()
                     .compress(seg, &s, &obs)
                     .unwrap_or_else(|e| panic!("{scorer:?} layer {layer}: {e}"));
                 let kc = Tensor::cat(vec![out.k.decode().expect("k"), kf.clone()], 2);

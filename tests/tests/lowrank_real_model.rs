@@ -81,7 +81,7 @@ fn lowrank_on_real_kv() {
     // coefficients (4 bits); the error stays bounded and each stage is what it claims.
     let (k, v) = eval[10].keys_values().expect("kv");
     let obs = eval[10].observed().expect("observed").clone();
-    let seg = Evict
+    let seg = Evict::new()
         .compress(
             Segment::dense(k.clone(), v.clone(), 0).expect("seg"),
             &EvictSetting::new(ScorerKind::Snapkv, Ratio::new(0.5).expect("r")),

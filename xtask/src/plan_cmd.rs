@@ -8,7 +8,8 @@ pub fn calibrate(context: usize, passages: usize, out: Option<PathBuf>) -> Resul
     let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
     let text = crate::eval::corpus_text()?;
     let m = crate::run::load(Some(&model_path))?;
-    let t = crate::eval::calibration(&m, &model_path, &text, context, passages, out)?;
+    let axes = crate::eval::axes(&m, &model_path, &text)?;
+    let t = crate::eval::calibration(&m, &model_path, &text, &axes, context, passages, out)?;
     let mean: f64 = t.loss.iter().flatten().sum::<f64>() / (t.loss.len() * t.menu.len()) as f64;
     println!(
         "{} layers × {} experts, mean proxy loss {mean:.4}",
@@ -36,7 +37,8 @@ pub fn solve(
             let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
             let text = crate::eval::corpus_text()?;
             let m = crate::run::load(Some(&model_path))?;
-            crate::eval::calibration(&m, &model_path, &text, 2048, 1, None)?
+            let axes = crate::eval::axes(&m, &model_path, &text)?;
+            crate::eval::calibration(&m, &model_path, &text, &axes, 2048, 1, None)?
         }
     };
     let method: Method = method.parse().map_err(anyhow::Error::msg)?;

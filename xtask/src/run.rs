@@ -49,11 +49,24 @@ pub fn generate(
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let plan = router::RoutingPlan::from_toml(&text, layers)
+            let plan = router::RoutingPlan::from_toml(&text, layers, m.model.config.head_dim)
                 .with_context(|| format!("loading {}", p.display()))?;
+            let uses_trig = plan.layers.iter().any(|e| {
+                e.evict
+                    .is_some_and(|s| s.scorer == axis_evict::ScorerKind::Trig)
+            });
+            let axes = if plan.needs_bases() || uses_trig {
+                let model_path = match model {
+                    Some(p) => p.to_path_buf(),
+                    None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
+                };
+                crate::eval::axes(&m, &model_path, &crate::eval::corpus_text()?)?
+            } else {
+                router::Axes::default()
+            };
             plan.layers
                 .into_iter()
-                .map(|e| Box::new(router::RoutedCache::<B>::new(e)) as Box<dyn LayerCache<B>>)
+                .map(|e| Box::new(axes.cache(e)) as Box<dyn LayerCache<B>>)
                 .collect()
         }
     };

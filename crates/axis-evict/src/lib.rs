@@ -1,24 +1,32 @@
 //! The token axis: evict the cached tokens that matter least.
 //!
 //! As in NVIDIA's kvpress, a method is a *scorer* (one file each: [`streaming`], [`knorm`],
-//! [`snapkv`], [`h2o`], [`tova`], [`expected_attention`], [`random`]) that gives every cached
-//! token an importance per KV head, and a *selection* ([`select`]) that keeps the best
-//! `ceil(keep × tokens)` of them per head. The first `sinks` tokens and the most recent `window`
+//! [`snapkv`], [`h2o`], [`tova`], [`expected_attention`], [`random`], [`trig`]) that gives every
+//! cached token an importance per KV head, and a *selection* (one file each: [`select`] keeps
+//! the best `ceil(keep × tokens)` of every head, [`headwise`] shares the layer's budget across
+//! heads AdaKV-style and stores them ragged, [`redundancy`] penalises near-duplicate values).
+//! [`decoding`] compresses again during long generations. The first `sinks` tokens and the most recent `window`
 //! tokens are always kept. Kept tokens keep their original positions, stored with the segment:
 //! keys are cached after RoPE, so nothing needs re-rotation and decoding continues at the right
 //! positions.
 #![warn(missing_docs)]
 
+pub mod decoding;
 pub mod expected_attention;
 pub mod h2o;
+pub mod headwise;
 pub mod knorm;
 pub mod random;
+pub mod redundancy;
 mod scorer;
 pub mod select;
 mod setting;
 pub mod snapkv;
 pub mod streaming;
 pub mod tova;
+pub mod trig;
 
+pub use decoding::{DecodingEvictCache, DecodingSetting};
 pub use scorer::{Evict, ScorerKind};
-pub use setting::EvictSetting;
+pub use setting::{EvictSetting, Lambda, Selection};
+pub use trig::{TrigAccumulator, TrigStats};

@@ -1,14 +1,17 @@
 //! The scorer enum (what plans name) and the eviction axis that runs scorer + selection.
+use crate::trig::{self, TrigStats};
 use crate::{
-    EvictSetting, expected_attention, h2o, knorm, random, select, snapkv, streaming, tova,
+    EvictSetting, Selection, expected_attention, h2o, headwise, knorm, random, redundancy, select,
+    snapkv, streaming, tova,
 };
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Int, IntDType, Tensor, TensorData};
 use kv_tensor::{
     AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Positions,
     Segment,
 };
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Every scorer this crate ships, by the name plans use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,11 +31,14 @@ pub enum ScorerKind {
     ExpectedAttention,
     /// Uniformly random (a control).
     Random,
+    /// TriAttention: calibrated pre-RoPE query centres give each head a distance preference
+    /// (a trigonometric series over the RoPE frequencies) plus a key-norm term.
+    Trig,
 }
 
 impl ScorerKind {
     /// Every scorer.
-    pub const ALL: [ScorerKind; 7] = [
+    pub const ALL: [ScorerKind; 8] = [
         ScorerKind::Streaming,
         ScorerKind::Knorm,
         ScorerKind::Snapkv,
@@ -40,9 +46,11 @@ impl ScorerKind {
         ScorerKind::Tova,
         ScorerKind::ExpectedAttention,
         ScorerKind::Random,
+        ScorerKind::Trig,
     ];
 
-    /// Importance of each cached token `[b, h, t]` (higher = keep).
+    /// Importance of each cached token `[b, h, t]` (higher = keep). [`ScorerKind::Trig`] needs
+    /// calibration statistics: score it through [`Evict::score`].
     pub fn score<B: Backend>(
         self,
         k: &Tensor<B, 4>,
@@ -57,6 +65,10 @@ impl ScorerKind {
             ScorerKind::Tova => tova::score(k, ctx),
             ScorerKind::ExpectedAttention => expected_attention::score(k, v, ctx),
             ScorerKind::Random => Ok(random::score(k, ctx.layer as u64)),
+            ScorerKind::Trig => Err(AxisError::MissingObservation {
+                method: "trig",
+                what: "calibrated query statistics (build the axis with Evict::with_trig)",
+            }),
         }
     }
 
@@ -67,9 +79,46 @@ impl ScorerKind {
     }
 }
 
-/// The eviction axis: score, protect sinks and the recent window, keep the top tokens per head.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Evict;
+/// The eviction axis: score, protect sinks and the recent window, select per the setting.
+///
+/// Carries what scorers calibrated offline need ([`TrigStats`] for [`ScorerKind::Trig`]).
+#[derive(Debug, Clone, Default)]
+pub struct Evict {
+    trig: Option<Arc<TrigStats>>,
+    horizon: usize,
+}
+
+impl Evict {
+    /// The axis without calibrated statistics (every scorer but `trig`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The axis with TriAttention statistics, averaging over the next
+    /// [`trig::DEFAULT_HORIZON`] query positions.
+    pub fn with_trig(stats: Arc<TrigStats>) -> Self {
+        Self {
+            trig: Some(stats),
+            horizon: trig::DEFAULT_HORIZON,
+        }
+    }
+
+    /// Scores `[b, h, t]` of keys `k` (post-RoPE) and values `v` whose next query sits at
+    /// position `next`.
+    pub fn score<B: Backend>(
+        &self,
+        scorer: ScorerKind,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        next: usize,
+        ctx: &ObservationCtx<B>,
+    ) -> Result<Tensor<B, 3>, AxisError> {
+        match (scorer, &self.trig) {
+            (ScorerKind::Trig, Some(stats)) => trig::score(k, stats, ctx.layer, next, self.horizon),
+            _ => scorer.score(k, v, ctx),
+        }
+    }
+}
 
 impl<B: Backend> CompressionAxis<B> for Evict {
     type Setting = EvictSetting;
@@ -78,6 +127,8 @@ impl<B: Backend> CompressionAxis<B> for Evict {
         "evict"
     }
 
+    /// Evicts a dense segment. Its positions may be contiguous (a prompt) or explicit (a cache
+    /// evicted before and compressed again during decoding); ragged segments are final.
     fn compress(
         &self,
         segment: Segment<B>,
@@ -86,30 +137,86 @@ impl<B: Backend> CompressionAxis<B> for Evict {
     ) -> Result<Segment<B>, AxisError> {
         let k = segment.k.decode()?;
         let v = segment.v.decode()?;
-        let [_, _, t, _] = k.dims();
+        let [b, h, t, _] = k.dims();
         let n = s.kept(t);
         if n >= t {
             return Ok(segment);
         }
-        let start = match &segment.positions {
-            Positions::Contiguous { start, .. } => *start,
-            Positions::Explicit(_) => {
+        let device = k.device();
+        let (positions, next) = match &segment.positions {
+            Positions::Contiguous { start, len } => (None, start + len),
+            Positions::Explicit(p) => {
+                let last: Vec<i64> = p
+                    .clone()
+                    .slice_dim(2, t - 1..t)
+                    .into_data()
+                    .convert::<i64>()
+                    .into_vec()
+                    .unwrap_or_default();
+                let next = last.into_iter().max().unwrap_or(0) as usize + 1;
+                (Some(p.clone()), next)
+            }
+            Positions::Ragged(_) => {
                 return Err(AxisError::Method {
                     method: "evict",
-                    source: "eviction runs first: the segment was already evicted".into(),
+                    source: "a ragged (head-wise) segment cannot be evicted again".into(),
                 });
             }
         };
-        let scores = s.scorer.score(&k, &v, ctx)?;
-        let idx = select::top_k(select::protect(scores, s.sinks, s.window), n);
+        let start = next - t;
+        let scores = self.score(s.scorer, &k, &v, next, ctx)?;
+        let scores = select::protect(scores, s.sinks, s.window);
+        let position_of = |idx: Tensor<B, 3, Int>| -> Tensor<B, 3, Int> {
+            match &positions {
+                None => (idx + start as i32).cast(IntDType::I32),
+                Some(p) => p.clone().gather(2, idx).cast(IntDType::I32),
+            }
+        };
+        let idx = match s.selection {
+            Selection::TopK => select::top_k(scores, n),
+            Selection::Redundancy { lambda } => redundancy::select(scores, &v, n, lambda.get())?,
+            Selection::HeadWise { min_share } => {
+                let kept = headwise::select(scores, n, min_share.get())?;
+                let mut ks = Vec::with_capacity(h);
+                let mut vs = Vec::with_capacity(h);
+                let mut ps = Vec::with_capacity(h);
+                for (head, rows) in kept.into_iter().enumerate() {
+                    let m = rows.len();
+                    let rows: Vec<i32> = rows.into_iter().map(|i| i as i32).collect();
+                    let idx =
+                        Tensor::<B, 3, Int>::from_data(TensorData::new(rows, [b, 1, m]), &device);
+                    let kh = k.clone().slice_dim(1, head..head + 1);
+                    let vh = v.clone().slice_dim(1, head..head + 1);
+                    let (kh, vh) = select::gather(kh, vh, idx.clone());
+                    ks.push(Encoded::Dense(kh));
+                    vs.push(Encoded::Dense(vh));
+                    let ph = match &positions {
+                        None => (idx + start as i32).cast(IntDType::I32),
+                        Some(p) => p
+                            .clone()
+                            .slice_dim(1, head..head + 1)
+                            .gather(2, idx)
+                            .cast(IntDType::I32),
+                    };
+                    ps.push(ph);
+                }
+                return Ok(Segment {
+                    positions: Positions::Ragged(ps),
+                    k: Encoded::Ragged(ks),
+                    v: Encoded::Ragged(vs),
+                });
+            }
+        };
         let (k, v) = select::gather(k, v, idx.clone());
         Ok(Segment {
-            positions: Positions::Explicit((idx + start as i32).cast(burn::tensor::IntDType::I32)),
+            positions: Positions::Explicit(position_of(idx)),
             k: Encoded::Dense(k),
             v: Encoded::Dense(v),
         })
     }
 
+    /// Head-wise selection moves slots between heads but keeps the layer's total, so every
+    /// selection allocates the same bytes.
     fn footprint(&self, shape: &LayerShape, s: &EvictSetting) -> Footprint {
         let n = s.kept(shape.tokens);
         let kept = shape.batch * shape.kv_heads * n;

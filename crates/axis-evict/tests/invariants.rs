@@ -1,6 +1,6 @@
 //! Eviction invariants (proptest): kept count, protected tokens, increasing positions, keep = 1
 //! is the identity, footprint prediction == allocation; and settings validated on load.
-use axis_evict::{Evict, EvictSetting, ScorerKind};
+use axis_evict::{Evict, EvictSetting, Lambda, ScorerKind, Selection};
 use burn::tensor::{Distribution, Int, Tensor};
 use burn_ndarray::NdArray;
 use kv_tensor::{CompressionAxis, LayerShape, ObservationCtx, Positions, Ratio, Segment};
@@ -31,8 +31,30 @@ fn positions(p: &Positions<B>) -> Vec<Vec<i64>> {
                 .expect("ints");
             (0..h).map(|i| v[i * n..(i + 1) * n].to_vec()).collect()
         }
+        Positions::Ragged(heads) => heads
+            .iter()
+            .map(|t| {
+                t.clone()
+                    .into_data()
+                    .convert::<i64>()
+                    .to_vec()
+                    .expect("ints")
+            })
+            .collect(),
         Positions::Contiguous { .. } => vec![],
     }
+}
+
+fn selection() -> impl Strategy<Value = Selection> {
+    prop_oneof![
+        Just(Selection::TopK),
+        (0.05f64..1.0).prop_map(|m| Selection::HeadWise {
+            min_share: Ratio::new(m).expect("ratio")
+        }),
+        (0.0f64..2.0).prop_map(|l| Selection::Redundancy {
+            lambda: Lambda::new(l).expect("lambda")
+        }),
+    ]
 }
 
 proptest! {
@@ -42,19 +64,29 @@ proptest! {
     fn eviction_invariants(
         scorer in prop::sample::select(vec![ScorerKind::Streaming, ScorerKind::Knorm, ScorerKind::Snapkv, ScorerKind::Tova, ScorerKind::ExpectedAttention, ScorerKind::Random]),
         keep in 0.05f64..1.0, t in 40usize..200, heads in 1usize..4, start in 0usize..50,
+        selection in selection(),
     ) {
         let device = Default::default();
         let k = Tensor::<B, 4>::random([1, heads, t, 16], Distribution::Normal(0.0, 1.0), &device);
         let v = Tensor::<B, 4>::random([1, heads, t, 16], Distribution::Normal(0.0, 1.0), &device);
-        let s = EvictSetting::new(scorer, Ratio::new(keep).expect("ratio"));
+        let s = EvictSetting::new(scorer, Ratio::new(keep).expect("ratio")).with_selection(selection);
         let seg = Segment::dense(k, v, start).expect("segment");
-        let out = Evict.compress(seg, &s, &ctx(heads, 8)).expect("compress");
+        let out = Evict::new().compress(seg, &s, &ctx(heads, 8)).expect("compress");
         let n = (keep * t as f64 - 1e-9).ceil() as usize;
         let expected = n.max(s.sinks + s.window).min(t);
-        prop_assert_eq!(out.len(), expected);
+        let kept = positions(&out.positions);
+        if expected < t {
+            // Every selection keeps the layer's total; only head-wise moves it between heads.
+            prop_assert_eq!(kept.iter().map(Vec::len).sum::<usize>(), expected * heads);
+            if !matches!(selection, Selection::HeadWise { .. }) {
+                prop_assert_eq!(out.len(), expected);
+            }
+        } else {
+            prop_assert_eq!(out.len(), t);
+        }
         let shape = LayerShape { batch: 1, kv_heads: heads, tokens: t, head_dim: 16 };
-        prop_assert_eq!(out.footprint(), CompressionAxis::<B>::footprint(&Evict, &shape, &s));
-        for head in positions(&out.positions) {
+        prop_assert_eq!(out.footprint(), CompressionAxis::<B>::footprint(&Evict::new(), &shape, &s));
+        for head in kept {
             prop_assert!(head.windows(2).all(|w| w[0] < w[1]), "positions not increasing: {:?}", head);
             for p in 0..s.sinks {
                 prop_assert!(head.contains(&((start + p) as i64)));
@@ -66,6 +98,108 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// With λ = 0 the redundancy-aware greedy keeps exactly what top-k keeps. (Scorers with
+    /// continuous, tie-free scores: SnapKV's max-pooling creates ties, broken differently.)
+    #[test]
+    fn redundancy_with_zero_lambda_is_top_k(
+        scorer in prop::sample::select(vec![ScorerKind::Knorm, ScorerKind::Random, ScorerKind::ExpectedAttention]),
+        keep in 0.05f64..1.0, t in 40usize..160, heads in 1usize..4,
+    ) {
+        let device = Default::default();
+        let k = Tensor::<B, 4>::random([1, heads, t, 16], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<B, 4>::random([1, heads, t, 16], Distribution::Normal(0.0, 1.0), &device);
+        let c = ctx(heads, 8);
+        let base = EvictSetting::new(scorer, Ratio::new(keep).expect("ratio"));
+        let greedy = base.with_selection(Selection::Redundancy { lambda: Lambda::new(0.0).expect("0") });
+        let a = Evict::new().compress(Segment::dense(k.clone(), v.clone(), 0).expect("seg"), &base, &c).expect("top-k");
+        let b = Evict::new().compress(Segment::dense(k, v, 0).expect("seg"), &greedy, &c).expect("greedy");
+        prop_assert_eq!(positions(&a.positions), positions(&b.positions));
+    }
+}
+
+#[test]
+fn redundancy_penalty_spreads_kept_values() {
+    // Values come in identical pairs (rows 2i and 2i+1); with a large λ the greedy never keeps
+    // both members of a pair while unrepresented pairs remain.
+    let device = Default::default();
+    let t = 80;
+    let v = Tensor::<B, 4>::random([1, 1, t / 2, 16], Distribution::Normal(0.0, 1.0), &device)
+        .reshape([1, 1, t / 2, 1, 16])
+        .expand([1, 1, t / 2, 2, 16])
+        .reshape([1, 1, t, 16]);
+    let k = Tensor::<B, 4>::random([1, 1, t, 16], Distribution::Normal(0.0, 1.0), &device);
+    let mut s = EvictSetting::new(ScorerKind::Knorm, Ratio::new(0.5).expect("r")).with_selection(
+        Selection::Redundancy {
+            lambda: Lambda::new(10.0).expect("l"),
+        },
+    );
+    s.sinks = 0;
+    s.window = 0;
+    let out = Evict::new()
+        .compress(Segment::dense(k, v, 0).expect("seg"), &s, &ctx(1, 4))
+        .expect("greedy");
+    let kept = positions(&out.positions).remove(0);
+    let mut pairs: Vec<i64> = kept.iter().map(|p| p / 2).collect();
+    pairs.dedup();
+    assert_eq!(
+        pairs.len(),
+        kept.len(),
+        "a duplicate pair was kept: {kept:?}"
+    );
+}
+
+#[test]
+fn head_wise_storage_is_ragged_and_attention_ignores_padding() {
+    use kv_tensor::{CompressedLayer, Encoded, attention, attention_padded};
+    let device = Default::default();
+    let (h, t, d) = (3, 120, 16);
+    let k = Tensor::<B, 4>::random([1, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let v = Tensor::<B, 4>::random([1, h, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let s = EvictSetting::new(ScorerKind::Snapkv, Ratio::new(0.4).expect("r")).with_selection(
+        Selection::HeadWise {
+            min_share: Ratio::new(0.2).expect("r"),
+        },
+    );
+    let out = Evict::new()
+        .compress(
+            Segment::dense(k.clone(), v.clone(), 0).expect("seg"),
+            &s,
+            &ctx(h, 8),
+        )
+        .expect("head-wise");
+    let Encoded::Ragged(heads) = &out.k else {
+        panic!("not ragged")
+    };
+    let lens: Vec<usize> = heads.iter().map(|e| e.dims()[2]).collect();
+    // Allocated bytes are the kept rows, not the padded rectangle.
+    let kept: usize = lens.iter().sum();
+    assert_eq!(out.footprint().dense.get() as usize, 2 * kept * d * 4);
+    assert_eq!(out.footprint().indices.get() as usize, kept * 4);
+    // Attention over the padded decode equals attention over each head's own tokens.
+    let mut layer = CompressedLayer::<B>::new();
+    layer.push_segment(out.clone());
+    let (pk, pv) = layer.decode().expect("decode");
+    let q = Tensor::<B, 4>::random([1, h * 3, 1, d], Distribution::Normal(0.0, 1.0), &device);
+    let got = attention_padded(q.clone(), pk, pv, layer.padding()).expect("padded");
+    let Encoded::Ragged(vheads) = &out.v else {
+        panic!("not ragged")
+    };
+    for head in 0..h {
+        let kh = heads[head].decode().expect("k");
+        let vh = vheads[head].decode().expect("v");
+        let qh = q.clone().slice_dim(1, head * 3..head * 3 + 3);
+        let want = attention(qh, kh, vh).expect("head");
+        let diff = (got.clone().slice_dim(1, head * 3..head * 3 + 3) - want)
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-5, "head {head}: {diff}");
+    }
+}
+
 #[test]
 fn keep_one_is_the_identity() {
     let k = Tensor::<B, 4>::random(
@@ -74,7 +208,7 @@ fn keep_one_is_the_identity() {
         &Default::default(),
     );
     let seg = Segment::dense(k.clone(), k.clone(), 0).expect("segment");
-    let out = Evict
+    let out = Evict::new()
         .compress(
             seg,
             &EvictSetting::new(ScorerKind::Knorm, Ratio::ONE),
@@ -106,7 +240,7 @@ fn kept_rows_are_the_original_rows() {
         .reshape([1, 1, t, 1])
         .expand([1, 1, t, 16]);
     let seg = Segment::dense(k.clone(), k, 10).expect("segment");
-    let out = Evict
+    let out = Evict::new()
         .compress(
             seg,
             &EvictSetting::new(ScorerKind::Random, Ratio::new(0.5).expect("r")),
@@ -139,9 +273,10 @@ fn missing_observations_are_typed_errors() {
         ScorerKind::H2o,
         ScorerKind::Tova,
         ScorerKind::ExpectedAttention,
+        ScorerKind::Trig,
     ] {
         let seg = Segment::dense(k.clone(), k.clone(), 0).expect("segment");
-        let e = Evict
+        let e = Evict::new()
             .compress(
                 seg,
                 &EvictSetting::new(scorer, Ratio::new(0.5).expect("r")),

@@ -99,6 +99,14 @@ impl Kivi {
             },
             Encoded::Half(h) => Encoded::Quantized(quantize(h.decode(), cb, group, along, what)?),
             Encoded::Quantized(q) => Encoded::Quantized(q),
+            // Head-wise ragged segments: each head on its own (key groups must then divide
+            // every head's length).
+            Encoded::Ragged(heads) => Encoded::Ragged(
+                heads
+                    .into_iter()
+                    .map(|h| Self::side(h, bits, group, along, what))
+                    .collect::<Result<_, _>>()?,
+            ),
         })
     }
 

@@ -2,7 +2,7 @@
 use crate::KvError;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 /// Queries are processed in chunks of this many tokens so that the score matrix of a long
 /// prefill stays bounded (`[kv_heads, group × chunk, keys]` floats at a time).
@@ -27,6 +27,18 @@ pub fn attention<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>, KvError> {
+    attention_padded(q, k, v, None)
+}
+
+/// [`attention`] over a cache whose decoded keys contain padding rows (`padding`
+/// `[b, kv_heads, tk]`, true = not a token: heads of a ragged segment shorter than the longest).
+/// Padding rows get zero weight. The newest `tq` rows must be real tokens.
+pub fn attention_padded<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    padding: Option<Tensor<B, 3, Bool>>,
+) -> Result<Tensor<B, 4>, KvError> {
     let [b, qh, tq, d] = q.dims();
     let [kb, kvh, tk, kd] = k.dims();
     if k.dims() != v.dims() || kb != b || kd != d || kvh == 0 || qh % kvh != 0 {
@@ -45,7 +57,17 @@ pub fn attention<B: Backend>(
             cached: tk,
         });
     }
+    if let Some(p) = &padding
+        && p.dims() != [b, kvh, tk]
+    {
+        return Err(KvError::Shape {
+            context: "attention padding mask",
+            expected: vec![b, kvh, tk],
+            got: p.dims().to_vec(),
+        });
+    }
     let g = qh / kvh;
+    let padding = padding.map(|p| p.reshape([b * kvh, 1, tk]));
     let scale = 1.0 / (d as f64).sqrt();
     let device = q.device();
     let q5 = q.reshape([b * kvh, g, tq, d]);
@@ -79,6 +101,13 @@ pub fn attention<B: Backend>(
                 .reshape([1, 1, c, visible])
                 .expand([b * kvh, g, c, visible])
                 .reshape([b * kvh, g * c, visible]);
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        if let Some(p) = &padding {
+            let mask = p
+                .clone()
+                .slice_dim(2, 0..visible)
+                .expand([b * kvh, g * c, visible]);
             scores = scores.mask_fill(mask, f32::NEG_INFINITY);
         }
         let probs = softmax(scores, 2);

@@ -1,8 +1,8 @@
 //! The single attention patch point: the model talks to each layer's cache only through
 //! [`LayerCache`]; [`FullCache`] is the uncompressed reference.
-use crate::{AxisError, CompressedLayer, Footprint, KvError, ObservationCtx, attention};
-use burn::tensor::Tensor;
+use crate::{AxisError, CompressedLayer, Footprint, KvError, ObservationCtx, attention_padded};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor};
 
 /// One layer's KV cache as the model sees it. Keys arrive after RoPE.
 ///
@@ -27,7 +27,14 @@ pub trait LayerCache<B: Backend> {
     /// `q`: `[b, q_heads, tq, d]` → `[b, q_heads, tq, d]`
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         let (k, v) = self.keys_values()?;
-        attention(q, k, v)
+        attention_padded(q, k, v, self.padding())
+    }
+
+    /// Which rows of [`keys_values`](Self::keys_values) are padding rather than tokens
+    /// (`[b, kv_heads, stored]`, true = padding): caches holding ragged head-wise segments
+    /// decode them padded. `None` (the default) when every row is a token.
+    fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        None
     }
 
     /// Called once per layer when the prompt has been prefilled: the moment question-agnostic
@@ -173,6 +180,10 @@ impl<B: Backend, A: crate::CompressionAxis<B>> LayerCache<B> for PrefillCompress
         self.layer.decode()
     }
 
+    fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        self.layer.padding()
+    }
+
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         if let Some(seg) = self.layer.take_window(usize::MAX) {
             let seg = self.axis.compress(seg, &self.setting, ctx)?;
@@ -206,6 +217,10 @@ impl<B: Backend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         (**self).attend(q)
+    }
+
+    fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        (**self).padding()
     }
 
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {

@@ -147,6 +147,11 @@ pub enum Encoded<B: Backend> {
     /// Half precision (binary16 bits in a `u16` tensor): the "16-bit" of a compressed layer,
     /// two bytes per value on every backend.
     Half(Fp16Tensor<B, 4>),
+    /// One entry per KV head (`[b, 1, t_h, d]` each), heads holding different numbers of
+    /// tokens (head-wise eviction budgets). Stored compactly: no padding is allocated; decoding
+    /// pads every head to the longest with zeros, and [`Segment::padding`](crate::Segment::padding)
+    /// says which rows attention must ignore.
+    Ragged(Vec<Encoded<B>>),
 }
 
 impl<B: Backend> Encoded<B> {
@@ -156,6 +161,21 @@ impl<B: Backend> Encoded<B> {
             Encoded::Dense(t) => Ok(t.clone()),
             Encoded::Half(h) => Ok(h.decode()),
             Encoded::Quantized(q) => q.decode(),
+            Encoded::Ragged(heads) => {
+                let [b, _, t, d] = self.dims();
+                let mut parts = Vec::with_capacity(heads.len());
+                for h in heads {
+                    let x = h.decode()?;
+                    let n = x.dims()[2];
+                    parts.push(if n < t {
+                        let pad = Tensor::zeros([b, 1, t - n, d], &x.device());
+                        Tensor::cat(vec![x, pad], 2)
+                    } else {
+                        x
+                    });
+                }
+                Ok(Tensor::cat(parts, 1))
+            }
             Encoded::Projected { coeffs, basis } => {
                 let c = coeffs.decode()?;
                 let [h, d, r] = basis.dims();
@@ -175,6 +195,17 @@ impl<B: Backend> Encoded<B> {
         }
     }
 
+    /// The device holding the data.
+    pub fn device(&self) -> B::Device {
+        match self {
+            Encoded::Dense(t) => t.device(),
+            Encoded::Half(h) => h.device(),
+            Encoded::Quantized(q) => q.codes.words().device(),
+            Encoded::Projected { basis, .. } => basis.device(),
+            Encoded::Ragged(heads) => heads.first().map(Encoded::device).unwrap_or_default(),
+        }
+    }
+
     /// Decoded shape `[b, h, t, d]`.
     pub fn dims(&self) -> [usize; 4] {
         match self {
@@ -184,6 +215,11 @@ impl<B: Backend> Encoded<B> {
             Encoded::Projected { coeffs, basis } => {
                 let [b, h, t, _] = coeffs.dims();
                 [b, h, t, basis.dims()[1]]
+            }
+            Encoded::Ragged(heads) => {
+                let [b, _, _, d] = heads.first().map_or([0; 4], Encoded::dims);
+                let t = heads.iter().map(|h| h.dims()[2]).max().unwrap_or(0);
+                [b, heads.len(), t, d]
             }
         }
     }
@@ -196,6 +232,7 @@ impl<B: Backend> Encoded<B> {
             Encoded::Half(h) => Footprint::dense(h.bytes()),
             Encoded::Quantized(q) => q.footprint(),
             Encoded::Projected { coeffs, .. } => coeffs.footprint(),
+            Encoded::Ragged(heads) => heads.iter().map(Encoded::footprint).sum(),
         }
     }
 
@@ -208,6 +245,9 @@ impl<B: Backend> Encoded<B> {
                 coeffs: Box::new(coeffs.into_half()),
                 basis,
             },
+            Encoded::Ragged(heads) => {
+                Encoded::Ragged(heads.into_iter().map(Encoded::into_half).collect())
+            }
             other => other,
         }
     }

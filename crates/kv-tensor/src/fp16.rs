@@ -18,6 +18,11 @@ pub struct Fp16Tensor<B: Backend, const D: usize> {
 }
 
 impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
+    /// The device holding the bits.
+    pub fn device(&self) -> B::Device {
+        self.bits.device()
+    }
+
     /// Rounds `x` to the nearest binary16 value (saturating at ±65504) and stores its bits.
     /// NaN is the caller's business: quantizers reject non-finite input before they get here.
     pub fn encode(x: Tensor<B, D>) -> Self {

@@ -2,7 +2,7 @@
 use crate::encoded::dense_bytes;
 use crate::{Bytes, Encoded, Footprint, KvError};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, IntDType, Tensor};
 
 /// Original sequence positions of the tokens a segment holds.
 #[derive(Debug, Clone)]
@@ -17,6 +17,9 @@ pub enum Positions<B: Backend> {
     /// Per head, the kept positions `[b, h, t]` (strictly increasing along `t`), stored as
     /// integers and counted in the footprint.
     Explicit(Tensor<B, 3, Int>),
+    /// Per KV head, its own kept positions `[b, 1, t_h]` (head-wise budgets; see
+    /// [`Encoded::Ragged`]).
+    Ragged(Vec<Tensor<B, 3, Int>>),
 }
 
 impl<B: Backend> Positions<B> {
@@ -25,6 +28,7 @@ impl<B: Backend> Positions<B> {
         match self {
             Positions::Contiguous { len, .. } => *len,
             Positions::Explicit(t) => t.dims()[2],
+            Positions::Ragged(heads) => heads.iter().map(|p| p.dims()[2]).max().unwrap_or(0),
         }
     }
 
@@ -38,7 +42,44 @@ impl<B: Backend> Positions<B> {
         match self {
             Positions::Contiguous { .. } => Bytes(0),
             Positions::Explicit(t) => Bytes((t.shape().num_elements() * t.dtype().size()) as u64),
+            Positions::Ragged(heads) => heads
+                .iter()
+                .map(|t| Bytes((t.shape().num_elements() * t.dtype().size()) as u64))
+                .sum(),
         }
+    }
+
+    /// Positions as one `[b, h, t]` tensor for `heads` KV heads and batch `b` (ragged heads
+    /// padded with `-1`, which never names a real token).
+    pub fn to_tensor(&self, batch: usize, heads: usize, device: &B::Device) -> Tensor<B, 3, Int> {
+        let t = match self {
+            Positions::Contiguous { start, len } => {
+                Tensor::<B, 1, Int>::arange(*start as i64..(*start + *len) as i64, device)
+                    .reshape([1, 1, *len])
+                    .expand([batch, heads, *len])
+            }
+            Positions::Explicit(t) => t.clone(),
+            Positions::Ragged(parts) => {
+                let t = self.len();
+                let parts = parts
+                    .iter()
+                    .map(|p| {
+                        let n = p.dims()[2];
+                        if n < t {
+                            let pad = Tensor::<B, 3, Int>::full([batch, 1, t - n], -1, device);
+                            Tensor::cat(
+                                vec![p.clone().cast(IntDType::I32), pad.cast(IntDType::I32)],
+                                2,
+                            )
+                        } else {
+                            p.clone().cast(IntDType::I32)
+                        }
+                    })
+                    .collect();
+                Tensor::cat(parts, 1)
+            }
+        };
+        t.cast(IntDType::I32)
     }
 }
 
@@ -72,9 +113,32 @@ impl<B: Backend> Segment<B> {
         })
     }
 
-    /// Tokens held (per head).
+    /// Tokens held per head (for ragged segments: by the longest head).
     pub fn len(&self) -> usize {
         self.k.dims()[2]
+    }
+
+    /// Which rows of the decoded `[b, h, len]` tensors are padding (true) rather than tokens:
+    /// `Some` only for ragged segments, whose heads hold different numbers of tokens.
+    pub fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        let Positions::Ragged(parts) = &self.positions else {
+            return None;
+        };
+        let t = self.len();
+        let first = parts.first()?;
+        let device = first.device();
+        let b = first.dims()[0];
+        let rows = parts
+            .iter()
+            .map(|p| {
+                let n = p.dims()[2] as i64;
+                Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+                    .greater_equal_elem(n)
+                    .reshape([1, 1, t])
+                    .expand([b, 1, t])
+            })
+            .collect();
+        Some(Tensor::cat(rows, 1))
     }
 
     /// The segment with dense sides stored as half precision (see [`Encoded::into_half`]).
@@ -109,6 +173,13 @@ impl<B: Backend> Segment<B> {
                 Positions::Explicit(p.clone().slice_dim(2, 0..n)),
                 Positions::Explicit(p.slice_dim(2, n..t)),
             ),
+            Positions::Ragged(_) => {
+                return Err(KvError::InvalidValue {
+                    what: "segment split",
+                    value: "a ragged (head-wise) segment".into(),
+                    allowed: "segments whose heads hold the same tokens",
+                });
+            }
         };
         Ok((
             Segment {
@@ -276,6 +347,62 @@ impl<B: Backend> CompressedLayer<B> {
             return Ok((ks.remove(0), vs.remove(0)));
         }
         Ok((Tensor::cat(ks, 2), Tensor::cat(vs, 2)))
+    }
+
+    /// Which decoded rows are padding (see [`Segment::padding`]): `[b, h, stored]`, `None` when
+    /// no segment is ragged.
+    pub fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        if self.segments.iter().all(|s| s.padding().is_none()) {
+            return None;
+        }
+        let mut parts = Vec::with_capacity(self.segments.len() + 1);
+        for s in &self.segments {
+            parts.push(s.padding().unwrap_or_else(|| {
+                let [b, h, t, _] = s.k.dims();
+                Tensor::<B, 3, Int>::zeros([b, h, t], &s.k.device()).equal_elem(1)
+            }));
+        }
+        if let Some((k, _)) = &self.window {
+            let [b, h, t, _] = k.dims();
+            parts.push(Tensor::<B, 3, Int>::zeros([b, h, t], &k.device()).equal_elem(1));
+        }
+        Some(Tensor::cat(parts, 2))
+    }
+
+    /// Replaces everything held (segments and window) by one segment: used when a decoding
+    /// cache re-compresses its whole history.
+    pub fn replace_all(&mut self, segment: Segment<B>) {
+        self.segments = vec![segment];
+        self.window = None;
+        self.window_start = self.seen;
+    }
+
+    /// The positions of every stored token `[b, h, stored]`, oldest first (ragged heads padded
+    /// with `-1`).
+    pub fn positions(&self) -> Option<Tensor<B, 3, Int>> {
+        let mut parts = Vec::with_capacity(self.segments.len() + 1);
+        let mut device = None;
+        for s in &self.segments {
+            let [b, h, _, _] = s.k.dims();
+            let dev = s.k.device();
+            parts.push(s.positions.to_tensor(b, h, &dev));
+            device = Some(dev);
+        }
+        if let Some((k, _)) = &self.window {
+            let [b, h, t, _] = k.dims();
+            let dev = device.unwrap_or_else(|| k.device());
+            parts.push(
+                Positions::<B>::Contiguous {
+                    start: self.window_start,
+                    len: t,
+                }
+                .to_tensor(b, h, &dev),
+            );
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        Some(Tensor::cat(parts, 2))
     }
 
     /// Exact bytes: segments, the window, and each side's low-rank basis once.

@@ -1,35 +1,95 @@
-//! The routed cache: one layer's expert applied evict → quantize.
+//! The routed cache: one layer's expert applied evict → project → quantize.
 use crate::{Expert, RESIDUAL};
 use axis_evict::Evict;
+use axis_lowrank::LowRank;
 use axis_quant::Kivi;
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Tensor};
 use kv_tensor::{
     AxisError, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache, ObservationCtx,
 };
+use std::sync::Arc;
 
 /// A `LayerCache` applying one [`Expert`].
 ///
 /// End of prefill: the prompt is evicted (if the expert evicts), then the oldest kept tokens
-/// are quantized in whole groups, leaving at least [`RESIDUAL`] recent tokens unquantized;
-/// every unquantized part of the prompt is stored in fp16 (16 bits, two bytes per value). Decode:
-/// tokens land in the residual window; a full group beyond the window is quantized and appended
-/// (never re-quantizing history). Its footprint equals [`Expert::footprint`] after prefill.
-#[derive(Debug, Clone)]
+/// are projected and/or quantized in whole groups, leaving at least [`RESIDUAL`] recent tokens
+/// untouched; every unquantized part is stored in fp16 (16 bits, two bytes per value). Decode:
+/// tokens land in the residual window; a full group beyond the window is projected/quantized and
+/// appended (never re-compressing history). Its footprint equals [`Expert::footprint`] after
+/// prefill.
+#[derive(Clone)]
 pub struct RoutedCache<B: Backend> {
     layer: CompressedLayer<B>,
     expert: Expert,
+    evict: Evict,
+    lowrank: Option<Arc<LowRank<B>>>,
+    layer_idx: usize,
     prefilled: bool,
 }
 
+/// The calibrated axes a plan's caches share: the eviction axis (with trig statistics) and
+/// every layer's low-rank bases. Cheap to clone (the bases are shared).
+#[derive(Clone, Default)]
+pub struct Axes<B: Backend> {
+    /// The eviction axis.
+    pub evict: Evict,
+    /// Low-rank bases, needed by experts that project.
+    pub lowrank: Option<Arc<LowRank<B>>>,
+}
+
+impl<B: Backend> Axes<B> {
+    /// A cache applying `expert` with these axes.
+    pub fn cache(&self, expert: Expert) -> RoutedCache<B> {
+        RoutedCache::with_axes(expert, self.evict.clone(), self.lowrank.clone())
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for RoutedCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutedCache")
+            .field("expert", &self.expert)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
 impl<B: Backend> RoutedCache<B> {
-    /// An empty cache for `expert`.
+    /// An empty cache for `expert` with uncalibrated axes (no `trig` scorer, no projection).
     pub fn new(expert: Expert) -> Self {
+        Self::with_axes(expert, Evict::new(), None)
+    }
+
+    /// An empty cache for `expert` whose axes carry calibration: the eviction axis (trig
+    /// statistics) and the low-rank bases of every layer.
+    pub fn with_axes(expert: Expert, evict: Evict, lowrank: Option<Arc<LowRank<B>>>) -> Self {
         Self {
             layer: CompressedLayer::new(),
             expert,
+            evict,
+            lowrank,
+            layer_idx: 0,
             prefilled: false,
         }
+    }
+
+    /// Projects then quantizes a dense segment of old tokens, as the expert says.
+    fn compress_history(
+        &self,
+        mut seg: kv_tensor::Segment<B>,
+        ctx: &ObservationCtx<B>,
+    ) -> Result<kv_tensor::Segment<B>, AxisError> {
+        if let Some(l) = &self.expert.lowrank {
+            let axis = self.lowrank.as_ref().ok_or(AxisError::MissingObservation {
+                method: "lowrank",
+                what: "calibrated bases (build the cache with RoutedCache::with_axes)",
+            })?;
+            seg = axis.compress(seg, l, ctx)?;
+        }
+        if let Some(q) = &self.expert.quant {
+            seg = Kivi.compress(seg, q, ctx)?;
+        }
+        Ok(seg.into_half())
     }
 
     /// The expert.
@@ -38,12 +98,12 @@ impl<B: Backend> RoutedCache<B> {
     }
 
     fn flush_decode(&mut self) -> Result<(), AxisError> {
-        let Some(q) = self.expert.quant.filter(|q| !q.is_identity()) else {
+        if !self.expert.compresses_history() {
             return Ok(());
-        };
-        if let Some(seg) = self.layer.take_overflow(RESIDUAL, q.group.get()) {
-            let seg = CompressionAxis::<B>::compress(&Kivi, seg, &q, &ObservationCtx::bare(0))?;
-            self.layer.push_segment(seg.into_half());
+        }
+        if let Some(seg) = self.layer.take_overflow(RESIDUAL, self.expert.group()) {
+            let seg = self.compress_history(seg, &ObservationCtx::bare(self.layer_idx))?;
+            self.layer.push_segment(seg);
         }
         Ok(())
     }
@@ -63,25 +123,29 @@ impl<B: Backend> LayerCache<B> for RoutedCache<B> {
         self.layer.decode()
     }
 
+    fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        self.layer.padding()
+    }
+
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         self.prefilled = true;
+        self.layer_idx = ctx.layer;
         let Some(mut seg) = self.layer.take_window(usize::MAX) else {
             return Ok(());
         };
         let t = seg.len();
         if let Some(e) = &self.expert.evict {
-            seg = Evict.compress(seg, e, ctx)?;
+            seg = self.evict.compress(seg, e, ctx)?;
         }
-        let (quantized, _) = self.expert.split(t);
-        // Whatever stays unquantized is stored at 16 bits (fp16), as the expert says.
-        match self.expert.quant {
-            Some(q) if quantized > 0 => {
-                let (old, recent) = seg.split_at(quantized)?;
-                self.layer
-                    .push_segment(Kivi.compress(old, &q, ctx)?.into_half());
-                self.layer.push_segment(recent.into_half());
-            }
-            _ => self.layer.push_segment(seg.into_half()),
+        let (compressed, _) = self.expert.split(t);
+        // Whatever stays uncompressed is stored at 16 bits (fp16), as the expert says.
+        if compressed > 0 {
+            let (old, recent) = seg.split_at(compressed)?;
+            let old = self.compress_history(old, ctx)?;
+            self.layer.push_segment(old);
+            self.layer.push_segment(recent.into_half());
+        } else {
+            self.layer.push_segment(seg.into_half());
         }
         Ok(())
     }

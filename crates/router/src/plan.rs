@@ -18,6 +18,14 @@ pub enum RouterError {
         /// Layers in the model.
         model: usize,
     },
+    /// A layer's expert is inconsistent (e.g. a rank beyond the head dimension).
+    #[error("layer {layer}: {why}")]
+    Expert {
+        /// The layer.
+        layer: usize,
+        /// What is wrong.
+        why: String,
+    },
     /// Writing the plan failed.
     #[error("cannot serialise the plan: {0}")]
     Serialise(String),
@@ -39,9 +47,10 @@ impl RoutingPlan {
         }
     }
 
-    /// Parses and validates a plan for a model with `layers` layers. Bit widths, ratios and
-    /// group sizes are validated by their types during parsing; unknown keys are rejected.
-    pub fn from_toml(text: &str, layers: usize) -> Result<Self, RouterError> {
+    /// Parses and validates a plan for a model with `layers` layers of head dimension
+    /// `head_dim`. Bit widths, ratios and group sizes are validated by their types during
+    /// parsing; unknown keys are rejected; ranks and combinations by [`Expert::validate`].
+    pub fn from_toml(text: &str, layers: usize, head_dim: usize) -> Result<Self, RouterError> {
         let plan: RoutingPlan =
             toml::from_str(text).map_err(|e| RouterError::Parse(e.to_string()))?;
         if plan.layers.len() != layers {
@@ -50,7 +59,22 @@ impl RoutingPlan {
                 model: layers,
             });
         }
+        plan.validate(head_dim)?;
         Ok(plan)
+    }
+
+    /// Checks every layer's expert (see [`Expert::validate`]).
+    pub fn validate(&self, head_dim: usize) -> Result<(), RouterError> {
+        for (layer, e) in self.layers.iter().enumerate() {
+            e.validate(head_dim)
+                .map_err(|why| RouterError::Expert { layer, why })?;
+        }
+        Ok(())
+    }
+
+    /// Whether any layer projects (the plan then needs calibrated low-rank bases).
+    pub fn needs_bases(&self) -> bool {
+        self.layers.iter().any(|e| e.lowrank.is_some())
     }
 
     /// The plan as TOML.

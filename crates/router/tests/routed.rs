@@ -1,12 +1,14 @@
 //! Routed caches: footprint == prediction for random experts; plans round-trip and are
 //! validated on load with errors that name the line.
-use axis_evict::{EvictSetting, ScorerKind};
+use axis_evict::{Evict, EvictSetting, ScorerKind, Selection};
+use axis_lowrank::{LowRank, LowRankSetting};
 use axis_quant::QuantSetting;
 use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
 use kv_tensor::{Bits, LayerCache, LayerShape, ObservationCtx, Ratio};
 use proptest::prelude::*;
 use router::{Expert, RoutedCache, RouterError, RoutingPlan};
+use std::sync::Arc;
 
 type B = NdArray<f32>;
 
@@ -18,20 +20,40 @@ fn expert() -> impl Strategy<Value = Expert> {
     (
         prop::option::of(0.05f64..1.0),
         prop::option::of((bits(), bits())),
+        prop::option::of((
+            prop::option::of(1usize..=64),
+            prop::sample::select(vec![None, Some(32), Some(64)]),
+        )),
     )
-        .prop_map(|(keep, q)| Expert {
+        .prop_map(|(keep, q, rank)| Expert {
             evict: keep
                 .map(|k| EvictSetting::new(ScorerKind::Knorm, Ratio::new(k).expect("ratio"))),
+            lowrank: rank.map(|(k_rank, v_rank)| LowRankSetting { k_rank, v_rank }),
             quant: q.map(|(k, v)| QuantSetting::new(k, v)),
         })
+}
+
+/// Identity bases: byte accounting does not depend on the basis values.
+fn lowrank(layers: usize) -> Arc<LowRank<B>> {
+    let d = Default::default();
+    let bases = (0..layers)
+        .map(|_| {
+            let eye = Tensor::<B, 2>::eye(64, &d)
+                .reshape([1, 64, 64])
+                .expand([3, 64, 64]);
+            (eye.clone(), eye)
+        })
+        .collect();
+    Arc::new(LowRank::from_tensors(bases, 64))
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
     #[test]
     fn footprint_equals_prediction(e in expert(), t in 40usize..400, decode in 0usize..80) {
+        prop_assume!(e.validate(64).is_ok());
         let d = Default::default();
-        let mut c = RoutedCache::<B>::new(e);
+        let mut c = RoutedCache::<B>::with_axes(e, Evict::new(), Some(lowrank(1)));
         let k = Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);
         c.append(k.clone(), k).expect("append");
         c.finish_prefill(&ObservationCtx::bare(0)).expect("compress");
@@ -56,6 +78,10 @@ fn plans_roundtrip_and_validate() {
             ScorerKind::Snapkv,
             Ratio::new(0.5).expect("r"),
         )),
+        lowrank: Some(LowRankSetting {
+            k_rank: Some(32),
+            v_rank: None,
+        }),
         quant: Some(QuantSetting::new(
             Bits::try_from(4).expect("b"),
             Bits::try_from(2).expect("b"),
@@ -65,16 +91,79 @@ fn plans_roundtrip_and_validate() {
         layers: vec![e, Expert::FULL, e],
     };
     let text = plan.to_toml().expect("toml");
-    assert_eq!(RoutingPlan::from_toml(&text, 3).expect("parses"), plan);
+    assert_eq!(RoutingPlan::from_toml(&text, 3, 64).expect("parses"), plan);
     assert!(matches!(
-        RoutingPlan::from_toml(&text, 30),
+        RoutingPlan::from_toml(&text, 30, 64),
         Err(RouterError::LayerCount { plan: 3, model: 30 })
     ));
     let bad = text.replacen("k_bits = 4", "k_bits = 5", 1);
-    let err = RoutingPlan::from_toml(&bad, 3)
+    let err = RoutingPlan::from_toml(&bad, 3, 64)
         .expect_err("bad bits")
         .to_string();
     assert!(err.contains("line"), "{err}");
     let unknown = format!("{text}\n[[layers]]\nspeed = 3\n");
-    assert!(RoutingPlan::from_toml(&unknown, 4).is_err());
+    assert!(RoutingPlan::from_toml(&unknown, 4, 64).is_err());
+}
+
+#[test]
+fn inconsistent_experts_are_rejected_naming_the_layer() {
+    let plan = RoutingPlan {
+        layers: vec![
+            Expert::FULL,
+            Expert {
+                lowrank: Some(LowRankSetting {
+                    k_rank: Some(80),
+                    v_rank: None,
+                }),
+                ..Expert::FULL
+            },
+        ],
+    };
+    let text = plan.to_toml().expect("toml");
+    let err = RoutingPlan::from_toml(&text, 2, 64).expect_err("rank 80 > 64");
+    assert!(matches!(err, RouterError::Expert { layer: 1, .. }), "{err}");
+    let four = Bits::try_from(4).expect("b");
+    let odd_values = Expert {
+        lowrank: Some(LowRankSetting {
+            k_rank: None,
+            v_rank: Some(48),
+        }),
+        quant: Some(QuantSetting::new(four, four)),
+        ..Expert::FULL
+    };
+    assert!(odd_values.validate(64).is_err());
+    let ragged_and_quantized = Expert {
+        evict: Some(
+            EvictSetting::new(ScorerKind::Snapkv, Ratio::new(0.5).expect("r")).with_selection(
+                Selection::HeadWise {
+                    min_share: Ratio::new(0.2).expect("r"),
+                },
+            ),
+        ),
+        quant: Some(QuantSetting::new(four, four)),
+        ..Expert::FULL
+    };
+    assert!(ragged_and_quantized.validate(64).is_err());
+}
+
+#[test]
+fn projecting_without_bases_is_a_typed_error() {
+    let e = Expert {
+        lowrank: Some(LowRankSetting {
+            k_rank: Some(32),
+            v_rank: None,
+        }),
+        ..Expert::FULL
+    };
+    let mut c = RoutedCache::<B>::new(e);
+    let k = Tensor::<B, 4>::random(
+        [1, 3, 200, 64],
+        Distribution::Normal(0.0, 1.0),
+        &Default::default(),
+    );
+    c.append(k.clone(), k).expect("append");
+    let err = c
+        .finish_prefill(&ObservationCtx::bare(0))
+        .expect_err("no bases");
+    assert!(err.to_string().contains("bases"), "{err}");
 }

@@ -5,11 +5,14 @@
 //! is compressed exactly as at inference (question-agnostic, end of prefill, with the same
 //! observations), and the error is measured on the attention outputs of the `future` tokens'
 //! queries — held out, so scorers are judged on queries they never saw.
+use axis_evict::trig::{RopePairing, TrigAccumulator, TrigStats};
+use axis_lowrank::{PcaAccumulator, PcaBases};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use kv_tensor::{LayerCache, RecordingCache, attention};
+use models::RopeLayout;
 use models::{Llama, ModelError, PrefillOptions};
-use router::{Expert, RoutedCache};
+use router::{Axes, Expert};
 
 /// Passage geometry.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +41,7 @@ pub fn calibrate<B: Backend>(
     model: &Llama<B>,
     passages: &[Vec<u32>],
     menu: &[Expert],
+    axes: &Axes<B>,
     opts: &CalibrationOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<f64>>, ModelError> {
@@ -91,7 +95,7 @@ pub fn calibrate<B: Backend>(
             let vf = va.clone().slice_dim(2, c..c + f);
             let reference = attention(q.clone(), ka, va).map_err(err)?;
             for (ei, expert) in menu.iter().enumerate() {
-                let mut cache = RoutedCache::<B>::new(*expert);
+                let mut cache = axes.cache(*expert);
                 cache
                     .append(k.clone(), v.clone())
                     .map_err(|source| ModelError::Compress { layer: l, source })?;
@@ -111,6 +115,61 @@ pub fn calibrate<B: Backend>(
         }
     }
     Ok(loss)
+}
+
+/// Queries per passage whose pre-RoPE values feed the trig statistics.
+pub const TRIG_WINDOW: usize = 256;
+
+/// Fits the calibrated axes on `passages` in one capture pass each: every layer's per-head PCA
+/// bases of post-RoPE keys and of values (low-rank axis), and the pre-RoPE query centres of the
+/// last [`TRIG_WINDOW`] tokens (trig scorer). Both record `model_sha256`.
+pub fn fit_axes<B: Backend>(
+    model: &Llama<B>,
+    passages: &[Vec<u32>],
+    model_sha256: &str,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(TrigStats, PcaBases), ModelError> {
+    let c = &model.config;
+    let pairing = match c.rope_layout {
+        RopeLayout::Interleaved => RopePairing::Interleaved,
+        RopeLayout::Halves => RopePairing::Halves,
+    };
+    let mut trig = TrigAccumulator::new(c.layers, c.q_heads, c.head_dim, pairing);
+    let mut pca = PcaAccumulator::new(c.layers, c.kv_heads, c.head_dim);
+    let bad = |layer: usize, e: String| ModelError::Compress {
+        layer,
+        source: kv_tensor::AxisError::Method {
+            method: "calibration",
+            source: e.into(),
+        },
+    };
+    for (pi, ids) in passages.iter().enumerate() {
+        let caches = capture(
+            model,
+            ids,
+            PrefillOptions {
+                observe_window: TRIG_WINDOW.min(ids.len()),
+                pre_rope: true,
+                ..Default::default()
+            },
+        )?;
+        for (l, cache) in caches.iter().enumerate() {
+            let (k, v) = cache
+                .keys_values()
+                .map_err(|source| ModelError::Cache { layer: l, source })?;
+            pca.add(l, &k, &v).map_err(|e| bad(l, e.to_string()))?;
+            let q = cache
+                .observed()
+                .and_then(|o| o.pre_rope_queries.clone())
+                .ok_or_else(|| bad(l, "the model gave no pre-RoPE queries".into()))?;
+            trig.add(l, &q).map_err(|e| bad(l, e.to_string()))?;
+        }
+        progress(pi + 1, passages.len());
+    }
+    let trig = trig
+        .finish(model_sha256, c.rope_theta, c.kv_heads)
+        .map_err(|e| bad(0, e.to_string()))?;
+    Ok((trig, pca.finish(model_sha256)))
 }
 
 fn capture<B: Backend>(

@@ -20,8 +20,8 @@ mod problem;
 mod table;
 
 pub use budget::Budget;
-pub use calibrate::{CalibrationOptions, calibrate};
-pub use menu::default_menu;
+pub use calibrate::{CalibrationOptions, calibrate, fit_axes};
+pub use menu::{KEY_RANK, default_menu, rank_menu};
 pub use method::{Geometry, Method};
 pub use problem::{Problem, Solution, SolverError};
 pub use table::{LossPredictor, SensitivityTable};

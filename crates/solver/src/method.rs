@@ -31,15 +31,19 @@ pub enum Method {
     /// Per-layer keep, K bits and V bits jointly from the solver (MoE-nD).
     #[serde(rename = "hetero")]
     Hetero,
+    /// `hetero` plus the low-rank axis (experts that project keys).
+    #[serde(rename = "hetero+rank")]
+    HeteroRank,
 }
 
 impl Method {
     /// Every method.
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 5] = [
         Method::OneD,
         Method::TwoDUniform,
         Method::TwoD,
         Method::Hetero,
+        Method::HeteroRank,
     ];
 
     /// The CLI / report name.
@@ -49,6 +53,7 @@ impl Method {
             Method::TwoDUniform => "2d_uniform",
             Method::TwoD => "2d",
             Method::Hetero => "hetero",
+            Method::HeteroRank => "hetero+rank",
         }
     }
 
@@ -75,18 +80,30 @@ impl Method {
             e.quant
                 .map_or((16, 16), |q| (q.k_bits.get(), q.v_bits.get()))
         };
+        // Only hetero+rank may use experts that project.
+        let plain: Vec<usize> = (0..menu.len())
+            .filter(|&i| self == Method::HeteroRank || menu[i].lowrank.is_none())
+            .collect();
         // Candidate groups: each group is a set of allowed experts; the best group wins.
         let groups: Vec<Vec<usize>> = match self {
-            Method::Hetero => vec![(0..menu.len()).collect()],
-            Method::TwoD => distinct(menu.iter().map(keep))
+            Method::Hetero | Method::HeteroRank => vec![plain],
+            Method::TwoD => distinct(plain.iter().map(|&i| keep(&menu[i])))
                 .into_iter()
-                .map(|k| (0..menu.len()).filter(|&i| keep(&menu[i]) == k).collect())
+                .map(|k| {
+                    plain
+                        .iter()
+                        .copied()
+                        .filter(|&i| keep(&menu[i]) == k)
+                        .collect()
+                })
                 .collect(),
-            Method::OneD => (0..menu.len())
+            Method::OneD => plain
+                .into_iter()
                 .filter(|&i| bits(&menu[i]) == (16, 16))
                 .map(|i| vec![i])
                 .collect(),
-            Method::TwoDUniform => (0..menu.len())
+            Method::TwoDUniform => plain
+                .into_iter()
                 .filter(|&i| bits(&menu[i]) == (8, 4))
                 .map(|i| vec![i])
                 .collect(),
@@ -135,6 +152,8 @@ impl FromStr for Method {
         Method::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero"))
+            .ok_or_else(|| {
+                format!("unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank")
+            })
     }
 }

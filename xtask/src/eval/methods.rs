@@ -1,10 +1,10 @@
 //! The methods compared by `eval`, each turned into per-layer caches.
 use crate::backend::B;
 use anyhow::Result;
-use axis_evict::{EvictSetting, ScorerKind};
+use axis_evict::{EvictSetting, ScorerKind, Selection};
 use axis_quant::QuantSetting;
 use kv_tensor::{Bits, FullCache, LayerCache, LayerShape, Ratio};
-use router::{Expert, RoutedCache, RoutingPlan};
+use router::{Axes, Expert, RoutingPlan};
 use solver::{Geometry, Method, SensitivityTable};
 
 /// A method at a budget, ready to build caches.
@@ -18,8 +18,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Fresh caches, one per layer.
-    pub fn caches(&self, layers: usize) -> Vec<Box<dyn LayerCache<B>>> {
+    /// Fresh caches, one per layer, sharing the calibrated `axes`.
+    pub fn caches(&self, layers: usize, axes: &Axes<B>) -> Vec<Box<dyn LayerCache<B>>> {
         match &self.plan {
             None => (0..layers)
                 .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
@@ -27,7 +27,7 @@ impl Entry {
             Some(p) => p
                 .layers
                 .iter()
-                .map(|e| Box::new(RoutedCache::<B>::new(*e)) as Box<dyn LayerCache<B>>)
+                .map(|e| Box::new(axes.cache(*e)) as Box<dyn LayerCache<B>>)
                 .collect(),
         }
     }
@@ -40,20 +40,50 @@ fn bits(b: u8) -> Bits {
 /// Largest uniform keep (1% steps) whose bytes fit the budget, with `quant` on every layer.
 fn matched_keep(
     scorer: ScorerKind,
+    selection: Selection,
     quant: Option<QuantSetting>,
     geo: &Geometry,
     budget: u64,
 ) -> Option<Expert> {
     (1..=100).rev().find_map(|p| {
         let e = Expert {
-            evict: Some(EvictSetting::new(
-                scorer,
-                Ratio::new(p as f64 / 100.0).ok()?,
-            )),
+            evict: Some(
+                EvictSetting::new(scorer, Ratio::new(p as f64 / 100.0).ok()?)
+                    .with_selection(selection),
+            ),
+            lowrank: None,
             quant,
         };
         (e.footprint(&geo.shape, geo.tokens).total().get() * geo.layers as u64 <= budget)
             .then_some(e)
+    })
+}
+
+/// PyramidKV-shaped budgets: keep falls linearly with depth from `(1 + s)·k` at the first
+/// layer to `(1 − s)·k` at the last (s = 0.5, clamped to (0, 1]), `k` the largest mean keep
+/// (1% steps) whose total bytes fit the budget.
+fn pyramid(scorer: ScorerKind, geo: &Geometry, budget: u64) -> Option<RoutingPlan> {
+    const SLOPE: f64 = 0.5;
+    let n = geo.layers.max(2);
+    (1..=100).rev().find_map(|p| {
+        let k = p as f64 / 100.0;
+        let layers: Option<Vec<Expert>> = (0..geo.layers)
+            .map(|l| {
+                let f = 1.0 + SLOPE - 2.0 * SLOPE * l as f64 / (n - 1) as f64;
+                let keep = Ratio::new((k * f).clamp(0.01, 1.0)).ok()?;
+                Some(Expert {
+                    evict: Some(EvictSetting::new(scorer, keep)),
+                    ..Expert::FULL
+                })
+            })
+            .collect();
+        let plan = RoutingPlan { layers: layers? };
+        let bytes: u64 = plan
+            .layers
+            .iter()
+            .map(|e| e.footprint(&geo.shape, geo.tokens).total().get())
+            .sum();
+        (bytes <= budget).then_some(plan)
     })
 }
 
@@ -79,8 +109,8 @@ pub fn entries(
             budget: "-".into(),
             plan: Some(RoutingPlan::uniform(
                 Expert {
-                    evict: None,
                     quant: Some(q),
+                    ..Expert::FULL
                 },
                 geo.layers,
             )),
@@ -95,9 +125,9 @@ pub fn entries(
         .find_map(|e| e.evict.map(|s| s.scorer))
         .unwrap_or(ScorerKind::ExpectedAttention);
     let methods: &[Method] = if quick {
-        &[Method::Hetero]
+        &[Method::Hetero, Method::HeteroRank]
     } else {
-        &[Method::TwoD, Method::Hetero]
+        &[Method::TwoD, Method::Hetero, Method::HeteroRank]
     };
     for (label, bytes) in budgets {
         let loss = |l: usize, e: usize| table.loss[l][e];
@@ -110,7 +140,7 @@ pub fn entries(
             ]
         };
         for (name, q) in uniform {
-            match matched_keep(menu_scorer, *q, geo, *bytes) {
+            match matched_keep(menu_scorer, Selection::TopK, *q, geo, *bytes) {
                 Some(e) => out.push(Entry {
                     name: (*name).into(),
                     budget: label.clone(),
@@ -129,14 +159,42 @@ pub fn entries(
                 Err(e) => eprintln!("{} at {label}: {e}", m.name()),
             }
         }
-        for &s in scorers {
-            match matched_keep(s, None, geo, *bytes) {
+        let mut single: Vec<(String, ScorerKind, Selection)> = scorers
+            .iter()
+            .map(|&s| (format!("{s:?}").to_lowercase(), s, Selection::TopK))
+            .collect();
+        if !quick {
+            single.push((
+                "adakv(snapkv)".into(),
+                ScorerKind::Snapkv,
+                Selection::HeadWise {
+                    min_share: Ratio::new(0.2).expect("ratio"),
+                },
+            ));
+            single.push((
+                "redundancy(snapkv)".into(),
+                ScorerKind::Snapkv,
+                Selection::Redundancy {
+                    lambda: axis_evict::Lambda::new(0.3).expect("lambda"),
+                },
+            ));
+            match pyramid(ScorerKind::Snapkv, geo, *bytes) {
+                Some(plan) => out.push(Entry {
+                    name: "pyramid(snapkv)".into(),
+                    budget: label.clone(),
+                    plan: Some(plan),
+                }),
+                None => eprintln!("pyramid at {label}: no keep fits"),
+            }
+        }
+        for (name, s, selection) in single {
+            match matched_keep(s, selection, None, geo, *bytes) {
                 Some(e) => out.push(Entry {
-                    name: format!("{s:?}").to_lowercase(),
+                    name,
                     budget: label.clone(),
                     plan: Some(RoutingPlan::uniform(e, geo.layers)),
                 }),
-                None => eprintln!("{s:?} at {label}: no uniform keep fits"),
+                None => eprintln!("{name} at {label}: no uniform keep fits"),
             }
         }
     }

@@ -9,15 +9,18 @@ mod methods;
 
 use crate::backend::B;
 use anyhow::{Context, Result};
-use axis_evict::ScorerKind;
+use axis_evict::{Evict, ScorerKind, TrigStats};
+use axis_lowrank::{LowRank, PcaBases};
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_tensor::{LayerCache, RecordingCache};
 use models::{LoadedModel, Logits, PrefillOptions};
+use router::Axes;
 use serde::Serialize;
 use solver::{Budget, CalibrationOptions, SensitivityTable};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// What `eval` runs.
 pub struct EvalOptions {
@@ -66,16 +69,79 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     b
 }
 
+/// Passages (of `AXES_CONTEXT` tokens) the calibrated axes are fitted on.
+const AXES_PASSAGES: usize = 2;
+const AXES_CONTEXT: usize = 2048;
+
+/// The calibrated axes of this model: trig statistics and low-rank bases, loaded from the cache
+/// (validated against the model's sha256) or fitted on calibration prose and cached.
+pub fn axes(m: &LoadedModel<B>, model_path: &std::path::Path, text: &str) -> Result<Axes<B>> {
+    let sha = crate::fetch::sha256_file(model_path)?;
+    let layers = m.model.config.layers;
+    let dir = crate::paths::home()?.join("calibration");
+    let trig_path = dir.join(format!("{}-trig.json", &sha[..12]));
+    let pca_path = dir.join(format!("{}-pca.json", &sha[..12]));
+    let cached = (|| -> Option<(TrigStats, PcaBases)> {
+        let t = std::fs::read_to_string(&trig_path).ok()?;
+        let p = std::fs::read_to_string(&pca_path).ok()?;
+        let trig = TrigStats::from_json(&t, &sha, layers)
+            .map_err(|e| eprintln!("{}: {e}: refitting", trig_path.display()))
+            .ok()?;
+        let pca = PcaBases::from_json(&p, &sha)
+            .map_err(|e| eprintln!("{}: {e}: refitting", pca_path.display()))
+            .ok()?;
+        Some((trig, pca))
+    })();
+    let (trig, pca) = match cached {
+        Some(c) => c,
+        None => {
+            let ids: Vec<Vec<u32>> = (0..AXES_PASSAGES)
+                .map(|i| data::tokens_at(&m.tokenizer, text, 100_000 + i * 200_000, AXES_CONTEXT))
+                .collect::<Result<_>>()?;
+            let pb = bar(AXES_PASSAGES as u64, "fit axes");
+            let t0 = std::time::Instant::now();
+            let (trig, pca) =
+                solver::fit_axes(&m.model, &ids, &sha, |done, _| pb.set_position(done as u64))?;
+            pb.finish_and_clear();
+            eprintln!(
+                "fitted trig statistics and PCA bases on {AXES_PASSAGES} × {AXES_CONTEXT} tokens in {:.0} s",
+                t0.elapsed().as_secs_f64()
+            );
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&trig_path, trig.to_json())?;
+            std::fs::write(&pca_path, pca.to_json())?;
+            (trig, pca)
+        }
+    };
+    let device = Default::default();
+    Ok(Axes {
+        evict: Evict::with_trig(Arc::new(trig)),
+        lowrank: Some(Arc::new(LowRank::new(&pca, &device)?)),
+    })
+}
+
+/// The calibration menu: the default menu plus the low-rank extension.
+pub fn menu() -> Vec<router::Expert> {
+    let mut menu = solver::default_menu(MENU_SCORER);
+    menu.extend(solver::rank_menu(MENU_SCORER));
+    menu
+}
+
+/// The scorer of every evicting expert in the calibrated menu.
+pub const MENU_SCORER: ScorerKind = ScorerKind::ExpectedAttention;
+
 /// Loads the cached calibration table for this model and context, or measures it.
 pub fn calibration(
     m: &LoadedModel<B>,
     model_path: &std::path::Path,
     text: &str,
+    axes: &Axes<B>,
     context: usize,
     passages: usize,
     out: Option<PathBuf>,
 ) -> Result<SensitivityTable> {
     let sha = crate::fetch::sha256_file(model_path)?;
+    let menu = menu();
     let path = match out {
         Some(p) => p,
         None => crate::paths::home()?
@@ -87,6 +153,7 @@ pub fn calibration(
             && t.model_sha256 == sha
             && t.tokens == context
             && t.loss.len() == m.model.config.layers
+            && t.menu == menu
         {
             eprintln!("calibration table: {}", path.display());
             return Ok(t);
@@ -100,10 +167,9 @@ pub fn calibration(
     let ids: Vec<Vec<u32>> = (0..passages)
         .map(|i| data::tokens_at(&m.tokenizer, text, i * 200_000, context + opts.future))
         .collect::<Result<_>>()?;
-    let menu = solver::default_menu(ScorerKind::ExpectedAttention);
     let pb = bar((passages * m.model.config.layers) as u64, "calibrate");
     let t0 = std::time::Instant::now();
-    let loss = solver::calibrate(&m.model, &ids, &menu, &opts, |done, _| {
+    let loss = solver::calibrate(&m.model, &ids, &menu, axes, &opts, |done, _| {
         pb.set_position(done as u64)
     })?;
     pb.finish_and_clear();
@@ -145,7 +211,8 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     let text = data::corpus(&data_dir)?;
     let layers = m.model.config.layers;
     let layout = m.model.config.kv_layout();
-    let table = calibration(&m, &model_path, &text, opts.context, 1, None)?;
+    let axes = axes(&m, &model_path, &text)?;
+    let table = calibration(&m, &model_path, &text, &axes, opts.context, 1, None)?;
     let geo = methods::geometry(layout, opts.context);
     let fp16 = layout.fp16_bytes(1, opts.context);
     let budgets: Vec<(String, u64)> = opts
@@ -163,6 +230,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             ScorerKind::Tova,
             ScorerKind::H2o,
             ScorerKind::ExpectedAttention,
+            ScorerKind::Trig,
         ]
     };
     let entries = methods::entries(&table, &geo, &budgets, opts.quick, &scorers)?;
@@ -195,7 +263,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         let first = m.model.prefill(sample.context(), &mut rec, &popts)?;
         let mut full_logp: Option<Tensor<B, 2>> = None;
         for (entry, score) in entries.iter().zip(scores.iter_mut()) {
-            let mut caches = entry.caches(layers);
+            let mut caches = entry.caches(layers, &axes);
             for (c, r) in caches.iter_mut().zip(&rec) {
                 let (k, v) = r.keys_values()?;
                 c.append(k, v)?;
@@ -235,7 +303,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                     key,
                     ..
                 } => {
-                    let mut gen_caches = entry.caches(layers);
+                    let mut gen_caches = entry.caches(layers, &axes);
                     for (c, r) in gen_caches.iter_mut().zip(&rec) {
                         let (k, v) = r.keys_values()?;
                         c.append(k, v)?;
