@@ -89,7 +89,11 @@ pub fn solve(
 pub fn bench() -> Result<()> {
     crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    for (pkg, bench) in [("models", "forward"), ("axis-quant", "kivi")] {
+    for (pkg, bench) in [
+        ("models", "forward"),
+        ("axis-quant", "kivi"),
+        ("axis-evict", "evict"),
+    ] {
         let status = std::process::Command::new(&cargo)
             .args([
                 "bench",
