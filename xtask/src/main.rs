@@ -74,12 +74,28 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Validate the calibration proxy: end-to-end KL with only one layer compressed, for a
+    /// subset of layers × experts, against the proxy; prints both and their Spearman correlation.
+    ValidateProxy {
+        /// Context tokens (the proxy table at this length is reused or measured).
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        /// Layers measured (comma-separated).
+        #[arg(long, default_value = "0,6,12,18,24,29")]
+        layers: String,
+        /// Experts measured, spread evenly over the menu.
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        /// Continuation tokens the KL is averaged over.
+        #[arg(long, default_value_t = 64)]
+        continuation: usize,
+    },
     /// Choose every layer's expert under a byte budget and write the plan as TOML.
     Solve {
         /// Budget: a fraction of the fp16 cache (1/14, 0.25) or bytes (3MiB).
         #[arg(long)]
         budget: String,
-        /// 1d, 2d_uniform, 2d or hetero.
+        /// 1d, 2d_uniform, 2d, hetero or hetero+rank.
         #[arg(long, default_value = "hetero")]
         method: String,
         /// greedy or exact.
@@ -196,6 +212,12 @@ fn main() -> Result<()> {
             plan_cmd::solve(table.as_deref(), &budget, &method, exact, &out, json)?
         }
         Cmd::Bench => plan_cmd::bench()?,
+        Cmd::ValidateProxy {
+            context,
+            layers,
+            experts,
+            continuation,
+        } => plan_cmd::validate_proxy(context, &layers, experts, continuation)?,
         Cmd::Test { args } => {
             for m in fetch::MODELS {
                 fetch::model(m.name, None)?;

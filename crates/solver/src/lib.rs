@@ -14,6 +14,7 @@ mod budget;
 pub mod calibrate;
 pub mod exact;
 pub mod greedy;
+pub mod measured;
 mod menu;
 mod method;
 mod problem;
@@ -21,6 +22,7 @@ mod table;
 
 pub use budget::Budget;
 pub use calibrate::{CalibrationOptions, calibrate, fit_axes};
+pub use measured::{MeasuredKl, spearman};
 pub use menu::{KEY_RANK, default_menu, rank_menu};
 pub use method::{Geometry, Method};
 pub use problem::{Problem, Solution, SolverError};

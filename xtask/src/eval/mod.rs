@@ -6,6 +6,7 @@
 //! a question) is appended afterwards and scored through the compressed cache.
 mod data;
 mod methods;
+mod plot;
 
 use crate::backend::B;
 use anyhow::{Context, Result};
@@ -57,7 +58,13 @@ struct Score {
     samples: Vec<serde_json::Value>,
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+/// `n` tokens of the corpus starting near character `offset`.
+pub fn passage(m: &LoadedModel<B>, text: &str, offset: usize, n: usize) -> Result<Vec<u32>> {
+    data::tokens_at(&m.tokenizer, text, offset, n)
+}
+
+/// A progress bar with ETA.
+pub fn bar(len: u64, what: &str) -> ProgressBar {
     let b = ProgressBar::new(len);
     b.set_style(
         ProgressStyle::with_template(
@@ -358,14 +365,28 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(&summary)?,
     )?;
+    let points: Vec<plot::Point> = scores
+        .iter()
+        .map(|s| plot::Point {
+            method: s.method.clone(),
+            ratio: s.ratio,
+            values: [s.passkey_acc, s.passkey_logp, s.prose_kl],
+        })
+        .collect();
+    let plots = plot::pareto(&points, &out)?;
     if opts.json {
         println!("{summary}");
     } else {
         println!("{md}");
     }
     eprintln!(
-        "wrote {} and results.json",
-        out.join("results.md").display()
+        "wrote {}, results.json and {}",
+        out.join("results.md").display(),
+        plots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     anyhow::ensure!(
         scores
