@@ -5,10 +5,10 @@
 //! every attention-based scorer (and trig, calibrated on another passage) beats random, and
 //! that head-wise budgets and the redundancy penalty are measured on the same footing.
 use axis_evict::{Evict, EvictSetting, Lambda, ScorerKind, Selection};
-use std::sync::Arc;
-use kv_tensor::{CompressionAxis, LayerCache, Ratio, Segment, attention_padded, attention};
+use kv_tensor::{CompressionAxis, LayerCache, Ratio, Segment, attention, attention_padded};
 use kvnd_tests::{capture_with, prose_tokens, rel_err};
 use models::PrefillOptions;
+use std::sync::Arc;
 
 const CTX: usize = 2048;
 const FUTURE: usize = 64;

@@ -18,8 +18,8 @@ fn proxy_ranks_like_measured_kl() {
         observe_window: 32,
     };
     let calib = prose_tokens(300_000, opts.context + opts.future);
-    let loss = solver::calibrate(&m.model, &[calib], &menu, &axes, &opts, |_, _| {})
-        .expect("calibrate");
+    let loss =
+        solver::calibrate(&m.model, &[calib], &menu, &axes, &opts, |_, _| {}).expect("calibrate");
     let table = SensitivityTable {
         model_sha256: "test".into(),
         tokens: opts.context,
@@ -32,8 +32,9 @@ fn proxy_ranks_like_measured_kl() {
         .flat_map(|&l| menu.iter().map(move |&e| (l, e)))
         .collect();
     let ids = prose_tokens(700_000, 512 + 48);
-    let measured = MeasuredKl::measure(&m.model, &ids[..512], &ids[512..], &pairs, &axes, |_, _| {})
-        .expect("measure");
+    let measured =
+        MeasuredKl::measure(&m.model, &ids[..512], &ids[512..], &pairs, &axes, |_, _| {})
+            .expect("measure");
     let (mut p, mut k) = (Vec::new(), Vec::new());
     for (l, e, kl) in &measured.entries {
         assert!(kl.is_finite() && *kl > -1e-4, "layer {l} {e}: KL {kl}");

@@ -133,7 +133,10 @@ pub fn validate_proxy(
         .collect::<Result<_, _>>()
         .context("--layers: comma-separated layer indices")?;
     if let Some(bad) = layers.iter().find(|&&l| l >= table.loss.len()) {
-        anyhow::bail!("layer {bad} does not exist (the model has {})", table.loss.len());
+        anyhow::bail!(
+            "layer {bad} does not exist (the model has {})",
+            table.loss.len()
+        );
     }
     let n = table.menu.len();
     let picks: Vec<usize> = (0..experts.clamp(2, n))

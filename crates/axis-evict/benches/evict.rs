@@ -63,7 +63,9 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for scorer in ScorerKind::ALL {
         let s = EvictSetting::new(scorer, keep);
-        g.bench_function(format!("{scorer:?}"), |b| b.iter(|| run(&axis, &s, &layers)));
+        g.bench_function(format!("{scorer:?}"), |b| {
+            b.iter(|| run(&axis, &s, &layers))
+        });
     }
     g.finish();
     let mut g = c.benchmark_group("selection-1-layer-4096-tokens-snapkv-keep0.25");

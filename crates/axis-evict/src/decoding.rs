@@ -201,24 +201,25 @@ mod tests {
     fn long_generation_stays_bounded_with_increasing_positions() {
         let device = Default::default();
         for scorer in [ScorerKind::Knorm, ScorerKind::Snapkv, ScorerKind::Streaming] {
-            let mut cache = DecodingEvictCache::<B>::new(Evict::new(), setting(scorer)).unwrap();
+            let mut cache =
+                DecodingEvictCache::<B>::new(Evict::new(), setting(scorer)).expect("test");
             let kv =
                 |t| Tensor::<B, 4>::random([1, 2, t, 8], Distribution::Normal(0.0, 1.0), &device);
             let q =
                 |t| Tensor::<B, 4>::random([1, 4, t, 8], Distribution::Normal(0.0, 1.0), &device);
-            cache.append(kv(40), kv(40)).unwrap();
+            cache.append(kv(40), kv(40)).expect("test");
             let mut ctx = ObservationCtx::bare(3);
             ctx.window_queries = Some(q(8));
-            cache.finish_prefill(&ctx).unwrap();
+            cache.finish_prefill(&ctx).expect("test");
             assert_eq!(
                 cache.stored(),
                 40,
                 "{scorer:?}: under target, nothing evicted"
             );
             for step in 0..100 {
-                let out = cache.attend(q(1)).unwrap();
+                let out = cache.attend(q(1)).expect("test");
                 assert_eq!(out.dims(), [1, 4, 1, 8]);
-                cache.append(kv(1), kv(1)).unwrap();
+                cache.append(kv(1), kv(1)).expect("test");
                 assert!(
                     cache.stored() < 48 + 8,
                     "{scorer:?} step {step}: {}",
@@ -229,17 +230,17 @@ mod tests {
             let pos: Vec<i64> = cache
                 .layer()
                 .positions()
-                .unwrap()
+                .expect("test")
                 .into_data()
                 .convert::<i64>()
                 .to_vec()
-                .unwrap();
+                .expect("test");
             let stored = cache.stored();
             for head in pos.chunks(stored) {
                 assert!(head.windows(2).all(|w| w[0] < w[1]), "{scorer:?}: {head:?}");
                 // Sinks and the newest token survive every compression.
                 assert_eq!(&head[..4], &[0, 1, 2, 3]);
-                assert_eq!(*head.last().unwrap(), 139);
+                assert_eq!(*head.last().expect("test"), 139);
             }
             let f = cache.footprint().total().get();
             assert!(f > 0 && f < 140 * 2 * 2 * 8 * 4);
@@ -258,7 +259,7 @@ mod tests {
         assert!(s.validate().is_err());
         s.interval = 1;
         s.evict.selection = Selection::HeadWise {
-            min_share: Ratio::new(0.2).unwrap(),
+            min_share: Ratio::new(0.2).expect("test"),
         };
         assert!(s.validate().is_err());
     }

@@ -385,8 +385,8 @@ mod tests {
             expected /= horizon as f64 * (d as f64).sqrt();
             let k =
                 Tensor::<B, 4>::from_data(TensorData::new(key, [1, 1, 1, d]), &Default::default());
-            let s = score(&k, &stats, 0, next, horizon).unwrap();
-            let got = s.into_data().to_vec::<f32>().unwrap()[0] as f64;
+            let s = score(&k, &stats, 0, next, horizon).expect("test");
+            let got = s.into_data().to_vec::<f32>().expect("test")[0] as f64;
             assert!(
                 (got - expected).abs() < 1e-4,
                 "{pairing:?}: {got} vs {expected}"
@@ -398,16 +398,16 @@ mod tests {
     fn load_rejects_other_model_and_bad_shapes() {
         let mut acc = TrigAccumulator::new(2, 2, 4, RopePairing::Interleaved);
         let q = Tensor::<B, 4>::ones([1, 2, 3, 4], &Default::default());
-        acc.add(0, &q).unwrap();
+        acc.add(0, &q).expect("test");
         assert!(matches!(
             acc.clone().finish("m", 1e4, 1),
             Err(TrigError::Empty)
         ));
-        acc.add(1, &q).unwrap();
-        let stats = acc.finish("m", 1e4, 1).unwrap();
+        acc.add(1, &q).expect("test");
+        let stats = acc.finish("m", 1e4, 1).expect("test");
         assert_eq!(stats.layers[0].centre, vec![1.0; 8]);
         let json = stats.to_json();
-        assert_eq!(TrigStats::from_json(&json, "m", 2).unwrap(), stats);
+        assert_eq!(TrigStats::from_json(&json, "m", 2).expect("test"), stats);
         assert!(matches!(
             TrigStats::from_json(&json, "other", 2),
             Err(TrigError::ModelMismatch { .. })

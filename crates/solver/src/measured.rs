@@ -6,9 +6,9 @@
 //! continuation through the caches. The loss is the mean over continuation positions of
 //! KL(full ‖ compressed).
 use crate::LossPredictor;
+use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 use kv_tensor::{FullCache, LayerCache, RecordingCache};
 use models::{Llama, Logits, ModelError, PrefillOptions};
 use router::{Axes, Expert};
@@ -56,24 +56,25 @@ impl MeasuredKl {
         let cache_err = |layer: usize| move |source| ModelError::Cache { layer, source };
         let compress_err = |layer: usize| move |source| ModelError::Compress { layer, source };
         // Every layer's caches built from the shared prefill; `routed` replaces one layer.
-        let build = |routed: Option<(usize, Expert)>| -> Result<Vec<Box<dyn LayerCache<B>>>, ModelError> {
-            let mut caches: Vec<Box<dyn LayerCache<B>>> = Vec::with_capacity(layers);
-            for (l, r) in rec.iter().enumerate() {
-                let mut c: Box<dyn LayerCache<B>> = match routed {
-                    Some((rl, e)) if rl == l => Box::new(axes.cache(e)),
-                    _ => Box::new(FullCache::<B>::new()),
-                };
-                let (k, v) = r.keys_values().map_err(cache_err(l))?;
-                c.append(k, v).map_err(compress_err(l))?;
-                let obs = r
-                    .observed()
-                    .cloned()
-                    .unwrap_or_else(|| kv_tensor::ObservationCtx::bare(l));
-                c.finish_prefill(&obs).map_err(compress_err(l))?;
-                caches.push(c);
-            }
-            Ok(caches)
-        };
+        let build =
+            |routed: Option<(usize, Expert)>| -> Result<Vec<Box<dyn LayerCache<B>>>, ModelError> {
+                let mut caches: Vec<Box<dyn LayerCache<B>>> = Vec::with_capacity(layers);
+                for (l, r) in rec.iter().enumerate() {
+                    let mut c: Box<dyn LayerCache<B>> = match routed {
+                        Some((rl, e)) if rl == l => Box::new(axes.cache(e)),
+                        _ => Box::new(FullCache::<B>::new()),
+                    };
+                    let (k, v) = r.keys_values().map_err(cache_err(l))?;
+                    c.append(k, v).map_err(compress_err(l))?;
+                    let obs = r
+                        .observed()
+                        .cloned()
+                        .unwrap_or_else(|| kv_tensor::ObservationCtx::bare(l));
+                    c.finish_prefill(&obs).map_err(compress_err(l))?;
+                    caches.push(c);
+                }
+                Ok(caches)
+            };
         let read = |caches: &mut Vec<Box<dyn LayerCache<B>>>| -> Result<Tensor<B, 2>, ModelError> {
             Ok(log_softmax(
                 model.forward(continuation, caches, Logits::All)?,

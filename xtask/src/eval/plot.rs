@@ -43,7 +43,10 @@ pub fn pareto(points: &[Point], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         draw(BitMapBackend::new(&png, size).into_drawing_area(), points)?;
         written.push(png);
     } else {
-        eprintln!("no TrueType font found ({}): writing the SVG plot only", FONTS[0]);
+        eprintln!(
+            "no TrueType font found ({}): writing the SVG plot only",
+            FONTS[0]
+        );
     }
     let svg = dir.join("pareto.svg");
     draw(SVGBackend::new(&svg, size).into_drawing_area(), points)?;
@@ -69,7 +72,9 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, points: &[Point]) -> R
             .collect();
         let (lo, hi) = ys
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+                (a.min(y), b.max(y))
+            });
         let pad = ((hi - lo) * 0.08).max(1e-3);
         let mut chart = ChartBuilder::on(panel)
             .caption(METRICS[m], ("sans-serif", 18))
