@@ -5,11 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// Measures (or reuses) the calibration table and writes it to `out` (or the cache).
 pub fn calibrate(context: usize, passages: usize, out: Option<PathBuf>) -> Result<()> {
-    let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
-    let text = crate::eval::corpus_text()?;
-    let m = crate::run::load(Some(&model_path))?;
-    let axes = crate::eval::axes(&m, &model_path, &text)?;
-    let t = crate::eval::calibration(&m, &model_path, &text, &axes, context, passages, out)?;
+    let t = crate::eval::Calibrated::default_model()?.table(context, passages, out)?;
     let mean: f64 = t.loss.iter().flatten().sum::<f64>() / (t.loss.len() * t.menu.len()) as f64;
     println!(
         "{} layers × {} experts, mean proxy loss {mean:.4}",
@@ -33,13 +29,7 @@ pub fn solve(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )
         .with_context(|| format!("{} is not a calibration table", p.display()))?,
-        None => {
-            let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
-            let text = crate::eval::corpus_text()?;
-            let m = crate::run::load(Some(&model_path))?;
-            let axes = crate::eval::axes(&m, &model_path, &text)?;
-            crate::eval::calibration(&m, &model_path, &text, &axes, 2048, 1, None)?
-        }
+        None => crate::eval::Calibrated::default_model()?.table(2048, 1, None)?,
     };
     let method: Method = method.parse().map_err(anyhow::Error::msg)?;
     let layers = table.loss.len();
@@ -122,11 +112,9 @@ pub fn validate_proxy(
     experts: usize,
     continuation: usize,
 ) -> Result<()> {
-    let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
-    let text = crate::eval::corpus_text()?;
-    let m = crate::run::load(Some(&model_path))?;
-    let axes = crate::eval::axes(&m, &model_path, &text)?;
-    let table = crate::eval::calibration(&m, &model_path, &text, &axes, context, 1, None)?;
+    let c = crate::eval::Calibrated::default_model()?;
+    let table = c.table(context, 1, None)?;
+    let (m, text, axes) = (&c.m, &c.text, &c.axes);
     let layers: Vec<usize> = layers
         .split(',')
         .map(|s| s.trim().parse::<usize>())
@@ -148,7 +136,7 @@ pub fn validate_proxy(
         .map(|(l, e)| (l, table.menu[e]))
         .collect();
     // A passage disjoint from the calibration passages.
-    let ids = crate::eval::passage(&m, &text, 900_000, context + continuation)?;
+    let ids = crate::eval::passage(m, text, 900_000, context + continuation)?;
     let pb = crate::eval::bar(pairs.len() as u64, "measure KL");
     let t0 = std::time::Instant::now();
     let measured = solver::MeasuredKl::measure(
@@ -156,7 +144,7 @@ pub fn validate_proxy(
         &ids[..context],
         &ids[context..],
         &pairs,
-        &axes,
+        axes,
         |done, _| pb.set_position(done as u64),
     )?;
     pb.finish_and_clear();

@@ -60,7 +60,8 @@ pub fn generate(
                     Some(p) => p.to_path_buf(),
                     None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
                 };
-                crate::eval::axes(&m, &model_path, &crate::eval::corpus_text()?)?
+                let sha = crate::fetch::sha256_file(&model_path)?;
+                crate::eval::axes(&m, &sha, &crate::eval::corpus_text()?)?
             } else {
                 router::Axes::default()
             };

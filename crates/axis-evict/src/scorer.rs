@@ -5,7 +5,7 @@ use crate::{
     snapkv, streaming, tova,
 };
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, IntDType, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use kv_tensor::{
     AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Positions,
     Segment,
@@ -143,8 +143,8 @@ impl<B: Backend> CompressionAxis<B> for Evict {
             return Ok(segment);
         }
         let device = k.device();
-        let (positions, next) = match &segment.positions {
-            Positions::Contiguous { start, len } => (None, start + len),
+        let next = match &segment.positions {
+            Positions::Contiguous { start, len } => start + len,
             Positions::Explicit(p) => {
                 let last: Vec<i64> = p
                     .clone()
@@ -153,8 +153,7 @@ impl<B: Backend> CompressionAxis<B> for Evict {
                     .convert::<i64>()
                     .into_vec()
                     .unwrap_or_default();
-                let next = last.into_iter().max().unwrap_or(0) as usize + 1;
-                (Some(p.clone()), next)
+                last.into_iter().max().unwrap_or(0) as usize + 1
             }
             Positions::Ragged(_) => {
                 return Err(AxisError::Method {
@@ -163,15 +162,10 @@ impl<B: Backend> CompressionAxis<B> for Evict {
                 });
             }
         };
-        let start = next - t;
+        // Every token's position `[b, h, t]`: kept positions are gathered from it.
+        let positions = segment.positions.to_tensor(b, h, &device);
         let scores = self.score(s.scorer, &k, &v, next, ctx)?;
         let scores = select::protect(scores, s.sinks, s.window);
-        let position_of = |idx: Tensor<B, 3, Int>| -> Tensor<B, 3, Int> {
-            match &positions {
-                None => (idx + start as i32).cast(IntDType::I32),
-                Some(p) => p.clone().gather(2, idx).cast(IntDType::I32),
-            }
-        };
         let idx = match s.selection {
             Selection::TopK => select::top_k(scores, n),
             Selection::Redundancy { lambda } => redundancy::select(scores, &v, n, lambda.get())?,
@@ -190,15 +184,12 @@ impl<B: Backend> CompressionAxis<B> for Evict {
                     let (kh, vh) = select::gather(kh, vh, idx.clone());
                     ks.push(Encoded::Dense(kh));
                     vs.push(Encoded::Dense(vh));
-                    let ph = match &positions {
-                        None => (idx + start as i32).cast(IntDType::I32),
-                        Some(p) => p
+                    ps.push(
+                        positions
                             .clone()
                             .slice_dim(1, head..head + 1)
-                            .gather(2, idx)
-                            .cast(IntDType::I32),
-                    };
-                    ps.push(ph);
+                            .gather(2, idx),
+                    );
                 }
                 return Ok(Segment {
                     positions: Positions::Ragged(ps),
@@ -209,7 +200,7 @@ impl<B: Backend> CompressionAxis<B> for Evict {
         };
         let (k, v) = select::gather(k, v, idx.clone());
         Ok(Segment {
-            positions: Positions::Explicit(position_of(idx)),
+            positions: Positions::Explicit(positions.gather(2, idx)),
             k: Encoded::Dense(k),
             v: Encoded::Dense(v),
         })

@@ -82,8 +82,7 @@ const AXES_CONTEXT: usize = 2048;
 
 /// The calibrated axes of this model: trig statistics and low-rank bases, loaded from the cache
 /// (validated against the model's sha256) or fitted on calibration prose and cached.
-pub fn axes(m: &LoadedModel<B>, model_path: &std::path::Path, text: &str) -> Result<Axes<B>> {
-    let sha = crate::fetch::sha256_file(model_path)?;
+pub fn axes(m: &LoadedModel<B>, sha: &str, text: &str) -> Result<Axes<B>> {
     let layers = m.model.config.layers;
     let dir = crate::paths::home()?.join("calibration");
     let trig_path = dir.join(format!("{}-trig.json", &sha[..12]));
@@ -91,10 +90,10 @@ pub fn axes(m: &LoadedModel<B>, model_path: &std::path::Path, text: &str) -> Res
     let cached = (|| -> Option<(TrigStats, PcaBases)> {
         let t = std::fs::read_to_string(&trig_path).ok()?;
         let p = std::fs::read_to_string(&pca_path).ok()?;
-        let trig = TrigStats::from_json(&t, &sha, layers)
+        let trig = TrigStats::from_json(&t, sha, layers)
             .map_err(|e| eprintln!("{}: {e}: refitting", trig_path.display()))
             .ok()?;
-        let pca = PcaBases::from_json(&p, &sha)
+        let pca = PcaBases::from_json(&p, sha)
             .map_err(|e| eprintln!("{}: {e}: refitting", pca_path.display()))
             .ok()?;
         Some((trig, pca))
@@ -108,7 +107,7 @@ pub fn axes(m: &LoadedModel<B>, model_path: &std::path::Path, text: &str) -> Res
             let pb = bar(AXES_PASSAGES as u64, "fit axes");
             let t0 = std::time::Instant::now();
             let (trig, pca) =
-                solver::fit_axes(&m.model, &ids, &sha, |done, _| pb.set_position(done as u64))?;
+                solver::fit_axes(&m.model, &ids, sha, |done, _| pb.set_position(done as u64))?;
             pb.finish_and_clear();
             eprintln!(
                 "fitted trig statistics and PCA bases on {AXES_PASSAGES} × {AXES_CONTEXT} tokens in {:.0} s",
@@ -140,14 +139,13 @@ pub const MENU_SCORER: ScorerKind = ScorerKind::ExpectedAttention;
 /// Loads the cached calibration table for this model and context, or measures it.
 pub fn calibration(
     m: &LoadedModel<B>,
-    model_path: &std::path::Path,
+    sha: &str,
     text: &str,
     axes: &Axes<B>,
     context: usize,
     passages: usize,
     out: Option<PathBuf>,
 ) -> Result<SensitivityTable> {
-    let sha = crate::fetch::sha256_file(model_path)?;
     let menu = menu();
     let path = match out {
         Some(p) => p,
@@ -187,7 +185,7 @@ pub fn calibration(
         t0.elapsed().as_secs_f64()
     );
     let table = SensitivityTable {
-        model_sha256: sha,
+        model_sha256: sha.to_string(),
         tokens: context,
         menu,
         loss,
@@ -210,16 +208,69 @@ pub fn geometry(layout: kv_tensor::KvLayout, tokens: usize) -> solver::Geometry 
     methods::geometry(layout, tokens)
 }
 
+/// The embedded default model with its prose data and calibrated axes: what `calibrate`,
+/// `solve`, `validate-proxy` and `eval` share (the model file is hashed once).
+pub struct Calibrated {
+    /// The model.
+    pub m: LoadedModel<B>,
+    /// sha256 of the model file.
+    pub sha: String,
+    /// The prose corpus.
+    pub text: String,
+    /// Trig statistics and low-rank bases.
+    pub axes: Axes<B>,
+}
+
+impl Calibrated {
+    /// Fetches (if needed) and loads the default model and data, and loads or fits the axes.
+    pub fn default_model() -> Result<Self> {
+        let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
+        let text = corpus_text()?;
+        let m = crate::run::load(Some(&model_path))?;
+        let sha = crate::fetch::sha256_file(&model_path)?;
+        let axes = axes(&m, &sha, &text)?;
+        Ok(Self { m, sha, text, axes })
+    }
+
+    /// The sensitivity table at `context` tokens (cached, or measured); see [`calibration`].
+    pub fn table(
+        &self,
+        context: usize,
+        passages: usize,
+        out: Option<PathBuf>,
+    ) -> Result<SensitivityTable> {
+        calibration(
+            &self.m, &self.sha, &self.text, &self.axes, context, passages, out,
+        )
+    }
+}
+
+/// Every layer's cache for `entry`, given the recorded full prefill: appended and compressed at
+/// the end of prefill, as at inference.
+fn compressed(
+    entry: &methods::Entry,
+    rec: &[RecordingCache<B>],
+    axes: &Axes<B>,
+) -> Result<Vec<Box<dyn LayerCache<B>>>> {
+    let mut caches = entry.caches(rec.len(), axes);
+    for (c, r) in caches.iter_mut().zip(rec) {
+        let (k, v) = r.keys_values()?;
+        c.append(k, v)?;
+        let obs = r
+            .observed()
+            .cloned()
+            .context("prefill recorded no observations")?;
+        c.finish_prefill(&obs)?;
+    }
+    Ok(caches)
+}
+
 /// Runs the comparison.
 pub fn run(opts: &EvalOptions) -> Result<()> {
-    let model_path = crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
-    let data_dir = crate::fetch::data(None)?;
-    let m = crate::run::load(Some(&model_path))?;
-    let text = data::corpus(&data_dir)?;
+    let Calibrated { m, sha, text, axes } = Calibrated::default_model()?;
     let layers = m.model.config.layers;
     let layout = m.model.config.kv_layout();
-    let axes = axes(&m, &model_path, &text)?;
-    let table = calibration(&m, &model_path, &text, &axes, opts.context, 1, None)?;
+    let table = calibration(&m, &sha, &text, &axes, opts.context, 1, None)?;
     let geo = methods::geometry(layout, opts.context);
     let fp16 = layout.fp16_bytes(1, opts.context);
     let budgets: Vec<(String, u64)> = opts
@@ -270,16 +321,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         let first = m.model.prefill(sample.context(), &mut rec, &popts)?;
         let mut full_logp: Option<Tensor<B, 2>> = None;
         for (entry, score) in entries.iter().zip(scores.iter_mut()) {
-            let mut caches = entry.caches(layers, &axes);
-            for (c, r) in caches.iter_mut().zip(&rec) {
-                let (k, v) = r.keys_values()?;
-                c.append(k, v)?;
-                let obs = r
-                    .observed()
-                    .cloned()
-                    .context("prefill recorded no observations")?;
-                c.finish_prefill(&obs)?;
-            }
+            let mut caches = compressed(entry, &rec, &axes)?;
             let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
             score.bytes = bytes;
             score.ratio = fp16.get() as f64 / bytes.max(1) as f64;
@@ -296,7 +338,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                             full_logp = Some(logp);
                             0.0
                         }
-                        Some(reference) => kl(reference, &logp),
+                        Some(reference) => solver::measured::kl(reference, &logp),
                     };
                     score.prose_kl += kl;
                     score.n_prose += 1;
@@ -310,12 +352,8 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                     key,
                     ..
                 } => {
-                    let mut gen_caches = entry.caches(layers, &axes);
-                    for (c, r) in gen_caches.iter_mut().zip(&rec) {
-                        let (k, v) = r.keys_values()?;
-                        c.append(k, v)?;
-                        c.finish_prefill(&r.observed().cloned().context("no observations")?)?;
-                    }
+                    // Teacher forcing appends the answer: generation needs its own caches.
+                    let mut gen_caches = compressed(entry, &rec, &axes)?;
                     let mut probe = question.clone();
                     probe.extend(&answer[..answer.len() - 1]);
                     let logp = log_softmax(m.model.forward(&probe, &mut caches, Logits::All)?, 1);
@@ -416,18 +454,6 @@ fn argmax_acc(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
         .filter(|(t, i)| **t as i64 == **i)
         .count() as f64
         / targets.len() as f64
-}
-
-/// Mean over rows of KL(reference ‖ other), both log-probabilities.
-fn kl(reference: &Tensor<B, 2>, other: &Tensor<B, 2>) -> f64 {
-    let rows = reference.dims()[0] as f64;
-    let s: f64 = (reference.clone().exp() * (reference.clone() - other.clone()))
-        .sum()
-        .into_data()
-        .iter::<f64>()
-        .next()
-        .unwrap_or(f64::NAN);
-    s / rows
 }
 
 fn markdown(scores: &[Score], opts: &EvalOptions) -> String {
