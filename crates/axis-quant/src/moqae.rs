@@ -9,8 +9,8 @@ use crate::{Kivi, QuantSetting};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use kv_tensor::{
-    AxisError, Bits, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache,
-    ObservationCtx, window_attention,
+    AxisError, Bits, Bytes, CompressedLayer, CompressionAxis, Footprint, GroupAxis, KvError,
+    LayerCache, LayerShape, ObservationCtx, Ratio, window_attention,
 };
 use std::sync::Arc;
 
@@ -82,6 +82,84 @@ impl ChunkRouter for AttentionMassRouter {
     }
 }
 
+/// MoQAE at a byte budget: within a layer, the `share` of chunks with the most attention mass
+/// get `high` bits and the rest `low` (ties: earlier chunks first). [`BudgetedRouter::fit`]
+/// picks the largest share whose bytes fit a budget, so MoQAE can be compared at matched memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetedRouter {
+    /// Bits of the important chunks.
+    pub high: Bits,
+    /// Bits of the rest.
+    pub low: Bits,
+    /// Share of chunks at `high`.
+    pub share: Ratio,
+}
+
+impl BudgetedRouter {
+    /// Bytes of one layer holding `shape.tokens` tokens after prefill routing: the first chunk
+    /// fp16, the incomplete tail f32 (the window), the routed chunks quantized (KIVI, default
+    /// group).
+    pub fn footprint(&self, shape: &LayerShape, chunk: usize) -> Footprint {
+        let t = shape.tokens;
+        let chunks = t / chunk.max(1);
+        let routed = chunks.saturating_sub(1);
+        let high = (self.share.get() * routed as f64).round() as usize;
+        let at = |n: usize| LayerShape {
+            tokens: n,
+            ..*shape
+        };
+        // The first chunk is stored as fp16, the incomplete tail waits in the f32 window.
+        let first = chunk.min(t);
+        let tail = t - routed * chunk - first;
+        let group = crate::GroupSize::DEFAULT.get();
+        let mut f = Footprint::dense(Bytes(
+            (2 * at(first).numel() * 2 + 2 * at(tail).numel() * 4) as u64,
+        ));
+        for (n, bits) in [(high, self.high), (routed - high, self.low)] {
+            for along in [GroupAxis::Tokens, GroupAxis::Channels] {
+                f += Kivi::side_footprint(&at(n * chunk), bits, group, along, 2);
+            }
+        }
+        f
+    }
+
+    /// The largest share (1% steps) of `high`-bit chunks whose bytes over `layers` layers fit
+    /// `budget`; `None` when even all-`low` does not fit.
+    pub fn fit(
+        high: Bits,
+        low: Bits,
+        shape: &LayerShape,
+        chunk: usize,
+        layers: usize,
+        budget: Bytes,
+    ) -> Option<Self> {
+        (0..=100).rev().find_map(|p| {
+            let r = Self {
+                high,
+                low,
+                share: Ratio::new(p as f64 / 100.0).ok()?,
+            };
+            (r.footprint(shape, chunk).total().get() * layers as u64 <= budget.get()).then_some(r)
+        })
+    }
+}
+
+impl ChunkRouter for BudgetedRouter {
+    fn route(&self, _layer: usize, chunks: &[ChunkFeatures]) -> Vec<Bits> {
+        // The first chunk is frozen at 16 bits by the cache: it takes no share.
+        let mut order: Vec<usize> = (0..chunks.len())
+            .filter(|&i| chunks[i].index != 0)
+            .collect();
+        let high = (self.share.get() * order.len() as f64).round() as usize;
+        order.sort_by(|&a, &b| chunks[b].importance.total_cmp(&chunks[a].importance));
+        let mut bits = vec![self.low; chunks.len()];
+        for &i in &order[..high.min(order.len())] {
+            bits[i] = self.high;
+        }
+        bits
+    }
+}
+
 /// One router per layer.
 pub struct PerLayer(pub Vec<Arc<dyn ChunkRouter>>);
 
@@ -97,6 +175,7 @@ impl ChunkRouter for PerLayer {
 /// A layer cache with chunk-level mixed precision. Chunks are routed at the end of prefill
 /// (with the observation window's attention) and, during decode, whenever a new chunk is full
 /// (with neutral importance); the incomplete last chunk stays dense.
+#[derive(Clone)]
 pub struct MoqaeCache<B: Backend> {
     layer: CompressedLayer<B>,
     router: Arc<dyn ChunkRouter>,
@@ -173,6 +252,12 @@ impl<B: Backend> MoqaeCache<B> {
             // Attention sinks: the first chunk is never quantized.
             let b = if f.index == 0 { Bits::Full } else { b };
             let seg = self.layer.take_window(c).ok_or(KvError::Empty)?;
+            // 16-bit chunks are stored as fp16, as in the paper.
+            let seg = if b == Bits::Full {
+                seg.into_half()
+            } else {
+                seg
+            };
             let seg = CompressionAxis::<B>::compress(
                 &Kivi,
                 seg,
@@ -188,6 +273,10 @@ impl<B: Backend> MoqaeCache<B> {
 }
 
 impl<B: Backend> LayerCache<B> for MoqaeCache<B> {
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
         self.layer.push(k, v)?;
         if self.prefilled {
@@ -229,6 +318,56 @@ impl<B: Backend> LayerCache<B> for MoqaeCache<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgeted_router_ranks_by_importance_and_fits_budgets() {
+        let b = |x: u8| Bits::try_from(x).expect("bits");
+        let chunks: Vec<_> = [0.5, 3.0, 0.1, 2.0]
+            .iter()
+            .enumerate()
+            .map(|(index, &importance)| ChunkFeatures { index, importance })
+            .collect();
+        let r = BudgetedRouter {
+            high: b(4),
+            low: b(2),
+            share: Ratio::new(0.5).expect("ratio"),
+        };
+        assert_eq!(r.route(0, &chunks), vec![b(2), b(4), b(2), b(4)]);
+        let shape = LayerShape {
+            batch: 1,
+            kv_heads: 3,
+            tokens: 2048,
+            head_dim: 64,
+        };
+        let fp16 = Bytes((2 * shape.numel() * 2 * 30) as u64);
+        let quarter = Bytes(fp16.get() / 4);
+        let fit = BudgetedRouter::fit(b(4), b(2), &shape, 32, 30, quarter).expect("fits 1/4");
+        assert!(fit.footprint(&shape, 32).total().get() * 30 <= quarter.get());
+        // One more percent of 4-bit chunks would not fit.
+        if fit.share.get() < 1.0 {
+            let more = BudgetedRouter {
+                share: Ratio::new(fit.share.get() + 0.01).expect("ratio"),
+                ..fit
+            };
+            assert!(more.footprint(&shape, 32).total().get() * 30 > quarter.get());
+        }
+        assert!(BudgetedRouter::fit(b(4), b(2), &shape, 32, 30, Bytes(fp16.get() / 8)).is_none());
+        // The predicted bytes are what a cache routed by it allocates.
+        let small = LayerShape {
+            tokens: 300,
+            ..shape
+        };
+        let dev = Default::default();
+        let mut cache = MoqaeCache::<B>::new(Arc::new(fit), 0, 32);
+        let kv = || Tensor::<B, 4>::random([1, 3, 300, 64], Distribution::Default, &dev);
+        cache.append(kv(), kv()).expect("append");
+        let ctx = ObservationCtx {
+            window_queries: Some(Tensor::random([1, 9, 8, 64], Distribution::Default, &dev)),
+            ..ObservationCtx::bare(0)
+        };
+        cache.finish_prefill(&ctx).expect("prefill");
+        assert_eq!(cache.footprint(), fit.footprint(&small, 32));
+    }
     use burn::tensor::Distribution;
     use burn_ndarray::NdArray;
 

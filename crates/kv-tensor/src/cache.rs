@@ -57,6 +57,14 @@ pub trait LayerCache<B: Backend> {
 
     /// Tokens actually held per head (≤ `len` once tokens were evicted).
     fn stored(&self) -> usize;
+
+    /// An independent copy of this cache as it is now, or `None` when the implementation
+    /// cannot copy itself (the default). Lets a caller probe one compressed state twice (e.g.
+    /// teacher forcing and free generation) without compressing again; burn tensors are shared
+    /// copy-on-write, so a fork costs little until one side appends.
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        None
+    }
 }
 
 /// The uncompressed reference cache: every token, dense, at the backend's float precision.
@@ -75,6 +83,10 @@ impl<B: Backend> FullCache<B> {
 }
 
 impl<B: Backend> LayerCache<B> for FullCache<B> {
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
         Ok(self.layer.push(k, v)?)
     }
@@ -237,5 +249,9 @@ impl<B: Backend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
 
     fn stored(&self) -> usize {
         (**self).stored()
+    }
+
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        (**self).fork()
     }
 }

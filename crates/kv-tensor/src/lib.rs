@@ -29,5 +29,6 @@ pub use footprint::Footprint;
 pub use fp16::Fp16Tensor;
 pub use layout::{KvLayout, LayerShape};
 pub use packing::{CodeBits, PackedCodes};
+pub use segment::set_decode_memo;
 pub use segment::{CompressedLayer, Positions, Segment};
 pub use units::{Bits, Bytes, LayerIdx, Ratio};

@@ -110,6 +110,10 @@ impl<B: Backend> RoutedCache<B> {
 }
 
 impl<B: Backend> LayerCache<B> for RoutedCache<B> {
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
         self.layer.push(k, v)?;
         if self.prefilled {

@@ -167,3 +167,42 @@ fn projecting_without_bases_is_a_typed_error() {
         .expect_err("no bases");
     assert!(err.to_string().contains("bases"), "{err}");
 }
+
+/// A fork holds the same compressed state and then evolves on its own.
+#[test]
+fn fork_is_an_independent_copy() {
+    let d = Default::default();
+    let e = Expert {
+        evict: Some(EvictSetting::new(
+            ScorerKind::Knorm,
+            Ratio::new(0.5).expect("ratio"),
+        )),
+        lowrank: None,
+        quant: Some(QuantSetting::new(
+            Bits::try_from(4).expect("bits"),
+            Bits::try_from(2).expect("bits"),
+        )),
+    };
+    let mut c = RoutedCache::<B>::with_axes(e, Evict::new(), None);
+    let kv = |t: usize| Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);
+    let k = kv(300);
+    c.append(k.clone(), k).expect("append");
+    c.finish_prefill(&ObservationCtx::bare(0))
+        .expect("compress");
+    let mut f = c.fork().expect("routed caches fork");
+    let q = Tensor::<B, 4>::random([1, 9, 1, 64], Distribution::Normal(0.0, 1.0), &d);
+    let same = |a: Tensor<B, 4>, b: Tensor<B, 4>| {
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), Default::default())
+    };
+    same(
+        c.attend(q.clone()).expect("attend"),
+        f.attend(q.clone()).expect("attend"),
+    );
+    assert_eq!(f.footprint(), c.footprint());
+    let k = kv(100);
+    f.append(k.clone(), k).expect("append");
+    assert_eq!(c.len(), 300);
+    assert_eq!(f.len(), 400);
+    assert!(f.footprint().total().get() > c.footprint().total().get());
+}

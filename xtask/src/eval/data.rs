@@ -65,31 +65,39 @@ pub enum Sample {
         /// The held-out continuation.
         continuation: Vec<u32>,
     },
-    /// Passkey retrieval (RULER's NIAH single, number value): a 5-digit key hidden in prose.
-    Passkey {
-        /// Haystack with the needle.
-        context: Vec<u32>,
-        /// The question, appended after compression.
-        question: Vec<u32>,
-        /// Gold answer tokens (teacher-forced).
-        answer: Vec<u32>,
-        /// Gold answer text (free-generation string match).
-        key: String,
-    },
+    /// A RULER task instance.
+    Task(super::tasks::TaskSample),
 }
 
 impl Sample {
     /// The context tokens.
     pub fn context(&self) -> &[u32] {
         match self {
-            Sample::Prose { context, .. } | Sample::Passkey { context, .. } => context,
+            Sample::Prose { context, .. } => context,
+            Sample::Task(t) => &t.context,
+        }
+    }
+
+    /// The task's name (`prose` for continuations).
+    pub fn task(&self) -> &'static str {
+        match self {
+            Sample::Prose { .. } => "prose",
+            Sample::Task(t) => t.task.name(),
         }
     }
 }
 
-/// `n` prose samples and `n` passkey samples of `ctx` context tokens from the evaluation part
-/// of the corpus.
-pub fn samples(
+/// The evaluation part of the corpus (after the calibration characters).
+pub fn evaluation_text(text: &str) -> &str {
+    let mut at = CALIBRATION_CHARS.min(text.len());
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    &text[at..]
+}
+
+/// `n` prose samples of `ctx` context tokens and a `continuation`, from the evaluation part.
+pub fn prose_samples(
     tok: &Tokenizer,
     text: &str,
     n: usize,
@@ -98,43 +106,22 @@ pub fn samples(
     seed: u64,
 ) -> Result<Vec<Sample>> {
     let mut rng = Rng(seed);
-    let span = text.len() - CALIBRATION_CHARS - ctx * 10;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let at = CALIBRATION_CHARS + rng.below(span);
-        let ids = tokens_at(tok, text, at, ctx + continuation)?;
-        out.push(Sample::Prose {
-            context: ids[..ctx].to_vec(),
-            continuation: ids[ctx..].to_vec(),
-        });
-    }
-    for _ in 0..n {
-        let key = format!("{:05}", 10000 + rng.below(90000));
-        let needle = tok.encode(&format!(
-            " The pass key is {key}. Remember it. {key} is the pass key. "
-        ))?;
-        let question = tok.encode("\nWhat is the pass key? The pass key is")?;
-        // RULER's passkey template: an instruction, then the haystack with the needle.
-        let preamble = tok.encode("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n")?;
-        let hay = tokens_at(
-            tok,
-            text,
-            CALIBRATION_CHARS + rng.below(span),
-            ctx - needle.len() - preamble.len(),
-        )?;
-        // Depth between 10% and 90% of the haystack.
-        let depth = hay.len() / 10 + rng.below(hay.len() * 8 / 10);
-        let mut context = preamble;
-        context.extend(&hay[..depth]);
-        context.extend(&needle);
-        context.extend(&hay[depth..]);
-        let answer = tok.encode(&format!(" {key}"))?;
-        out.push(Sample::Passkey {
-            context,
-            question,
-            answer,
-            key,
-        });
-    }
-    Ok(out)
+    let eval = evaluation_text(text);
+    let span = eval.len().saturating_sub(ctx * 10).max(1);
+    (0..n)
+        .map(|_| {
+            let ids = tokens_at(tok, eval, rng.below(span), ctx + continuation)?;
+            Ok(Sample::Prose {
+                context: ids[..ctx].to_vec(),
+                continuation: ids[ctx..].to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// A sample's seed: the run's seed mixed with the task, the length and the sample index, so a
+/// sample does not change when other tasks, lengths or counts are added.
+pub fn sample_seed(seed: u64, task: usize, length: usize, index: usize) -> u64 {
+    let mut r = Rng(seed ^ ((task as u64) << 48) ^ ((length as u64) << 16) ^ index as u64);
+    r.next()
 }

@@ -3,9 +3,21 @@ use crate::backend::B;
 use anyhow::Result;
 use axis_evict::{EvictSetting, ScorerKind, Selection};
 use axis_quant::QuantSetting;
+use axis_quant::moqae::{BudgetedRouter, ChunkRouter, MoqaeCache};
 use kv_tensor::{Bits, FullCache, LayerCache, LayerShape, Ratio};
 use router::{Axes, Expert, RoutingPlan};
 use solver::{Geometry, Method, SensitivityTable};
+use std::sync::Arc;
+
+/// How a method's caches are built.
+pub enum Build {
+    /// The uncompressed f32 reference cache.
+    Full,
+    /// A routing plan: one expert per layer.
+    Plan(RoutingPlan),
+    /// MoQAE chunk routing at a budget.
+    Moqae(BudgetedRouter),
+}
 
 /// A method at a budget, ready to build caches.
 pub struct Entry {
@@ -13,25 +25,57 @@ pub struct Entry {
     pub name: String,
     /// Budget label (`1/8`), or `-` for budget-free methods.
     pub budget: String,
-    /// The plan (`None`: the uncompressed f32 reference cache).
-    pub plan: Option<RoutingPlan>,
+    /// How its caches are built.
+    pub build: Build,
 }
 
 impl Entry {
+    /// The index of an earlier entry with the same caches (e.g. `1d` and single-scorer
+    /// eviction with the menu's scorer, or `hetero+rank` when the solver picked no low-rank
+    /// expert): its results are this entry's, measured once.
+    pub fn same_as(entries: &[Entry], i: usize) -> Option<usize> {
+        let Build::Plan(p) = &entries[i].build else {
+            return None;
+        };
+        entries[..i]
+            .iter()
+            .position(|e| matches!(&e.build, Build::Plan(q) if q == p))
+    }
+
+    fn plan(name: &str, budget: &str, plan: RoutingPlan) -> Self {
+        Self {
+            name: name.into(),
+            budget: budget.into(),
+            build: Build::Plan(plan),
+        }
+    }
+
     /// Fresh caches, one per layer, sharing the calibrated `axes`.
     pub fn caches(&self, layers: usize, axes: &Axes<B>) -> Vec<Box<dyn LayerCache<B>>> {
-        match &self.plan {
-            None => (0..layers)
+        match &self.build {
+            Build::Full => (0..layers)
                 .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
                 .collect(),
-            Some(p) => p
+            Build::Plan(p) => p
                 .layers
                 .iter()
                 .map(|e| Box::new(axes.cache(*e)) as Box<dyn LayerCache<B>>)
                 .collect(),
+            Build::Moqae(r) => {
+                let router: Arc<dyn ChunkRouter> = Arc::new(*r);
+                (0..layers)
+                    .map(|l| {
+                        Box::new(MoqaeCache::<B>::new(router.clone(), l, MOQAE_CHUNK))
+                            as Box<dyn LayerCache<B>>
+                    })
+                    .collect()
+            }
         }
     }
 }
+
+/// MoQAE's chunk size (tokens).
+const MOQAE_CHUNK: usize = MoqaeCache::<B>::DEFAULT_CHUNK;
 
 fn bits(b: u8) -> Bits {
     Bits::try_from(b).unwrap_or(Bits::Full)
@@ -98,23 +142,23 @@ pub fn entries(
     let mut out = vec![Entry {
         name: "full".into(),
         budget: "-".into(),
-        plan: None,
+        build: Build::Full,
     }];
     for (name, q) in [
         ("kivi-4", QuantSetting::new(bits(4), bits(4))),
         ("kivi-2", QuantSetting::new(bits(2), bits(2))),
     ] {
-        out.push(Entry {
-            name: name.into(),
-            budget: "-".into(),
-            plan: Some(RoutingPlan::uniform(
+        out.push(Entry::plan(
+            name,
+            "-",
+            RoutingPlan::uniform(
                 Expert {
                     quant: Some(q),
                     ..Expert::FULL
                 },
                 geo.layers,
-            )),
-        });
+            ),
+        ));
     }
     // 1d and 2d_uniform are uniform by definition: their keep is matched to the budget at 1%
     // resolution (the menu's six keeps are too coarse for a uniform plan), with the same scorer
@@ -141,21 +185,17 @@ pub fn entries(
         };
         for (name, q) in uniform {
             match matched_keep(menu_scorer, Selection::TopK, *q, geo, *bytes) {
-                Some(e) => out.push(Entry {
-                    name: (*name).into(),
-                    budget: label.clone(),
-                    plan: Some(RoutingPlan::uniform(e, geo.layers)),
-                }),
+                Some(e) => out.push(Entry::plan(
+                    name,
+                    label,
+                    RoutingPlan::uniform(e, geo.layers),
+                )),
                 None => eprintln!("{name} at {label}: no uniform keep fits"),
             }
         }
         for m in methods {
             match m.plan(&table.menu, &loss, geo, *bytes, true) {
-                Ok((plan, _)) => out.push(Entry {
-                    name: m.name().into(),
-                    budget: label.clone(),
-                    plan: Some(plan),
-                }),
+                Ok((plan, _)) => out.push(Entry::plan(m.name(), label, plan)),
                 Err(e) => eprintln!("{} at {label}: {e}", m.name()),
             }
         }
@@ -178,22 +218,39 @@ pub fn entries(
                     lambda: axis_evict::Lambda::new(0.3).expect("lambda"),
                 },
             ));
-            match pyramid(ScorerKind::Snapkv, geo, *bytes) {
-                Some(plan) => out.push(Entry {
-                    name: "pyramid(snapkv)".into(),
+            // MoQAE: 4-bit for the chunks with the most attention, 2-bit for the rest (its
+            // expert set {16, 4, 2} with the first chunk at 16), shared to fit the budget.
+            let shape = LayerShape {
+                tokens: geo.tokens,
+                ..geo.shape
+            };
+            match BudgetedRouter::fit(
+                bits(4),
+                bits(2),
+                &shape,
+                MOQAE_CHUNK,
+                geo.layers,
+                kv_tensor::Bytes(*bytes),
+            ) {
+                Some(r) => out.push(Entry {
+                    name: "moqae".into(),
                     budget: label.clone(),
-                    plan: Some(plan),
+                    build: Build::Moqae(r),
                 }),
+                None => eprintln!("moqae at {label}: quantization alone cannot reach the budget"),
+            }
+            match pyramid(ScorerKind::Snapkv, geo, *bytes) {
+                Some(plan) => out.push(Entry::plan("pyramid(snapkv)", label, plan)),
                 None => eprintln!("pyramid at {label}: no keep fits"),
             }
         }
         for (name, s, selection) in single {
             match matched_keep(s, selection, None, geo, *bytes) {
-                Some(e) => out.push(Entry {
-                    name,
-                    budget: label.clone(),
-                    plan: Some(RoutingPlan::uniform(e, geo.layers)),
-                }),
+                Some(e) => out.push(Entry::plan(
+                    &name,
+                    label,
+                    RoutingPlan::uniform(e, geo.layers),
+                )),
                 None => eprintln!("{name} at {label}: no uniform keep fits"),
             }
         }

@@ -7,6 +7,9 @@
 mod data;
 mod methods;
 mod plot;
+mod tasks;
+
+pub use tasks::Task;
 
 use crate::backend::B;
 use anyhow::{Context, Result};
@@ -29,10 +32,26 @@ pub struct EvalOptions {
     pub quick: bool,
     /// Budgets (fractions of fp16 bytes).
     pub budgets: Vec<String>,
-    /// Context tokens.
-    pub context: usize,
-    /// Samples per task.
+    /// Context lengths (tokens) of the task samples.
+    pub lengths: Vec<usize>,
+    /// The RULER tasks.
+    pub tasks: Vec<Task>,
+    /// Every task at every length; otherwise task i runs at length i mod the number of
+    /// lengths (every task and every length appear, at a third of the cost with three lengths).
+    pub grid: bool,
+    /// Samples per task and length.
     pub samples: usize,
+    /// Prose-continuation samples.
+    pub prose_samples: usize,
+    /// Context tokens of the prose samples.
+    pub prose_context: usize,
+    /// Continuation tokens scored after the prose context.
+    pub continuation: usize,
+    /// Context length of the calibration table (one table serves every length: budgets are
+    /// fractions, and the solver sizes each plan for the sample's length).
+    pub calibration_context: usize,
+    /// Plain-text prompts instead of the model's chat template.
+    pub raw: bool,
     /// Seed of the task generator.
     pub seed: u64,
     /// Output directory (default: `$KVND_HOME/eval`).
@@ -41,21 +60,31 @@ pub struct EvalOptions {
     pub json: bool,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
-struct Score {
+/// One method on one sample.
+#[derive(Debug, Clone, Serialize)]
+struct Record {
     method: String,
     budget: String,
+    length: usize,
+    task: &'static str,
+    /// Measured cache bytes after the context.
     bytes: u64,
+    /// fp16 K+V bytes of the context / `bytes`.
     ratio: f64,
-    prose_nll: f64,
-    prose_kl: f64,
-    passkey_logp: f64,
-    passkey_acc: f64,
-    passkey_gen: f64,
-    n_prose: usize,
-    n_passkey: usize,
-    /// Per sample: the task, the gold answer and the prediction (passkey) or the NLL (prose).
-    samples: Vec<serde_json::Value>,
+    /// RULER score of the free-generation answer, 0–100.
+    score: Option<f64>,
+    /// Mean log-probability of the gold answer's tokens (teacher forcing).
+    tf_logp: Option<f64>,
+    /// Share of the gold answer's tokens that are the argmax (teacher forcing).
+    tf_acc: Option<f64>,
+    /// Prose: NLL of the continuation.
+    nll: Option<f64>,
+    /// Prose: KL of next-token distributions to the full cache.
+    kl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prediction: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    refs: Vec<String>,
 }
 
 /// `n` tokens of the corpus starting near character `offset`.
@@ -267,17 +296,20 @@ fn compressed(
 
 /// Runs the comparison.
 pub fn run(opts: &EvalOptions) -> Result<()> {
+    // Decode each compressed segment once, not at every generated token (quality is measured
+    // here, not resident memory; footprints count compressed bytes either way).
+    kv_tensor::set_decode_memo(true);
     let Calibrated { m, sha, text, axes } = Calibrated::default_model()?;
     let layers = m.model.config.layers;
     let layout = m.model.config.kv_layout();
-    let table = calibration(&m, &sha, &text, &axes, opts.context, 1, None)?;
-    let geo = methods::geometry(layout, opts.context);
-    let fp16 = layout.fp16_bytes(1, opts.context);
-    let budgets: Vec<(String, u64)> = opts
-        .budgets
-        .iter()
-        .map(|b| Ok((b.clone(), b.parse::<Budget>()?.bytes(fp16).get())))
-        .collect::<Result<_, solver::SolverError>>()?;
+    let max_ctx = m.model.config.context;
+    for &l in opts.lengths.iter().chain([&opts.prose_context]) {
+        anyhow::ensure!(
+            l + 512 <= max_ctx,
+            "context {l} leaves no room for the question and answer in the model's {max_ctx} positions"
+        );
+    }
+    let table = calibration(&m, &sha, &text, &axes, opts.calibration_context, 1, None)?;
     let scorers: Vec<ScorerKind> = if opts.quick {
         vec![ScorerKind::Streaming, ScorerKind::Snapkv]
     } else {
@@ -291,129 +323,242 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             ScorerKind::Trig,
         ]
     };
-    let entries = methods::entries(&table, &geo, &budgets, opts.quick, &scorers)?;
-    let continuation = if opts.quick { 32 } else { 128 };
-    let samples = data::samples(
-        &m.tokenizer,
-        &text,
-        opts.samples,
-        opts.context,
-        continuation,
-        opts.seed,
-    )?;
-    let mut scores: Vec<Score> = entries
-        .iter()
-        .map(|e| Score {
-            method: e.name.clone(),
-            budget: e.budget.clone(),
-            ..Default::default()
-        })
-        .collect();
-    let pb = bar((samples.len() * entries.len()) as u64, "evaluate");
-    let needs_mass = scorers.contains(&ScorerKind::H2o);
-    for sample in &samples {
-        // One full prefill per sample, shared by every method.
-        let mut rec: Vec<RecordingCache<B>> = (0..layers).map(|_| RecordingCache::new()).collect();
-        let popts = PrefillOptions {
-            attention_mass: needs_mass,
-            ..Default::default()
-        };
-        let first = m.model.prefill(sample.context(), &mut rec, &popts)?;
-        let mut full_logp: Option<Tensor<B, 2>> = None;
-        for (entry, score) in entries.iter().zip(scores.iter_mut()) {
-            let mut caches = compressed(entry, &rec, &axes)?;
-            let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
-            score.bytes = bytes;
-            score.ratio = fp16.get() as f64 / bytes.max(1) as f64;
-            match sample {
-                data::Sample::Prose { continuation, .. } => {
-                    let n = continuation.len();
-                    let logits =
-                        m.model
-                            .forward(&continuation[..n - 1], &mut caches, Logits::All)?;
-                    let logp = log_softmax(logits, 1);
-                    score.prose_nll += nll(&logp, &continuation[1..]);
-                    let kl = match &full_logp {
-                        None => {
-                            full_logp = Some(logp);
-                            0.0
-                        }
-                        Some(reference) => solver::measured::kl(reference, &logp),
-                    };
-                    score.prose_kl += kl;
-                    score.n_prose += 1;
-                    score
-                        .samples
-                        .push(serde_json::json!({"task": "prose", "kl": kl}));
-                }
-                data::Sample::Passkey {
-                    question,
-                    answer,
-                    key,
-                    ..
-                } => {
-                    // Teacher forcing appends the answer: generation needs its own caches.
-                    let mut gen_caches = compressed(entry, &rec, &axes)?;
-                    let mut probe = question.clone();
-                    probe.extend(&answer[..answer.len() - 1]);
-                    let logp = log_softmax(m.model.forward(&probe, &mut caches, Logits::All)?, 1);
-                    let rows = logp.slice_dim(0, question.len() - 1..probe.len());
-                    score.passkey_logp += -nll(&rows, answer);
-                    score.passkey_acc += argmax_acc(&rows, answer);
-                    let mut logits = m.model.forward(question, &mut gen_caches, Logits::Last)?;
-                    let mut out = Vec::new();
-                    for _ in 0..answer.len() + 1 {
-                        let mut st = 0;
-                        let id = models::pick(logits, models::Sampling::Greedy, &mut st)?;
-                        out.push(id);
-                        logits = m.model.forward(&[id], &mut gen_caches, Logits::Last)?;
-                    }
-                    let text = m.tokenizer.decode(&out)?;
-                    let hit = text.contains(key.as_str());
-                    score.passkey_gen += if hit { 1.0 } else { 0.0 };
-                    score.samples.push(serde_json::json!({"task": "passkey", "gold": key, "prediction": text, "correct": hit}));
-                    score.n_passkey += 1;
-                }
+
+    // Inputs: every task at every length, and the prose samples.
+    let (squad, hotpot) = qa_sets(&opts.tasks)?;
+    let src = tasks::Sources::new(
+        data::evaluation_text(&text),
+        squad.as_ref(),
+        hotpot.as_ref(),
+    );
+    let mut groups: Vec<(usize, Vec<data::Sample>)> = Vec::new();
+    let pb = bar((opts.lengths.len() * opts.tasks.len()) as u64, "generate");
+    for (li, &length) in opts.lengths.iter().enumerate() {
+        let mut samples = Vec::new();
+        for (i, &task) in opts.tasks.iter().enumerate() {
+            // Without `grid`, task i runs at length i mod (number of lengths) only.
+            if !opts.grid && i % opts.lengths.len() != li {
+                continue;
+            }
+            let ti = Task::ALL.iter().position(|t| *t == task).unwrap_or(0);
+            for i in 0..opts.samples {
+                let seed = data::sample_seed(opts.seed, ti, length, i);
+                samples.push(data::Sample::Task(tasks::fit(
+                    task,
+                    &src,
+                    &m.tokenizer,
+                    if opts.raw { None } else { m.chat.as_ref() },
+                    length,
+                    seed,
+                )?));
             }
             pb.inc(1);
         }
-        let _ = first;
+        groups.push((length, samples));
     }
     pb.finish_and_clear();
-    for s in &mut scores {
-        let (np, nk) = (s.n_prose.max(1) as f64, s.n_passkey.max(1) as f64);
-        s.prose_nll /= np;
-        s.prose_kl /= np;
-        s.passkey_logp /= nk;
-        s.passkey_acc /= nk;
-        s.passkey_gen /= nk;
+    if opts.prose_samples > 0 {
+        let prose = data::prose_samples(
+            &m.tokenizer,
+            &text,
+            opts.prose_samples,
+            opts.prose_context,
+            opts.continuation,
+            opts.seed,
+        )?;
+        match groups.iter_mut().find(|(l, _)| *l == opts.prose_context) {
+            Some((_, g)) => g.extend(prose),
+            None => groups.push((opts.prose_context, prose)),
+        }
     }
-    let md = markdown(&scores, opts);
+
+    // Methods at every length (plans are sized for the length; budgets are fractions).
+    let mut plans = Vec::new();
+    for (length, _) in &groups {
+        let geo = methods::geometry(layout, *length);
+        let fp16 = layout.fp16_bytes(1, *length);
+        let budgets: Vec<(String, u64)> = opts
+            .budgets
+            .iter()
+            .map(|b| Ok((b.clone(), b.parse::<Budget>()?.bytes(fp16).get())))
+            .collect::<Result<_, solver::SolverError>>()?;
+        plans.push(methods::entries(
+            &table, &geo, &budgets, opts.quick, &scorers,
+        )?);
+    }
+    let total: usize = groups
+        .iter()
+        .zip(&plans)
+        .map(|((_, s), e)| s.len() * e.len())
+        .sum();
+    let pb = bar(total as u64, "evaluate");
+    let t0 = std::time::Instant::now();
+    let needs_mass = scorers.contains(&ScorerKind::H2o);
+    let mut records: Vec<Record> = Vec::new();
+    // Seconds in prefill, compression, probes (teacher forcing, prose, generation set-up) and
+    // batched generation.
+    let mut phase = [0f64; 4];
+    for ((length, samples), entries) in groups.iter().zip(&plans) {
+        let fp16 = layout.fp16_bytes(1, *length).get();
+        for sample in samples {
+            pb.set_message(format!("{}@{length}", sample.task()));
+            // One full prefill per sample, shared by every method.
+            let mut rec: Vec<RecordingCache<B>> =
+                (0..layers).map(|_| RecordingCache::new()).collect();
+            let popts = PrefillOptions {
+                attention_mass: needs_mass,
+                ..Default::default()
+            };
+            let tp = std::time::Instant::now();
+            m.model.prefill(sample.context(), &mut rec, &popts)?;
+            phase[0] += tp.elapsed().as_secs_f64();
+            let mut full_logp: Option<Tensor<B, 2>> = None;
+            let mut pending: Vec<Generation> = Vec::new();
+            let first_record = records.len();
+            for (ei, entry) in entries.iter().enumerate() {
+                if let Some(j) = methods::Entry::same_as(entries, ei) {
+                    let mut r = records[first_record + j].clone();
+                    r.method = entry.name.clone();
+                    r.budget = entry.budget.clone();
+                    records.push(r);
+                    pb.inc(1);
+                    continue;
+                }
+                let tc = std::time::Instant::now();
+                let mut caches = compressed(entry, &rec, &axes)?;
+                // A copy of the compressed state for free generation (teacher forcing consumes
+                // `caches`); caches that cannot fork are compressed again when needed.
+                let spare: Option<Vec<Box<dyn LayerCache<B>>>> =
+                    caches.iter().map(|c| c.fork()).collect();
+                phase[1] += tc.elapsed().as_secs_f64();
+                let tt = std::time::Instant::now();
+                let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
+                let mut r = Record {
+                    method: entry.name.clone(),
+                    budget: entry.budget.clone(),
+                    length: *length,
+                    task: sample.task(),
+                    bytes,
+                    ratio: fp16 as f64 / bytes.max(1) as f64,
+                    score: None,
+                    tf_logp: None,
+                    tf_acc: None,
+                    nll: None,
+                    kl: None,
+                    prediction: None,
+                    refs: Vec::new(),
+                };
+                match sample {
+                    data::Sample::Prose { continuation, .. } => {
+                        let n = continuation.len();
+                        let logits =
+                            m.model
+                                .forward(&continuation[..n - 1], &mut caches, Logits::All)?;
+                        let logp = log_softmax(logits, 1);
+                        r.nll = Some(nll(&logp, &continuation[1..]));
+                        r.kl = Some(match &full_logp {
+                            None => {
+                                full_logp = Some(logp);
+                                0.0
+                            }
+                            Some(reference) => solver::measured::kl(reference, &logp),
+                        });
+                    }
+                    data::Sample::Task(t) => {
+                        let tf = teacher_forced(&m, t, &mut caches)?;
+                        r.tf_logp = Some(tf.logp);
+                        r.tf_acc = Some(tf.acc);
+                        r.refs = t.refs.clone();
+                        match tf.first_miss {
+                            // Greedy decoding reproduces the whole gold answer.
+                            None => r.prediction = Some(m.tokenizer.decode(&t.target)?),
+                            Some((i, token)) => {
+                                let mut caches = match spare {
+                                    Some(c) => c,
+                                    None => compressed(entry, &rec, &axes)?,
+                                };
+                                let mut prompt = t.question.clone();
+                                prompt.extend(&t.target[..i]);
+                                m.model.forward(&prompt, &mut caches, Logits::Last)?;
+                                let mut out = t.target[..i].to_vec();
+                                out.push(token);
+                                pending.push(Generation {
+                                    record: records.len(),
+                                    caches,
+                                    out,
+                                });
+                            }
+                        }
+                    }
+                }
+                phase[2] += tt.elapsed().as_secs_f64();
+                records.push(r);
+                pb.inc(1);
+            }
+            if let data::Sample::Task(t) = sample {
+                let tg = std::time::Instant::now();
+                generate(&m, t, &mut pending)?;
+                phase[3] += tg.elapsed().as_secs_f64();
+                for g in pending.drain(..) {
+                    records[g.record].prediction = Some(m.tokenizer.decode(&g.out)?);
+                }
+                // Entries measured once share their twin's prediction.
+                for ei in 0..entries.len() {
+                    if let Some(j) = methods::Entry::same_as(entries, ei) {
+                        records[first_record + ei].prediction =
+                            records[first_record + j].prediction.clone();
+                    }
+                }
+                for r in &mut records[first_record..] {
+                    if let Some(p) = &r.prediction {
+                        r.score = Some(t.task.metric().score(p, &t.refs));
+                    }
+                }
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let elapsed = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "time: prefill {:.0} s, compression {:.0} s, probes {:.0} s, batched generation {:.0} s",
+        phase[0], phase[1], phase[2], phase[3]
+    );
+    let summary = summarize(&records, &opts.lengths);
+    let md = markdown(&summary, opts, elapsed);
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => crate::paths::home()?.join("eval"),
     };
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("results.md"), &md)?;
-    let summary = serde_json::json!({
-        "context": opts.context, "samples_per_task": opts.samples, "seed": opts.seed,
-        "fp16_bytes": fp16.get(), "results": scores,
+    let head = serde_json::json!({
+        "lengths": opts.lengths, "tasks": opts.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "samples_per_task": opts.samples, "prose_samples": opts.prose_samples,
+        "prose_context": opts.prose_context, "continuation": opts.continuation,
+        "calibration_context": opts.calibration_context, "seed": opts.seed,
+        "budgets": opts.budgets, "seconds": elapsed, "summary": summary,
     });
+    let mut full = head.clone();
+    full["records"] = serde_json::to_value(&records)?;
     std::fs::write(
         out.join("results.json"),
-        serde_json::to_string_pretty(&summary)?,
+        serde_json::to_string_pretty(&full)?,
     )?;
-    let points: Vec<plot::Point> = scores
+    let points: Vec<plot::Point> = summary
         .iter()
         .map(|s| plot::Point {
             method: s.method.clone(),
             ratio: s.ratio,
-            values: [s.passkey_acc, s.passkey_logp, s.prose_kl],
+            values: [
+                s.score.unwrap_or(f64::NAN),
+                s.tf_logp.unwrap_or(f64::NAN),
+                s.kl.unwrap_or(f64::NAN),
+            ],
         })
         .collect();
     let plots = plot::pareto(&points, &out)?;
     if opts.json {
-        println!("{summary}");
+        println!("{head}");
     } else {
         println!("{md}");
     }
@@ -427,12 +572,200 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             .join(", ")
     );
     anyhow::ensure!(
-        scores
+        records.iter().all(|r| [r.tf_logp, r.nll, r.kl, r.score]
             .iter()
-            .all(|s| s.prose_nll.is_finite() && s.passkey_logp.is_finite()),
+            .flatten()
+            .all(|x| x.is_finite())),
         "a method produced a non-finite score"
     );
     Ok(())
+}
+
+/// The QA data sets the selected tasks need (fetched if needed).
+fn qa_sets(tasks: &[Task]) -> Result<(Option<tasks::QaSet>, Option<tasks::QaSet>)> {
+    if !tasks.iter().any(|t| t.needs_qa()) {
+        return Ok((None, None));
+    }
+    let dir = crate::fetch::qa_data(None)?;
+    let squad = tasks
+        .contains(&Task::Qa1)
+        .then(|| tasks::QaSet::squad(&dir.join("squad.json")))
+        .transpose()?;
+    let hotpot = tasks
+        .contains(&Task::Qa2)
+        .then(|| tasks::QaSet::hotpot(&dir.join("hotpotqa.json")))
+        .transpose()?;
+    Ok((squad, hotpot))
+}
+
+/// Teacher-forced scores of a task's gold answer.
+struct TeacherForced {
+    logp: f64,
+    acc: f64,
+    /// The first gold token that is not the argmax, with the argmax there.
+    first_miss: Option<(usize, u32)>,
+}
+
+/// Appends the question and the gold answer to `caches` and scores the answer's tokens.
+///
+/// Greedy decoding reproduces the gold tokens for as long as each is the argmax, which this
+/// pass computes: generation only has to start at the first gold token that is not (and when
+/// there is none, the greedy answer starts with the whole gold answer, which holds every
+/// reference).
+fn teacher_forced(
+    m: &LoadedModel<B>,
+    t: &tasks::TaskSample,
+    caches: &mut [Box<dyn LayerCache<B>>],
+) -> Result<TeacherForced> {
+    let (q, n) = (t.question.len(), t.target.len());
+    let mut probe = t.question.clone();
+    probe.extend(&t.target[..n - 1]);
+    let logp = log_softmax(m.model.forward(&probe, caches, Logits::All)?, 1);
+    let rows = logp.slice_dim(0, q - 1..q - 1 + n);
+    let best: Vec<i64> = rows.clone().argmax(1).into_data().iter::<i64>().collect();
+    let hits = t
+        .target
+        .iter()
+        .zip(&best)
+        .filter(|(g, b)| **g as i64 == **b)
+        .count();
+    let first_miss = t
+        .target
+        .iter()
+        .zip(&best)
+        .position(|(g, b)| *g as i64 != *b)
+        .map(|i| (i, best[i] as u32));
+    Ok(TeacherForced {
+        logp: -nll(&rows, &t.target),
+        acc: hits as f64 / n as f64,
+        first_miss,
+    })
+}
+
+/// A greedy answer under way: caches holding the question and the answer but its last token.
+struct Generation {
+    record: usize,
+    caches: Vec<Box<dyn LayerCache<B>>>,
+    out: Vec<u32>,
+}
+
+/// Greedy decoding of every pending answer in lockstep (one batched step for all methods),
+/// each until the end of the turn, a line break after a non-empty answer, or `max_new` tokens.
+fn generate(m: &LoadedModel<B>, t: &tasks::TaskSample, pending: &mut [Generation]) -> Result<()> {
+    let done = |out: &[u32]| -> Result<bool> {
+        let last = out[out.len() - 1];
+        Ok(out.len() >= t.max_new
+            || m.tokenizer.eos.contains(&last)
+            || (m.tokenizer.decode(&[last])?.contains('\n')
+                && !m.tokenizer.decode(out)?.trim().is_empty()))
+    };
+    loop {
+        let mut active: Vec<&mut Generation> = Vec::new();
+        for g in pending.iter_mut() {
+            if !done(&g.out)? {
+                active.push(g);
+            }
+        }
+        if active.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = active.iter().map(|g| g.out[g.out.len() - 1]).collect();
+        let mut sets: Vec<&mut [Box<dyn LayerCache<B>>]> =
+            active.iter_mut().map(|g| g.caches.as_mut_slice()).collect();
+        let logits = m.model.decode_batch(&ids, &mut sets)?;
+        let next: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
+        for (g, id) in active.into_iter().zip(next) {
+            g.out.push(id as u32);
+        }
+    }
+}
+
+/// One method at one budget, averaged.
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    method: String,
+    budget: String,
+    /// Mean compression ratio over samples.
+    ratio: f64,
+    /// Mean cache bytes at each length.
+    bytes: Vec<(usize, f64)>,
+    /// Mean RULER score over every task sample.
+    score: Option<f64>,
+    tf_logp: Option<f64>,
+    tf_acc: Option<f64>,
+    nll: Option<f64>,
+    kl: Option<f64>,
+    /// Mean score per task.
+    per_task: Vec<(&'static str, f64)>,
+    /// Mean score and teacher-forced accuracy per length.
+    per_length: Vec<(usize, f64, f64)>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in records {
+        let k = (r.method.clone(), r.budget.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut tasks: Vec<&'static str> = Vec::new();
+    for r in records.iter().filter(|r| r.score.is_some()) {
+        if !tasks.contains(&r.task) {
+            tasks.push(r.task);
+        }
+    }
+    let mut all_lengths: Vec<usize> = records.iter().map(|r| r.length).collect();
+    all_lengths.sort_unstable();
+    all_lengths.dedup();
+    keys.into_iter()
+        .map(|(method, budget)| {
+            let rs: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.method == method && r.budget == budget)
+                .collect();
+            Summary {
+                ratio: mean(rs.iter().map(|r| r.ratio)).unwrap_or(f64::NAN),
+                bytes: all_lengths
+                    .iter()
+                    .filter_map(|&l| {
+                        mean(rs.iter().filter(|r| r.length == l).map(|r| r.bytes as f64))
+                            .map(|b| (l, b))
+                    })
+                    .collect(),
+                score: mean(rs.iter().filter_map(|r| r.score)),
+                tf_logp: mean(rs.iter().filter_map(|r| r.tf_logp)),
+                tf_acc: mean(rs.iter().filter_map(|r| r.tf_acc)),
+                nll: mean(rs.iter().filter_map(|r| r.nll)),
+                kl: mean(rs.iter().filter_map(|r| r.kl)),
+                per_task: tasks
+                    .iter()
+                    .filter_map(|&t| {
+                        mean(rs.iter().filter(|r| r.task == t).filter_map(|r| r.score))
+                            .map(|s| (t, s))
+                    })
+                    .collect(),
+                per_length: lengths
+                    .iter()
+                    .filter_map(|&l| {
+                        let at = || rs.iter().filter(move |r| r.length == l);
+                        Some((
+                            l,
+                            mean(at().filter_map(|r| r.score))?,
+                            mean(at().filter_map(|r| r.tf_acc))?,
+                        ))
+                    })
+                    .collect(),
+                method,
+                budget,
+            }
+        })
+        .collect()
 }
 
 fn nll(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
@@ -446,35 +779,82 @@ fn nll(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
         / targets.len() as f64
 }
 
-fn argmax_acc(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
-    let idx: Vec<i64> = logp.clone().argmax(1).into_data().iter::<i64>().collect();
-    targets
-        .iter()
-        .zip(&idx)
-        .filter(|(t, i)| **t as i64 == **i)
-        .count() as f64
-        / targets.len() as f64
+fn fmt(x: Option<f64>, digits: usize) -> String {
+    x.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
-fn markdown(scores: &[Score], opts: &EvalOptions) -> String {
+fn markdown(summary: &[Summary], opts: &EvalOptions, seconds: f64) -> String {
+    let lengths: Vec<String> = opts.lengths.iter().map(|l| l.to_string()).collect();
     let mut s = format!(
-        "Context {} tokens, {} samples per task, seed {}. Ratio = fp16 K+V bytes / measured cache bytes (codes, fp16 scales and minimums, kept indices, fp16 or f32 dense parts).\n\n",
-        opts.context, opts.samples, opts.seed
+        "Task contexts {} tokens, {} sample(s) per task and length, tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
+         Ratio = fp16 K+V bytes / measured cache bytes (codes, fp16 scales and minimums, kept indices, dense parts at their stored width), mean over samples. \
+         Score: RULER string match of the greedy answer, 0–100. TF: teacher-forced gold answer (mean token log-prob, share of argmax tokens).\n\n",
+        lengths.join(", "),
+        opts.samples,
+        opts.tasks
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.prose_samples,
+        opts.prose_context,
+        opts.continuation,
+        opts.seed,
+        seconds,
     );
-    s.push_str("| method | budget | ratio | cache bytes | prose NLL ↓ | KL to full ↓ | passkey log-p ↑ | passkey TF acc ↑ | passkey gen ↑ |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
-    for r in scores {
+    let tasks: Vec<&'static str> = summary
+        .first()
+        .map(|x| x.per_task.iter().map(|(t, _)| *t).collect())
+        .unwrap_or_default();
+    s.push_str(
+        "| method | budget | ratio | score ↑ | TF log-p ↑ | TF acc ↑ | prose NLL ↓ | KL ↓ |",
+    );
+    for t in &tasks {
+        s.push_str(&format!(" {t} |"));
+    }
+    s.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|");
+    s.push_str(&"---:|".repeat(tasks.len()));
+    s.push('\n');
+    for r in summary {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {:.4} | {:.4} | {:.4} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} |",
             r.method,
             r.budget,
             r.ratio,
-            kv_tensor::Bytes(r.bytes),
-            r.prose_nll,
-            r.prose_kl,
-            r.passkey_logp,
-            r.passkey_acc,
-            r.passkey_gen
+            fmt(r.score, 1),
+            fmt(r.tf_logp, 3),
+            fmt(r.tf_acc, 2),
+            fmt(r.nll, 4),
+            fmt(r.kl, 4),
         ));
+        for t in &tasks {
+            let v = r.per_task.iter().find(|(x, _)| x == t).map(|(_, v)| *v);
+            s.push_str(&format!(" {} |", fmt(v, 0)));
+        }
+        s.push('\n');
+    }
+    s.push_str("\nBy context length (score / TF acc / cache bytes):\n\n| method | budget |");
+    for l in &opts.lengths {
+        s.push_str(&format!(" {l} |"));
+    }
+    s.push_str("\n|---|---|");
+    s.push_str(&"---:|".repeat(opts.lengths.len()));
+    s.push('\n');
+    for r in summary {
+        s.push_str(&format!("| {} | {} |", r.method, r.budget));
+        for &l in &opts.lengths {
+            let cell = match (
+                r.per_length.iter().find(|x| x.0 == l),
+                r.bytes.iter().find(|x| x.0 == l),
+            ) {
+                (Some((_, sc, acc)), Some((_, b))) => {
+                    format!("{sc:.1} / {acc:.2} / {}", kv_tensor::Bytes(*b as u64))
+                }
+                _ => "-".into(),
+            };
+            s.push_str(&format!(" {cell} |"));
+        }
+        s.push('\n');
     }
     s
 }

@@ -18,8 +18,8 @@ pub struct Point {
 
 /// Panel titles.
 pub const METRICS: [&str; 3] = [
-    "passkey teacher-forced accuracy ↑",
-    "passkey teacher-forced log-prob ↑",
+    "RULER score, free generation (0–100) ↑",
+    "answer teacher-forced log-prob ↑",
     "prose KL to the full cache ↓",
 ];
 
@@ -75,6 +75,8 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, points: &[Point]) -> R
             .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
                 (a.min(y), b.max(y))
             });
+        // A metric no sample measured (e.g. KL without prose samples): an empty panel.
+        let (lo, hi) = if ys.is_empty() { (0.0, 1.0) } else { (lo, hi) };
         let pad = ((hi - lo) * 0.08).max(1e-3);
         let mut chart = ChartBuilder::on(panel)
             .caption(METRICS[m], ("sans-serif", 18))
