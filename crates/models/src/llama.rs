@@ -259,34 +259,17 @@ impl<B: Backend> Llama<B> {
             )));
         }
         let device = self.embed.device();
-        let (qh, kvh, d) = (c.q_heads, c.kv_heads, c.head_dim);
+        let (qh, d) = (c.q_heads, c.head_dim);
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]),
             &device,
         );
         let mut x = self.embed.clone().select(0, idx);
         for (l, blk) in self.blocks.iter().enumerate() {
-            let h = rms_norm(x.clone(), &blk.attn_norm, c.rms_eps);
-            let mut qkv = h.matmul(blk.wqkv.clone());
-            if let Some(b) = &blk.bqkv {
-                qkv = qkv + b.clone().unsqueeze();
-            }
+            let qkv = self.project_qkv(blk, x.clone());
             let mut rows = Vec::with_capacity(n);
             for (s, cs) in caches.iter_mut().enumerate() {
-                let heads = |from: usize, k: usize| {
-                    qkv.clone()
-                        .slice([s..s + 1, from * d..(from + k) * d])
-                        .reshape([1, k, d])
-                        .swap_dims(0, 1)
-                        .unsqueeze::<4>()
-                };
-                let mut q = heads(0, qh);
-                let mut k = heads(qh, kvh);
-                let v = heads(qh + kvh, kvh);
-                if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
-                    q = rms_norm(q, qn, c.rms_eps);
-                    k = rms_norm(k, kn, c.rms_eps);
-                }
+                let (q, k, v) = self.split_heads(blk, &qkv, s..s + 1);
                 let cache = &mut cs[l];
                 let pos = cache.len();
                 let q = self.rope.apply(q, pos);
@@ -299,21 +282,71 @@ impl<B: Backend> Llama<B> {
                     .map_err(|source| ModelError::Cache { layer: l, source })?;
                 rows.push(att.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([1, qh * d]));
             }
-            let att = Tensor::cat(rows, 0);
-            x = x + att.matmul(blk.wo.clone());
-            let h = rms_norm(x.clone(), &blk.ffn_norm, c.rms_eps);
-            let gu = h.matmul(blk.w_gate_up.clone());
-            let g = gu.clone().slice([0..n, 0..c.ffn]);
-            let u = gu.slice([0..n, c.ffn..2 * c.ffn]);
-            x = x + (silu(g) * u).matmul(blk.w_down.clone());
+            x = self.finish_block(blk, x, Tensor::cat(rows, 0));
         }
-        let h = rms_norm(x, &self.norm, c.rms_eps);
+        Ok(self.logits(x))
+    }
+
+    /// RMSNorm, then the fused q/k/v projection (with bias when the model has one): `[t, ·]`.
+    fn project_qkv(&self, blk: &Block<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = rms_norm(x, &blk.attn_norm, self.config.rms_eps);
+        let qkv = h.matmul(blk.wqkv.clone());
+        match &blk.bqkv {
+            Some(b) => qkv + b.clone().unsqueeze(),
+            None => qkv,
+        }
+    }
+
+    /// Rows `rows` of a fused projection as `[1, heads, t, d]` q, k and v (q/k normed when the
+    /// model has q/k norms), before RoPE.
+    fn split_heads(
+        &self,
+        blk: &Block<B>,
+        qkv: &Tensor<B, 2>,
+        rows: std::ops::Range<usize>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let c = &self.config;
+        let (qh, kvh, d) = (c.q_heads, c.kv_heads, c.head_dim);
+        let t = rows.len();
+        let heads = |from: usize, n: usize| {
+            qkv.clone()
+                .slice([rows.clone(), from * d..(from + n) * d])
+                .reshape([t, n, d])
+                .swap_dims(0, 1)
+                .unsqueeze::<4>()
+        };
+        let mut q = heads(0, qh);
+        let mut k = heads(qh, kvh);
+        let v = heads(qh + kvh, kvh);
+        if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
+            q = rms_norm(q, qn, c.rms_eps);
+            k = rms_norm(k, kn, c.rms_eps);
+        }
+        (q, k, v)
+    }
+
+    /// The rest of a block after attention: output projection and residual, then the SwiGLU
+    /// MLP and residual.
+    fn finish_block(&self, blk: &Block<B>, x: Tensor<B, 2>, att: Tensor<B, 2>) -> Tensor<B, 2> {
+        let c = &self.config;
+        let t = x.dims()[0];
+        let x = x + att.matmul(blk.wo.clone());
+        let h = rms_norm(x.clone(), &blk.ffn_norm, c.rms_eps);
+        let gu = h.matmul(blk.w_gate_up.clone());
+        let g = gu.clone().slice([0..t, 0..c.ffn]);
+        let u = gu.slice([0..t, c.ffn..2 * c.ffn]);
+        x + (silu(g) * u).matmul(blk.w_down.clone())
+    }
+
+    /// Final norm and the output head (split in column blocks): `[t, vocab]`.
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = rms_norm(x, &self.norm, self.config.rms_eps);
         let parts: Vec<Tensor<B, 2>> = self
             .head
             .iter()
             .map(|w| h.clone().matmul(w.clone()))
             .collect();
-        Ok(Tensor::cat(parts, 1))
+        Tensor::cat(parts, 1)
     }
 
     fn run<C: LayerCache<B>>(
@@ -368,14 +401,7 @@ impl<B: Backend> Llama<B> {
                 .unwrap_or_else(|| unreachable!("ids is not empty")),
             Logits::All => Tensor::cat(outs, 0),
         };
-        let h = rms_norm(x, &self.norm, c.rms_eps);
-        let parts: Vec<Tensor<B, 2>> = self
-            .head
-            .iter()
-            .map(|w| h.clone().matmul(w.clone()))
-            .collect();
-        let logits = Tensor::cat(parts, 1);
-        Ok((logits, observed))
+        Ok((self.logits(x), observed))
     }
 
     /// One chunk through every block; returns the last hidden states `[t, hidden]`.
@@ -397,25 +423,8 @@ impl<B: Backend> Llama<B> {
         );
         let mut x = self.embed.clone().select(0, idx);
         for (l, (blk, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
-            let h = rms_norm(x.clone(), &blk.attn_norm, c.rms_eps);
-            let mut qkv = h.matmul(blk.wqkv.clone());
-            if let Some(b) = &blk.bqkv {
-                qkv = qkv + b.clone().unsqueeze();
-            }
-            let heads = |from: usize, n: usize| {
-                qkv.clone()
-                    .slice([0..t, from * d..(from + n) * d])
-                    .reshape([t, n, d])
-                    .swap_dims(0, 1)
-                    .unsqueeze::<4>()
-            };
-            let mut q = heads(0, qh);
-            let mut k = heads(qh, kvh);
-            let v = heads(qh + kvh, kvh);
-            if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
-                q = rms_norm(q, qn, c.rms_eps);
-                k = rms_norm(k, kn, c.rms_eps);
-            }
+            let qkv = self.project_qkv(blk, x.clone());
+            let (q, k, v) = self.split_heads(blk, &qkv, 0..t);
             if let Some(o) = observe {
                 let ob = &mut observed[l];
                 if o.pre_rope {
@@ -455,12 +464,7 @@ impl<B: Backend> Llama<B> {
                 .attend(q)
                 .map_err(|source| ModelError::Cache { layer: l, source })?;
             let att = att.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([t, qh * d]);
-            x = x + att.matmul(blk.wo.clone());
-            let h = rms_norm(x.clone(), &blk.ffn_norm, c.rms_eps);
-            let gu = h.matmul(blk.w_gate_up.clone());
-            let g = gu.clone().slice([0..t, 0..c.ffn]);
-            let u = gu.slice([0..t, c.ffn..2 * c.ffn]);
-            x = x + (silu(g) * u).matmul(blk.w_down.clone());
+            x = self.finish_block(blk, x, att);
         }
         Ok(x)
     }

