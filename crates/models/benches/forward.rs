@@ -1,5 +1,6 @@
-//! Prefill at 512 and 2048 tokens and one decode step at 2048 context on the embedded model
-//! with `FullCache` (needs `cargo xtask fetch-model`). Throughput is in tokens.
+//! Prefill at 512 and 2048 tokens, one decode step at 2048 context, and one batched decode step
+//! of 16 sequences at 2048 context (`decode_batch`), on the embedded model with `FullCache`
+//! (needs `cargo xtask fetch-model`). Throughput is in tokens.
 use burn_ndarray::NdArray;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kv_tensor::FullCache;
@@ -43,6 +44,22 @@ fn bench(c: &mut Criterion) {
             |mut cs| {
                 m.model
                     .forward(&[42], &mut cs, Logits::Last)
+                    .expect("decode")
+                    .into_data()
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    const SEQS: usize = 16;
+    g.throughput(Throughput::Elements(SEQS as u64));
+    g.bench_function(format!("decode-batch{SEQS}/at-2048"), |b| {
+        b.iter_batched(
+            || vec![caches.clone(); SEQS],
+            |mut sets| {
+                let mut refs: Vec<&mut [FullCache<B>]> =
+                    sets.iter_mut().map(|s| s.as_mut_slice()).collect();
+                m.model
+                    .decode_batch(&[42; SEQS], &mut refs)
                     .expect("decode")
                     .into_data()
             },

@@ -69,6 +69,8 @@ struct Record {
     task: &'static str,
     /// Index of the sample among its length's samples.
     sample: usize,
+    /// Context tokens of the sample (at most `length`).
+    tokens: usize,
     /// Measured cache bytes after the context.
     bytes: u64,
     /// fp16 K+V bytes of the context / `bytes`.
@@ -374,25 +376,28 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         }
     }
 
-    // Methods at every length (plans are sized for the length; budgets are fractions).
-    let mut plans = Vec::new();
-    for (length, _) in &groups {
-        let geo = methods::geometry(layout, *length);
-        let fp16 = layout.fp16_bytes(1, *length);
-        let budgets: Vec<(String, u64)> = opts
-            .budgets
-            .iter()
-            .map(|b| Ok((b.clone(), b.parse::<Budget>()?.bytes(fp16).get())))
-            .collect::<Result<_, solver::SolverError>>()?;
-        plans.push(methods::entries(
-            &table, &geo, &budgets, opts.quick, &scorers,
-        )?);
+    // Methods for every sample, planned for its exact context length (budgets are fractions of
+    // its fp16 bytes; a plan made for a longer context can overshoot on a shorter one, because
+    // the quantized/dense split of a residual window moves in whole groups).
+    let mut plans: Vec<Vec<Vec<methods::Entry>>> = Vec::new();
+    for (_, samples) in &groups {
+        let mut per = Vec::new();
+        for sample in samples {
+            let tokens = sample.context().len();
+            let geo = methods::geometry(layout, tokens);
+            let fp16 = layout.fp16_bytes(1, tokens);
+            let budgets: Vec<(String, u64)> = opts
+                .budgets
+                .iter()
+                .map(|b| Ok((b.clone(), b.parse::<Budget>()?.bytes(fp16).get())))
+                .collect::<Result<_, solver::SolverError>>()?;
+            per.push(methods::entries(
+                &table, &geo, &budgets, opts.quick, &scorers,
+            )?);
+        }
+        plans.push(per);
     }
-    let total: usize = groups
-        .iter()
-        .zip(&plans)
-        .map(|((_, s), e)| s.len() * e.len())
-        .sum();
+    let total: usize = plans.iter().flatten().map(Vec::len).sum();
     let pb = bar(total as u64, "evaluate");
     let t0 = std::time::Instant::now();
     let needs_mass = scorers.contains(&ScorerKind::H2o);
@@ -400,9 +405,10 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     // Seconds in prefill, compression, probes (teacher forcing, prose, generation set-up) and
     // batched generation.
     let mut phase = [0f64; 4];
-    for ((length, samples), entries) in groups.iter().zip(&plans) {
-        let fp16 = layout.fp16_bytes(1, *length).get();
-        for (si, sample) in samples.iter().enumerate() {
+    for ((length, samples), per) in groups.iter().zip(&plans) {
+        for (si, (sample, entries)) in samples.iter().zip(per).enumerate() {
+            let tokens = sample.context().len();
+            let fp16 = layout.fp16_bytes(1, tokens).get();
             pb.set_message(format!("{}@{length}", sample.task()));
             // One full prefill per sample, shared by every method.
             let mut rec: Vec<RecordingCache<B>> =
@@ -428,10 +434,6 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                 }
                 let tc = std::time::Instant::now();
                 let mut caches = compressed(entry, &rec, &axes)?;
-                // A copy of the compressed state for free generation (teacher forcing consumes
-                // `caches`); caches that cannot fork are compressed again when needed.
-                let spare: Option<Vec<Box<dyn LayerCache<B>>>> =
-                    caches.iter().map(|c| c.fork()).collect();
                 phase[1] += tc.elapsed().as_secs_f64();
                 let tt = std::time::Instant::now();
                 let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
@@ -441,6 +443,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                     length: *length,
                     task: sample.task(),
                     sample: si,
+                    tokens,
                     bytes,
                     ratio: fp16 as f64 / bytes.max(1) as f64,
                     score: None,
@@ -468,7 +471,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                         });
                     }
                     data::Sample::Task(t) => {
-                        let tf = teacher_forced(&m, t, &mut caches)?;
+                        let (tf, fork) = teacher_forced(&m, t, &mut caches)?;
                         r.tf_logp = Some(tf.logp);
                         r.tf_acc = Some(tf.acc);
                         r.refs = t.refs.clone();
@@ -476,13 +479,19 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                             // Greedy decoding reproduces the whole gold answer.
                             None => r.prediction = Some(m.tokenizer.decode(&t.target)?),
                             Some((i, token)) => {
-                                let mut caches = match spare {
+                                // Caches holding the context and the question: forked after
+                                // the question, or compressed and fed again.
+                                let mut caches = match fork {
                                     Some(c) => c,
-                                    None => compressed(entry, &rec, &axes)?,
+                                    None => {
+                                        let mut c = compressed(entry, &rec, &axes)?;
+                                        m.model.forward(&t.question, &mut c, Logits::Last)?;
+                                        c
+                                    }
                                 };
-                                let mut prompt = t.question.clone();
-                                prompt.extend(&t.target[..i]);
-                                m.model.forward(&prompt, &mut caches, Logits::Last)?;
+                                if i > 0 {
+                                    m.model.forward(&t.target[..i], &mut caches, Logits::Last)?;
+                                }
                                 let mut out = t.target[..i].to_vec();
                                 out.push(token);
                                 pending.push(Generation {
@@ -579,7 +588,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         let cap = r
             .budget
             .parse::<Budget>()?
-            .bytes(layout.fp16_bytes(1, r.length))
+            .bytes(layout.fp16_bytes(1, r.tokens))
             .get();
         anyhow::ensure!(
             r.bytes <= cap,
@@ -587,7 +596,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             r.method,
             r.budget,
             r.bytes,
-            r.length
+            r.tokens
         );
     }
     anyhow::ensure!(
@@ -617,6 +626,9 @@ fn qa_sets(tasks: &[Task]) -> Result<(Option<tasks::QaSet>, Option<tasks::QaSet>
     Ok((squad, hotpot))
 }
 
+/// One method's caches, one per layer.
+type Caches = Vec<Box<dyn LayerCache<B>>>;
+
 /// Teacher-forced scores of a task's gold answer.
 struct TeacherForced {
     logp: f64,
@@ -635,12 +647,19 @@ fn teacher_forced(
     m: &LoadedModel<B>,
     t: &tasks::TaskSample,
     caches: &mut [Box<dyn LayerCache<B>>],
-) -> Result<TeacherForced> {
-    let (q, n) = (t.question.len(), t.target.len());
-    let mut probe = t.question.clone();
-    probe.extend(&t.target[..n - 1]);
-    let logp = log_softmax(m.model.forward(&probe, caches, Logits::All)?, 1);
-    let rows = logp.slice_dim(0, q - 1..q - 1 + n);
+) -> Result<(TeacherForced, Option<Caches>)> {
+    let n = t.target.len();
+    // The question first, then a fork of the caches (free generation resumes from there),
+    // then the gold answer but its last token.
+    let first = m.model.forward(&t.question, caches, Logits::Last)?;
+    let fork: Option<Caches> = caches.iter().map(|c| c.fork()).collect();
+    let logits = if n > 1 {
+        let rest = m.model.forward(&t.target[..n - 1], caches, Logits::All)?;
+        Tensor::cat(vec![first, rest], 0)
+    } else {
+        first
+    };
+    let rows = log_softmax(logits, 1);
     let best: Vec<i64> = rows.clone().argmax(1).into_data().iter::<i64>().collect();
     let hits = t
         .target
@@ -654,11 +673,14 @@ fn teacher_forced(
         .zip(&best)
         .position(|(g, b)| *g as i64 != *b)
         .map(|i| (i, best[i] as u32));
-    Ok(TeacherForced {
-        logp: -nll(&rows, &t.target),
-        acc: hits as f64 / n as f64,
-        first_miss,
-    })
+    Ok((
+        TeacherForced {
+            logp: -nll(&rows, &t.target),
+            acc: hits as f64 / n as f64,
+            first_miss,
+        },
+        fork,
+    ))
 }
 
 /// A greedy answer under way: caches holding the question and the answer but its last token.
