@@ -2,18 +2,22 @@
 //!
 //! Tests on the real model need it fetched first (`cargo xtask fetch-model`, which `.ci/run`
 //! does); when it is missing they fail with that instruction rather than skip.
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(any(feature = "cuda", feature = "flex")))]
 use burn_ndarray::NdArray;
 use models::LoadedModel;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// The backend the cross-crate tests run on: the CPU, or CUDA with `--features cuda`.
-#[cfg(not(feature = "cuda"))]
+/// The backend the cross-crate tests run on: the CPU, CUDA with `--features cuda`, or burn-flex
+/// with `--features flex`.
+#[cfg(not(any(feature = "cuda", feature = "flex")))]
 pub type B = NdArray<f32>;
 /// The backend the cross-crate tests run on: the CPU, or CUDA with `--features cuda`.
 #[cfg(feature = "cuda")]
 pub type B = burn_cuda::Cuda<f32, i32>;
+/// The backend the cross-crate tests run on: burn-flex, burn's newer CPU backend.
+#[cfg(all(feature = "flex", not(feature = "cuda")))]
+pub type B = burn_flex::Flex;
 
 /// Path of the embedded default model, or a panic telling how to fetch it.
 pub fn model_path() -> PathBuf {

@@ -57,7 +57,7 @@ impl<B: Backend> ObservationCtx<B> {
 /// A user's own axis implements this trait in their own crate and plugs into the router.
 pub trait CompressionAxis<B: Backend>: Send + Sync {
     /// The per-layer knob of this axis (a keep ratio, bit widths, ranks…).
-    type Setting: Clone + Debug + PartialEq + Serialize + DeserializeOwned;
+    type Setting: Clone + Send + Sync + Debug + PartialEq + Serialize + DeserializeOwned;
 
     /// Short name for reports.
     fn name(&self) -> &'static str;

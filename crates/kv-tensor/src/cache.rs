@@ -1,6 +1,9 @@
 //! The single attention patch point: the model talks to each layer's cache only through
 //! [`LayerCache`]; [`FullCache`] is the uncompressed reference.
-use crate::{AxisError, CompressedLayer, Footprint, KvError, ObservationCtx, attention_padded};
+use crate::{
+    AxisError, CompressedLayer, Footprint, KvError, ObservationCtx, attention_padded,
+    attention_with_mass,
+};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
@@ -9,7 +12,10 @@ use burn::tensor::{Bool, Tensor};
 /// GQA is the cache's business: `attend` takes all query heads. The default `attend` decodes
 /// the cache and runs [`attention`]; a backend-specific cache may override it with a fused
 /// kernel (or score keys in a reduced space).
-pub trait LayerCache<B: Backend> {
+///
+/// Caches are `Send` so that a harness can evaluate several compressed states on different
+/// threads (burn tensors are shared copy-on-write and thread-safe).
+pub trait LayerCache<B: Backend>: Send {
     /// Appends new tokens. A compressing cache may compress older tokens here (a residual
     /// window that fills up), hence the axis error.
     ///
@@ -28,6 +34,16 @@ pub trait LayerCache<B: Backend> {
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         let (k, v) = self.keys_values()?;
         attention_padded(q, k, v, self.padding())
+    }
+
+    /// [`attend`](Self::attend) that also returns the attention mass every held key received
+    /// from these queries (`[b, kv_heads, stored]`, summed over queries and grouped heads; see
+    /// [`attention_with_mass`]). The prefill calls it when a scorer needs the mass (H2O), so the
+    /// statistic comes from the same softmax as the output. A cache overriding `attend` with
+    /// side effects meant for decoding need not repeat them here.
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        let (k, v) = self.keys_values()?;
+        attention_with_mass(q, k, v, self.padding())
     }
 
     /// Which rows of [`keys_values`](Self::keys_values) are padding rather than tokens
@@ -229,6 +245,10 @@ impl<B: Backend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         (**self).attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        (**self).attend_with_mass(q)
     }
 
     fn padding(&self) -> Option<Tensor<B, 3, Bool>> {

@@ -20,7 +20,9 @@ mod packing;
 mod segment;
 mod units;
 
-pub use attention::{ATTENTION_QUERY_CHUNK, attention, attention_padded, window_attention};
+pub use attention::{
+    ATTENTION_QUERY_CHUNK, attention, attention_padded, attention_with_mass, window_attention,
+};
 pub use axis::{CompressionAxis, ObservationCtx};
 pub use cache::{FullCache, LayerCache, PrefillCompressedCache, RecordingCache};
 pub use encoded::{Encoded, GroupAxis, Quantized};

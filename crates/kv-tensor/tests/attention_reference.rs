@@ -170,3 +170,82 @@ fn bad_shapes_are_errors() {
     assert!(cache.attend(Tensor::zeros([1, QH, 5, D], &device)).is_err());
     assert!(cache.attend(Tensor::zeros([1, 4, 1, D], &device)).is_err());
 }
+
+/// Naive window attention: for each KV head, the attention every key receives from each window
+/// query of each grouped query head (window query i sits at position t − w + i and sees keys
+/// up to it), averaged over those queries and heads.
+fn naive_mass(q: &[f32], k: &[f32], w: usize, t: usize) -> Vec<f32> {
+    let g = QH / KVH;
+    let mut mass = vec![0f64; KVH * t];
+    for h in 0..QH {
+        let kh = h / g;
+        for i in 0..w {
+            let qrow = &q[(h * w + i) * D..(h * w + i + 1) * D];
+            let visible = t - w + i + 1;
+            let scores: Vec<f64> = (0..visible)
+                .map(|j| {
+                    let krow = &k[(kh * t + j) * D..(kh * t + j + 1) * D];
+                    qrow.iter()
+                        .zip(krow)
+                        .map(|(a, b)| (*a as f64) * (*b as f64))
+                        .sum::<f64>()
+                        / (D as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (j, s) in scores.iter().enumerate() {
+                mass[kh * t + j] += (s - max).exp() / sum / (g * w) as f64;
+            }
+        }
+    }
+    mass.into_iter().map(|x| x as f32).collect()
+}
+
+#[test]
+fn window_attention_matches_naive_mass() {
+    let dev = Default::default();
+    // Windows of one query (no causal block), a few queries, and the whole sequence.
+    for (w, t) in [(1usize, 7usize), (5, 19), (12, 12)] {
+        let q = Tensor::<B, 4>::random([1, QH, w, D], Distribution::Normal(0.0, 1.0), &dev);
+        let k = Tensor::<B, 4>::random([1, KVH, t, D], Distribution::Normal(0.0, 1.0), &dev);
+        let want = naive_mass(&to_vec(q.clone()), &to_vec(k.clone()), w, t);
+        let got: Vec<f32> = kv_tensor::window_attention(q, k)
+            .expect("shapes agree")
+            .into_data()
+            .to_vec()
+            .expect("f32 data");
+        assert_close(&got, &want, &format!("window {w} over {t} keys"));
+        for (kh, row) in got.chunks(t).enumerate() {
+            let s: f32 = row.iter().sum();
+            assert!((s - 1.0).abs() < 1e-4, "head {kh} mass sums to {s}");
+        }
+    }
+}
+
+#[test]
+fn attention_mass_is_the_column_sum_of_the_same_softmax() {
+    let dev = Default::default();
+    for (tq, tk) in [(1usize, 9usize), (6, 6), (7, 23)] {
+        let q = Tensor::<B, 4>::random([1, QH, tq, D], Distribution::Normal(0.0, 1.0), &dev);
+        let k = Tensor::<B, 4>::random([1, KVH, tk, D], Distribution::Normal(0.0, 1.0), &dev);
+        let v = Tensor::<B, 4>::random([1, KVH, tk, D], Distribution::Normal(0.0, 1.0), &dev);
+        let (out, mass) = kv_tensor::attention_with_mass(q.clone(), k.clone(), v.clone(), None)
+            .expect("shapes agree");
+        let want_out = naive(&to_vec(q.clone()), &to_vec(k.clone()), &to_vec(v), tq, tk);
+        assert_close(&to_vec(out), &want_out, &format!("output, {tq} over {tk}"));
+        // The window queries of `naive_mass` are the last tq tokens, averaged: × (g · tq).
+        let scale = ((QH / KVH) * tq) as f32;
+        let want: Vec<f32> = naive_mass(&to_vec(q), &to_vec(k), tq, tk)
+            .into_iter()
+            .map(|m| m * scale)
+            .collect();
+        let got: Vec<f32> = mass.into_data().to_vec().expect("f32 data");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "mass, {tq} over {tk}: max abs error {worst}");
+    }
+}

@@ -9,6 +9,7 @@ mod dequant;
 mod error;
 mod generate;
 pub mod gguf;
+mod linear;
 mod llama;
 mod loader;
 pub mod paths;

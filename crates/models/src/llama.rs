@@ -6,6 +6,7 @@
 //! Batch size is one: prompts are processed in chunks of tokens, rows of a `[t, hidden]` matrix.
 use crate::ModelError;
 use crate::config::LlamaConfig;
+use crate::linear::Linear;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
 use burn::tensor::activation::silu;
@@ -18,14 +19,14 @@ use kv_tensor::{LayerCache, ObservationCtx};
 #[derive(Debug, Clone)]
 struct Block<B: Backend> {
     attn_norm: Tensor<B, 1>,
-    wqkv: Tensor<B, 2>,
+    wqkv: Linear<B>,
     bqkv: Option<Tensor<B, 1>>,
     q_norm: Option<Tensor<B, 1>>,
     k_norm: Option<Tensor<B, 1>>,
-    wo: Tensor<B, 2>,
+    wo: Linear<B>,
     ffn_norm: Tensor<B, 1>,
-    w_gate_up: Tensor<B, 2>,
-    w_down: Tensor<B, 2>,
+    w_gate_up: Linear<B>,
+    w_down: Linear<B>,
 }
 
 /// What a prefill hands back besides filling the caches.
@@ -37,8 +38,8 @@ pub struct PrefillOptions {
     pub observe_window: usize,
     /// Also give scorers pre-RoPE queries and keys.
     pub pre_rope: bool,
-    /// Also accumulate the attention every key receives from every prompt query (H2O). Costs
-    /// a second attention pass per chunk.
+    /// Also accumulate the attention every key receives from every prompt query (H2O). Read
+    /// off the attention's own softmax (a column sum per chunk), not a second pass.
     pub attention_mass: bool,
 }
 
@@ -70,10 +71,8 @@ pub struct Llama<B: Backend> {
     embed: Tensor<B, 2>,
     blocks: Vec<Block<B>>,
     norm: Tensor<B, 1>,
-    /// The output head `[hidden, vocab]` split into contiguous column blocks: for a single
-    /// row (decode), burn-ndarray's matmul is about twice as fast over 16 blocks of ~3k columns
-    /// as over one 49k-column matrix (its packing working set stays in cache).
-    head: Vec<Tensor<B, 2>>,
+    /// The output head `[hidden, vocab]`, in column blocks of [`HEAD_BLOCK`].
+    head: Linear<B>,
     rope: Rope<B>,
 }
 
@@ -98,36 +97,41 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Self, ModelError> {
         let c = &config;
         let (qd, kvd) = (c.q_heads * c.head_dim, c.kv_heads * c.head_dim);
+        // Host-side matrix–vector products pay off where tensors live in host memory.
+        let host = B::name(device) == "ndarray";
         let (edims, evals) = w.require("token_embd.weight")?;
         expect(&edims, &[c.hidden, c.vocab], "token_embd.weight")?;
         let embed = Tensor::from_data(TensorData::new(evals.clone(), [c.vocab, c.hidden]), device);
-        let head = match w.fetch("output.weight")? {
+        let head_rows = match w.fetch("output.weight")? {
             Some((d, v)) => {
                 expect(&d, &[c.hidden, c.vocab], "output.weight")?;
-                head_blocks(v, c.hidden, c.vocab, device)
+                v
             }
-            None => head_blocks(evals, c.hidden, c.vocab, device),
+            None => evals,
         };
+        let head = Linear::from_rows(head_rows, c.hidden, c.vocab, HEAD_BLOCK, host, device);
         let mut blocks = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let n = |s: &str| format!("blk.{l}.{s}");
-            let mat = |s: &str, i: usize, o: usize| -> Result<Tensor<B, 2>, ModelError> {
+            let rows = |s: &str, i: usize, o: usize| -> Result<(Vec<f32>, usize), ModelError> {
                 let (d, v) = w.require(&n(s))?;
                 expect(&d, &[i, o], &n(s))?;
-                Ok(matrix(v, i, o, device))
+                Ok((v, o))
             };
             let vec = |s: &str, len: usize| -> Result<Tensor<B, 1>, ModelError> {
                 let (d, v) = w.require(&n(s))?;
                 expect(&d, &[len], &n(s))?;
                 Ok(Tensor::from_data(TensorData::new(v, [len]), device))
             };
-            let wqkv = Tensor::cat(
+            let wqkv = Linear::fused(
                 vec![
-                    mat("attn_q.weight", c.hidden, qd)?,
-                    mat("attn_k.weight", c.hidden, kvd)?,
-                    mat("attn_v.weight", c.hidden, kvd)?,
+                    rows("attn_q.weight", c.hidden, qd)?,
+                    rows("attn_k.weight", c.hidden, kvd)?,
+                    rows("attn_v.weight", c.hidden, kvd)?,
                 ],
-                1,
+                c.hidden,
+                host,
+                device,
             );
             let bqkv = if c.qkv_bias {
                 Some(Tensor::cat(
@@ -155,16 +159,28 @@ impl<B: Backend> Llama<B> {
                 bqkv,
                 q_norm,
                 k_norm,
-                wo: mat("attn_output.weight", qd, c.hidden)?,
-                ffn_norm: vec("ffn_norm.weight", c.hidden)?,
-                w_gate_up: Tensor::cat(
-                    vec![
-                        mat("ffn_gate.weight", c.hidden, c.ffn)?,
-                        mat("ffn_up.weight", c.hidden, c.ffn)?,
-                    ],
-                    1,
+                wo: Linear::fused(
+                    vec![rows("attn_output.weight", qd, c.hidden)?],
+                    qd,
+                    host,
+                    device,
                 ),
-                w_down: mat("ffn_down.weight", c.ffn, c.hidden)?,
+                ffn_norm: vec("ffn_norm.weight", c.hidden)?,
+                w_gate_up: Linear::fused(
+                    vec![
+                        rows("ffn_gate.weight", c.hidden, c.ffn)?,
+                        rows("ffn_up.weight", c.hidden, c.ffn)?,
+                    ],
+                    c.hidden,
+                    host,
+                    device,
+                ),
+                w_down: Linear::fused(
+                    vec![rows("ffn_down.weight", c.ffn, c.hidden)?],
+                    c.ffn,
+                    host,
+                    device,
+                ),
             });
         }
         let (nd, nv) = w.require("output_norm.weight")?;
@@ -179,6 +195,19 @@ impl<B: Backend> Llama<B> {
             head,
             rope,
         })
+    }
+
+    /// Turns the host-side matrix–vector path of decode steps on or off. It is on by default
+    /// where the backend keeps tensors in host memory (burn-ndarray), where it makes a decode
+    /// step several times faster; it keeps a second f32 copy of every matrix, so a CPU user
+    /// short of memory may turn it off. Results agree up to float summation order.
+    pub fn set_host_matvec(&mut self, on: bool) {
+        for b in &mut self.blocks {
+            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
+                w.set_host(on);
+            }
+        }
+        self.head.set_host(on);
     }
 
     /// Runs the prompt through the model in chunks, filling `caches`, then lets every cache
@@ -290,7 +319,7 @@ impl<B: Backend> Llama<B> {
     /// RMSNorm, then the fused q/k/v projection (with bias when the model has one): `[t, ·]`.
     fn project_qkv(&self, blk: &Block<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let h = rms_norm(x, &blk.attn_norm, self.config.rms_eps);
-        let qkv = h.matmul(blk.wqkv.clone());
+        let qkv = blk.wqkv.apply(h);
         match &blk.bqkv {
             Some(b) => qkv + b.clone().unsqueeze(),
             None => qkv,
@@ -330,23 +359,18 @@ impl<B: Backend> Llama<B> {
     fn finish_block(&self, blk: &Block<B>, x: Tensor<B, 2>, att: Tensor<B, 2>) -> Tensor<B, 2> {
         let c = &self.config;
         let t = x.dims()[0];
-        let x = x + att.matmul(blk.wo.clone());
+        let x = x + blk.wo.apply(att);
         let h = rms_norm(x.clone(), &blk.ffn_norm, c.rms_eps);
-        let gu = h.matmul(blk.w_gate_up.clone());
+        let gu = blk.w_gate_up.apply(h);
         let g = gu.clone().slice([0..t, 0..c.ffn]);
         let u = gu.slice([0..t, c.ffn..2 * c.ffn]);
-        x + (silu(g) * u).matmul(blk.w_down.clone())
+        x + blk.w_down.apply(silu(g) * u)
     }
 
-    /// Final norm and the output head (split in column blocks): `[t, vocab]`.
+    /// Final norm and the output head: `[t, vocab]`.
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let h = rms_norm(x, &self.norm, self.config.rms_eps);
-        let parts: Vec<Tensor<B, 2>> = self
-            .head
-            .iter()
-            .map(|w| h.clone().matmul(w.clone()))
-            .collect();
-        Tensor::cat(parts, 1)
+        self.head
+            .apply(rms_norm(x, &self.norm, self.config.rms_eps))
     }
 
     fn run<C: LayerCache<B>>(
@@ -416,7 +440,7 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let device = self.embed.device();
         let t = ids.len();
-        let (qh, kvh, d) = (c.q_heads, c.kv_heads, c.head_dim);
+        let (qh, d) = (c.q_heads, c.head_dim);
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [t]),
             &device,
@@ -441,15 +465,13 @@ impl<B: Backend> Llama<B> {
             cache
                 .append(k, v)
                 .map_err(|source| ModelError::Compress { layer: l, source })?;
-            if observe.is_some_and(|o| o.attention_mass) {
-                let (keys, _) = cache
-                    .keys_values()
+            let att = if observe.is_some_and(|o| o.attention_mass) {
+                // H2O's statistic from the attention's own softmax: the mass each key
+                // received from this chunk's queries (all grouped heads), accumulated.
+                let (att, chunk_mass) = cache
+                    .attend_with_mass(q)
                     .map_err(|source| ModelError::Cache { layer: l, source })?;
-                let total = keys.dims()[2];
-                // Mean over the chunk's queries and grouped heads → sum.
-                let chunk_mass = kv_tensor::window_attention(q.clone(), keys)
-                    .map_err(|source| ModelError::Cache { layer: l, source })?
-                    .mul_scalar((t * (qh / kvh)) as f64);
+                let total = chunk_mass.dims()[2];
                 let ob = &mut observed[l];
                 ob.mass = Some(match ob.mass.take() {
                     Some(prev) => {
@@ -459,10 +481,12 @@ impl<B: Backend> Llama<B> {
                     }
                     None => chunk_mass,
                 });
-            }
-            let att = cache
-                .attend(q)
-                .map_err(|source| ModelError::Cache { layer: l, source })?;
+                att
+            } else {
+                cache
+                    .attend(q)
+                    .map_err(|source| ModelError::Cache { layer: l, source })?
+            };
             let att = att.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([t, qh * d]);
             x = self.finish_block(blk, x, att);
         }
@@ -493,44 +517,6 @@ fn rms_norm<B: Backend, const D: usize>(
     let ms = x.clone().square().mean_dim(D - 1);
     let shape: [usize; D] = std::array::from_fn(|i| if i == D - 1 { w.dims()[0] } else { 1 });
     x * (ms + eps).sqrt().recip() * w.clone().reshape(shape)
-}
-
-/// A GGUF-order `[in, out]` weight (rows of length `in`, one per output) as an `[in, out]`
-/// tensor: transposed once on the host so every matmul reads it contiguously.
-fn matrix<B: Backend>(
-    rows_out: Vec<f32>,
-    inp: usize,
-    out: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    let mut t = vec![0f32; rows_out.len()];
-    for o in 0..out {
-        for i in 0..inp {
-            t[i * out + o] = rows_out[o * inp + i];
-        }
-    }
-    Tensor::from_data(TensorData::new(t, [inp, out]), device)
-}
-
-/// The head as contiguous `[in, ≤ HEAD_BLOCK]` column blocks, in vocabulary order.
-fn head_blocks<B: Backend>(
-    rows_out: Vec<f32>,
-    inp: usize,
-    vocab: usize,
-    device: &B::Device,
-) -> Vec<Tensor<B, 2>> {
-    (0..vocab)
-        .step_by(HEAD_BLOCK)
-        .map(|start| {
-            let end = (start + HEAD_BLOCK).min(vocab);
-            matrix(
-                rows_out[start * inp..end * inp].to_vec(),
-                inp,
-                end - start,
-                device,
-            )
-        })
-        .collect()
 }
 
 fn expect(got: &[usize], want: &[usize], name: &str) -> Result<(), ModelError> {

@@ -138,6 +138,7 @@ pub fn entries(
     budgets: &[(String, u64)],
     quick: bool,
     scorers: &[ScorerKind],
+    skips: &mut Skips,
 ) -> Result<Vec<Entry>> {
     let mut out = vec![Entry {
         name: "full".into(),
@@ -190,13 +191,13 @@ pub fn entries(
                     label,
                     RoutingPlan::uniform(e, geo.layers),
                 )),
-                None => eprintln!("{name} at {label}: no uniform keep fits"),
+                None => skips.add(name, label, "no uniform keep fits"),
             }
         }
         for m in methods {
             match m.plan(&table.menu, &loss, geo, *bytes, true) {
                 Ok((plan, _)) => out.push(Entry::plan(m.name(), label, plan)),
-                Err(e) => eprintln!("{} at {label}: {e}", m.name()),
+                Err(e) => skips.add(m.name(), label, e),
             }
         }
         let mut single: Vec<(String, ScorerKind, Selection)> = scorers
@@ -233,11 +234,11 @@ pub fn entries(
                     budget: label.clone(),
                     build: Build::Moqae(r),
                 }),
-                None => eprintln!("moqae at {label}: quantization alone cannot reach the budget"),
+                None => skips.add("moqae", label, "quantization alone cannot reach the budget"),
             }
             match pyramid(ScorerKind::Snapkv, geo, *bytes) {
                 Some(plan) => out.push(Entry::plan("pyramid(snapkv)", label, plan)),
-                None => eprintln!("pyramid at {label}: no keep fits"),
+                None => skips.add("pyramid(snapkv)", label, "no keep fits"),
             }
         }
         for (name, s, selection) in single {
@@ -247,11 +248,36 @@ pub fn entries(
                     label,
                     RoutingPlan::uniform(e, geo.layers),
                 )),
-                None => eprintln!("{name} at {label}: no uniform keep fits"),
+                None => skips.add(&name, label, "no uniform keep fits"),
             }
         }
     }
     Ok(out)
+}
+
+/// Methods that could not be planned for some samples, reported once per method and budget
+/// rather than once per sample: `(method, budget)` → (first reason, samples).
+#[derive(Debug, Default)]
+pub struct Skips(std::collections::BTreeMap<(String, String), (String, usize)>);
+
+impl Skips {
+    fn add(&mut self, method: &str, budget: &str, reason: impl std::fmt::Display) {
+        self.0
+            .entry((method.to_string(), budget.to_string()))
+            .or_insert_with(|| (reason.to_string(), 0))
+            .1 += 1;
+    }
+
+    /// One line per skipped method and budget, e.g. `moqae at 1/8: skipped on 14 of 14
+    /// samples (quantization alone cannot reach the budget)`.
+    pub fn lines(&self, samples: usize) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|((m, b), (why, n))| {
+                format!("{m} at {b}: skipped on {n} of {samples} samples ({why})")
+            })
+            .collect()
+    }
 }
 
 /// The layer shape of the model after `tokens` tokens.

@@ -20,6 +20,7 @@ use burn::tensor::activation::log_softmax;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_tensor::{LayerCache, RecordingCache};
 use models::{LoadedModel, Logits, PrefillOptions};
+use rayon::prelude::*;
 use router::Axes;
 use serde::Serialize;
 use solver::{Budget, CalibrationOptions, SensitivityTable};
@@ -380,6 +381,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     // its fp16 bytes; a plan made for a longer context can overshoot on a shorter one, because
     // the quantized/dense split of a residual window moves in whole groups).
     let mut plans: Vec<Vec<Vec<methods::Entry>>> = Vec::new();
+    let mut skips = methods::Skips::default();
     for (_, samples) in &groups {
         let mut per = Vec::new();
         for sample in samples {
@@ -392,10 +394,14 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                 .map(|b| Ok((b.clone(), b.parse::<Budget>()?.bytes(fp16).get())))
                 .collect::<Result<_, solver::SolverError>>()?;
             per.push(methods::entries(
-                &table, &geo, &budgets, opts.quick, &scorers,
+                &table, &geo, &budgets, opts.quick, &scorers, &mut skips,
             )?);
         }
         plans.push(per);
+    }
+    let skipped = skips.lines(groups.iter().map(|(_, s)| s.len()).sum());
+    for line in &skipped {
+        eprintln!("{line}");
     }
     let total: usize = plans.iter().flatten().map(Vec::len).sum();
     let pb = bar(total as u64, "evaluate");
@@ -403,7 +409,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     let needs_mass = scorers.contains(&ScorerKind::H2o);
     let mut records: Vec<Record> = Vec::new();
     // Seconds in prefill, compression, probes (teacher forcing, prose, generation set-up) and
-    // batched generation.
+    // batched generation; compression and probes run on every core and are summed over them.
     let mut phase = [0f64; 4];
     for ((length, samples), per) in groups.iter().zip(&plans) {
         for (si, (sample, entries)) in samples.iter().zip(per).enumerate() {
@@ -420,96 +426,72 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             let tp = std::time::Instant::now();
             m.model.prefill(sample.context(), &mut rec, &popts)?;
             phase[0] += tp.elapsed().as_secs_f64();
-            let mut full_logp: Option<Tensor<B, 2>> = None;
-            let mut pending: Vec<Generation> = Vec::new();
             let first_record = records.len();
-            for (ei, entry) in entries.iter().enumerate() {
-                if let Some(j) = methods::Entry::same_as(entries, ei) {
-                    let mut r = records[first_record + j].clone();
-                    r.method = entry.name.clone();
-                    r.budget = entry.budget.clone();
-                    records.push(r);
+            let ctx = EntryCtx {
+                m: &m,
+                axes: &axes,
+                rec: &rec,
+                sample,
+                length: *length,
+                index: si,
+                fp16,
+            };
+            // The full cache first: its next-token distributions are the KL reference.
+            let mut results: Vec<Option<Measured>> = (0..entries.len()).map(|_| None).collect();
+            let unique: Vec<usize> = (0..entries.len())
+                .filter(|&ei| methods::Entry::same_as(entries, ei).is_none())
+                .collect();
+            let (first, rest) = unique.split_first().context("no methods to evaluate")?;
+            let head = ctx.measure(&entries[*first], None)?;
+            let reference = head.logp.clone();
+            pb.inc(1);
+            results[*first] = Some(head);
+            // The other methods on both cores: each owns its caches; the model, the recorded
+            // prefill and the calibrated axes are shared read-only.
+            let measured: Vec<(usize, Measured)> = rest
+                .par_iter()
+                .map(|&ei| {
+                    let r = ctx.measure(&entries[ei], reference.as_ref());
                     pb.inc(1);
-                    continue;
-                }
-                let tc = std::time::Instant::now();
-                let mut caches = compressed(entry, &rec, &axes)?;
-                phase[1] += tc.elapsed().as_secs_f64();
-                let tt = std::time::Instant::now();
-                let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
-                let mut r = Record {
-                    method: entry.name.clone(),
-                    budget: entry.budget.clone(),
-                    length: *length,
-                    task: sample.task(),
-                    sample: si,
-                    tokens,
-                    bytes,
-                    ratio: fp16 as f64 / bytes.max(1) as f64,
-                    score: None,
-                    tf_logp: None,
-                    tf_acc: None,
-                    nll: None,
-                    kl: None,
-                    prediction: None,
-                    refs: Vec::new(),
-                };
-                match sample {
-                    data::Sample::Prose { continuation, .. } => {
-                        let n = continuation.len();
-                        let logits =
-                            m.model
-                                .forward(&continuation[..n - 1], &mut caches, Logits::All)?;
-                        let logp = log_softmax(logits, 1);
-                        r.nll = Some(nll(&logp, &continuation[1..]));
-                        r.kl = Some(match &full_logp {
-                            None => {
-                                full_logp = Some(logp);
-                                0.0
-                            }
-                            Some(reference) => solver::measured::kl(reference, &logp),
-                        });
+                    r.map(|r| (ei, r))
+                })
+                .collect::<Result<_>>()?;
+            for (ei, r) in measured {
+                results[ei] = Some(r);
+            }
+            let mut pending: Vec<Generation> = Vec::new();
+            for (ei, entry) in entries.iter().enumerate() {
+                let r = match methods::Entry::same_as(entries, ei) {
+                    Some(j) => {
+                        let mut r = records[first_record + j].clone();
+                        r.method = entry.name.clone();
+                        r.budget = entry.budget.clone();
+                        pb.inc(1);
+                        r
                     }
-                    data::Sample::Task(t) => {
-                        let (tf, fork) = teacher_forced(&m, t, &mut caches)?;
-                        r.tf_logp = Some(tf.logp);
-                        r.tf_acc = Some(tf.acc);
-                        r.refs = t.refs.clone();
-                        match tf.first_miss {
-                            // Greedy decoding reproduces the whole gold answer.
-                            None => r.prediction = Some(m.tokenizer.decode(&t.target)?),
-                            Some((i, token)) => {
-                                // Caches holding the context and the question: forked after
-                                // the question, or compressed and fed again.
-                                let mut caches = match fork {
-                                    Some(c) => c,
-                                    None => {
-                                        let mut c = compressed(entry, &rec, &axes)?;
-                                        m.model.forward(&t.question, &mut c, Logits::Last)?;
-                                        c
-                                    }
-                                };
-                                if i > 0 {
-                                    m.model.forward(&t.target[..i], &mut caches, Logits::Last)?;
-                                }
-                                let mut out = t.target[..i].to_vec();
-                                out.push(token);
-                                pending.push(Generation {
-                                    record: records.len(),
-                                    caches,
-                                    out,
-                                });
-                            }
+                    None => {
+                        let got = results[ei].take().context("an entry was not measured")?;
+                        phase[1] += got.seconds[0];
+                        phase[2] += got.seconds[1];
+                        if let Some((caches, out)) = got.generation {
+                            pending.push(Generation {
+                                record: records.len(),
+                                caches,
+                                out,
+                            });
                         }
+                        got.record
                     }
-                }
-                phase[2] += tt.elapsed().as_secs_f64();
+                };
                 records.push(r);
-                pb.inc(1);
             }
             if let data::Sample::Task(t) = sample {
                 let tg = std::time::Instant::now();
-                generate(&m, t, &mut pending)?;
+                // Two lockstep batches, one per core (a batch's attention runs on one thread).
+                let half = pending.len().div_ceil(rayon::current_num_threads()).max(1);
+                pending
+                    .par_chunks_mut(half)
+                    .try_for_each(|batch| generate(&m, t, batch))?;
                 phase[3] += tg.elapsed().as_secs_f64();
                 for g in pending.drain(..) {
                     records[g.record].prediction = Some(m.tokenizer.decode(&g.out)?);
@@ -532,11 +514,15 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     pb.finish_and_clear();
     let elapsed = t0.elapsed().as_secs_f64();
     eprintln!(
-        "time: prefill {:.0} s, compression {:.0} s, probes {:.0} s, batched generation {:.0} s",
-        phase[0], phase[1], phase[2], phase[3]
+        "time: {elapsed:.0} s; prefill {:.0} s, compression {:.0} s and probes {:.0} s (summed over {} workers), batched generation {:.0} s",
+        phase[0],
+        phase[1],
+        phase[2],
+        rayon::current_num_threads(),
+        phase[3]
     );
     let summary = summarize(&records, &opts.lengths);
-    let md = markdown(&summary, &versus(&records), opts, elapsed);
+    let md = markdown(&summary, &versus(&records), &skipped, opts, elapsed);
     let out = match &opts.out {
         Some(o) => o.clone(),
         None => crate::paths::home()?.join("eval"),
@@ -548,7 +534,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         "samples_per_task": opts.samples, "prose_samples": opts.prose_samples,
         "prose_context": opts.prose_context, "continuation": opts.continuation,
         "calibration_context": opts.calibration_context, "seed": opts.seed,
-        "budgets": opts.budgets, "seconds": elapsed, "summary": summary,
+        "budgets": opts.budgets, "seconds": elapsed, "summary": summary, "skipped": skipped,
     });
     let mut full = head.clone();
     full["records"] = serde_json::to_value(&records)?;
@@ -635,6 +621,116 @@ struct TeacherForced {
     acc: f64,
     /// The first gold token that is not the argmax, with the argmax there.
     first_miss: Option<(usize, u32)>,
+}
+
+/// What every method of one sample shares: the model, the calibrated axes, the recorded full
+/// prefill and the sample.
+struct EntryCtx<'a> {
+    m: &'a LoadedModel<B>,
+    axes: &'a Axes<B>,
+    rec: &'a [RecordingCache<B>],
+    sample: &'a data::Sample,
+    length: usize,
+    index: usize,
+    fp16: u64,
+}
+
+/// One method measured on one sample.
+struct Measured {
+    record: Record,
+    /// Log-probabilities of the prose continuation (the full cache's are the KL reference).
+    logp: Option<Tensor<B, 2>>,
+    /// Caches and tokens so far of a greedy answer still to finish.
+    generation: Option<(Caches, Vec<u32>)>,
+    /// Seconds compressing and probing.
+    seconds: [f64; 2],
+}
+
+impl EntryCtx<'_> {
+    /// Compresses the recorded prefill with `entry` and runs its probes: prose NLL and KL to
+    /// `reference`, or teacher forcing, and the start of free generation when greedy decoding
+    /// leaves the gold answer.
+    fn measure(
+        &self,
+        entry: &methods::Entry,
+        reference: Option<&Tensor<B, 2>>,
+    ) -> Result<Measured> {
+        let m = self.m;
+        let tc = std::time::Instant::now();
+        let mut caches = compressed(entry, self.rec, self.axes)?;
+        let compress = tc.elapsed().as_secs_f64();
+        let tt = std::time::Instant::now();
+        let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
+        let tokens = self.sample.context().len();
+        let mut r = Record {
+            method: entry.name.clone(),
+            budget: entry.budget.clone(),
+            length: self.length,
+            task: self.sample.task(),
+            sample: self.index,
+            tokens,
+            bytes,
+            ratio: self.fp16 as f64 / bytes.max(1) as f64,
+            score: None,
+            tf_logp: None,
+            tf_acc: None,
+            nll: None,
+            kl: None,
+            prediction: None,
+            refs: Vec::new(),
+        };
+        let mut logp_out = None;
+        let mut generation = None;
+        match self.sample {
+            data::Sample::Prose { continuation, .. } => {
+                let n = continuation.len();
+                let logits = m
+                    .model
+                    .forward(&continuation[..n - 1], &mut caches, Logits::All)?;
+                let logp = log_softmax(logits, 1);
+                r.nll = Some(nll(&logp, &continuation[1..]));
+                r.kl = Some(match reference {
+                    None => 0.0,
+                    Some(reference) => solver::measured::kl(reference, &logp),
+                });
+                logp_out = Some(logp);
+            }
+            data::Sample::Task(t) => {
+                let (tf, fork) = teacher_forced(m, t, &mut caches)?;
+                r.tf_logp = Some(tf.logp);
+                r.tf_acc = Some(tf.acc);
+                r.refs = t.refs.clone();
+                match tf.first_miss {
+                    // Greedy decoding reproduces the whole gold answer.
+                    None => r.prediction = Some(m.tokenizer.decode(&t.target)?),
+                    Some((i, token)) => {
+                        // Caches holding the context and the question: forked after the
+                        // question, or compressed and fed again.
+                        let mut caches = match fork {
+                            Some(c) => c,
+                            None => {
+                                let mut c = compressed(entry, self.rec, self.axes)?;
+                                m.model.forward(&t.question, &mut c, Logits::Last)?;
+                                c
+                            }
+                        };
+                        if i > 0 {
+                            m.model.forward(&t.target[..i], &mut caches, Logits::Last)?;
+                        }
+                        let mut out = t.target[..i].to_vec();
+                        out.push(token);
+                        generation = Some((caches, out));
+                    }
+                }
+            }
+        }
+        Ok(Measured {
+            record: r,
+            logp: logp_out,
+            generation,
+            seconds: [compress, tt.elapsed().as_secs_f64()],
+        })
+    }
 }
 
 /// Appends the question and the gold answer to `caches` and scores the answer's tokens.
@@ -891,7 +987,13 @@ fn fmt(x: Option<f64>, digits: usize) -> String {
     x.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
-fn markdown(summary: &[Summary], versus: &str, opts: &EvalOptions, seconds: f64) -> String {
+fn markdown(
+    summary: &[Summary],
+    versus: &str,
+    skipped: &[String],
+    opts: &EvalOptions,
+    seconds: f64,
+) -> String {
     let lengths: Vec<String> = opts.lengths.iter().map(|l| l.to_string()).collect();
     let mut s = format!(
         "Task contexts {} tokens, {} sample(s) per task and length, tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
@@ -943,6 +1045,12 @@ fn markdown(summary: &[Summary], versus: &str, opts: &EvalOptions, seconds: f64)
         s.push('\n');
     }
     s.push_str(versus);
+    if !skipped.is_empty() {
+        s.push_str("\nNot planned (no plan of the method fits the budget):\n\n");
+        for line in skipped {
+            s.push_str(&format!("- {line}\n"));
+        }
+    }
     s.push_str("\nBy context length (score / TF acc / cache bytes):\n\n| method | budget |");
     for l in &opts.lengths {
         s.push_str(&format!(" {l} |"));
