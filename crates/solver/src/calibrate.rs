@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use kv_tensor::{LayerCache, RecordingCache, attention};
 use models::RopeLayout;
 use models::{Llama, ModelError, PrefillOptions};
+use rayon::prelude::*;
 use router::{Axes, Expert};
 
 /// Passage geometry.
@@ -59,23 +60,32 @@ pub fn calibrate<B: Backend>(
                 context: c + f,
             });
         }
-        let ctx = capture(
-            model,
-            &ids[..c],
-            PrefillOptions {
-                observe_window: opts.observe_window,
-                attention_mass: needs_mass,
-                ..Default::default()
+        // The context alone (what the experts compress) and the context with its future
+        // (the reference), captured on two cores.
+        let (ctx, all) = rayon::join(
+            || {
+                capture(
+                    model,
+                    &ids[..c],
+                    PrefillOptions {
+                        observe_window: opts.observe_window,
+                        attention_mass: needs_mass,
+                        ..Default::default()
+                    },
+                )
             },
-        )?;
-        let all = capture(
-            model,
-            &ids[..c + f],
-            PrefillOptions {
-                observe_window: f,
-                ..Default::default()
+            || {
+                capture(
+                    model,
+                    &ids[..c + f],
+                    PrefillOptions {
+                        observe_window: f,
+                        ..Default::default()
+                    },
+                )
             },
-        )?;
+        );
+        let (ctx, all) = (ctx?, all?);
         for l in 0..layers {
             let err = |e: kv_tensor::KvError| ModelError::Cache {
                 layer: l,
@@ -94,22 +104,30 @@ pub fn calibrate<B: Backend>(
             let kf = ka.clone().slice_dim(2, c..c + f);
             let vf = va.clone().slice_dim(2, c..c + f);
             let reference = attention(q.clone(), ka, va).map_err(err)?;
-            for (ei, expert) in menu.iter().enumerate() {
-                let mut cache = axes.cache(*expert);
-                cache
-                    .append(k.clone(), v.clone())
-                    .map_err(|source| ModelError::Compress { layer: l, source })?;
-                cache
-                    .finish_prefill(&obs)
-                    .map_err(|source| ModelError::Compress { layer: l, source })?;
-                let (kc, vc) = cache.keys_values().map_err(err)?;
-                let out = attention(
-                    q.clone(),
-                    Tensor::cat(vec![kc, kf.clone()], 2),
-                    Tensor::cat(vec![vc, vf.clone()], 2),
-                )
-                .map_err(err)?;
-                loss[l][ei] += relative_error(out, reference.clone()) / passages.len() as f64;
+            // The experts of a layer are independent: measured on every core (each owns its
+            // cache; the captured tensors are shared read-only).
+            let errors: Vec<f64> = menu
+                .par_iter()
+                .map(|expert| {
+                    let mut cache = axes.cache(*expert);
+                    cache
+                        .append(k.clone(), v.clone())
+                        .map_err(|source| ModelError::Compress { layer: l, source })?;
+                    cache
+                        .finish_prefill(&obs)
+                        .map_err(|source| ModelError::Compress { layer: l, source })?;
+                    let (kc, vc) = cache.keys_values().map_err(err)?;
+                    let out = attention(
+                        q.clone(),
+                        Tensor::cat(vec![kc, kf.clone()], 2),
+                        Tensor::cat(vec![vc, vf.clone()], 2),
+                    )
+                    .map_err(err)?;
+                    Ok(relative_error(out, reference.clone()))
+                })
+                .collect::<Result<_, ModelError>>()?;
+            for (ei, e) in errors.into_iter().enumerate() {
+                loss[l][ei] += e / passages.len() as f64;
             }
             progress(pi * layers + l + 1, total);
         }
@@ -143,33 +161,54 @@ pub fn fit_axes<B: Backend>(
             source: e.into(),
         },
     };
-    for (pi, ids) in passages.iter().enumerate() {
-        let caches = capture(
-            model,
-            ids,
-            PrefillOptions {
-                observe_window: TRIG_WINDOW.min(ids.len()),
-                pre_rope: true,
-                ..Default::default()
-            },
-        )?;
-        for (l, cache) in caches.iter().enumerate() {
-            let (k, v) = cache
-                .keys_values()
-                .map_err(|source| ModelError::Cache { layer: l, source })?;
-            pca.add(l, &k, &v).map_err(|e| bad(l, e.to_string()))?;
-            let q = cache
-                .observed()
-                .and_then(|o| o.pre_rope_queries.clone())
-                .ok_or_else(|| bad(l, "the model gave no pre-RoPE queries".into()))?;
-            trig.add(l, &q).map_err(|e| bad(l, e.to_string()))?;
+    // Passages are captured one per core; their statistics are accumulated in order.
+    let mut done = 0;
+    for chunk in passages.chunks(rayon::current_num_threads().max(1)) {
+        let captured: Vec<Vec<RecordingCache<B>>> = chunk
+            .par_iter()
+            .map(|ids| {
+                capture(
+                    model,
+                    ids,
+                    PrefillOptions {
+                        observe_window: TRIG_WINDOW.min(ids.len()),
+                        pre_rope: true,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        for caches in captured {
+            accumulate(&caches, &mut pca, &mut trig, bad)?;
+            done += 1;
+            progress(done, passages.len());
         }
-        progress(pi + 1, passages.len());
     }
     let trig = trig
         .finish(model_sha256, c.rope_theta, c.kv_heads)
         .map_err(|e| bad(0, e.to_string()))?;
     Ok((trig, pca.finish(model_sha256)))
+}
+
+/// Adds one captured passage to the PCA and trig accumulators.
+fn accumulate<B: Backend>(
+    caches: &[RecordingCache<B>],
+    pca: &mut PcaAccumulator,
+    trig: &mut TrigAccumulator,
+    bad: impl Fn(usize, String) -> ModelError,
+) -> Result<(), ModelError> {
+    for (l, cache) in caches.iter().enumerate() {
+        let (k, v) = cache
+            .keys_values()
+            .map_err(|source| ModelError::Cache { layer: l, source })?;
+        pca.add(l, &k, &v).map_err(|e| bad(l, e.to_string()))?;
+        let q = cache
+            .observed()
+            .and_then(|o| o.pre_rope_queries.clone())
+            .ok_or_else(|| bad(l, "the model gave no pre-RoPE queries".into()))?;
+        trig.add(l, &q).map_err(|e| bad(l, e.to_string()))?;
+    }
+    Ok(())
 }
 
 fn capture<B: Backend>(

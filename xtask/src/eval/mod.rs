@@ -299,6 +299,67 @@ fn compressed(
     Ok(caches)
 }
 
+/// The full prefill of every sample (in `groups` order), recorded for every method to share.
+/// Runs one sample per core, longest first; each prefill's matmuls may still use every core.
+fn prefill_all(
+    m: &LoadedModel<B>,
+    groups: &[(usize, Vec<data::Sample>)],
+    layers: usize,
+    popts: &PrefillOptions,
+) -> Result<Vec<Vec<RecordingCache<B>>>> {
+    let samples: Vec<&data::Sample> = groups.iter().flat_map(|(_, s)| s).collect();
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(samples[i].context().len()));
+    let pb = bar(samples.len() as u64, "prefill");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Result<Vec<RecordingCache<B>>>>>> = samples
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    rayon::scope(|s| {
+        for _ in 0..rayon::current_num_threads() {
+            s.spawn(|_| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&j) = order.get(i) else { break };
+                    let mut rec: Vec<RecordingCache<B>> =
+                        (0..layers).map(|_| RecordingCache::new()).collect();
+                    let r = m
+                        .model
+                        .prefill(samples[j].context(), &mut rec, popts)
+                        .map(|_| rec)
+                        .map_err(anyhow::Error::from);
+                    let failed = r.is_err();
+                    if let Ok(mut slot) = slots[j].lock() {
+                        *slot = Some(r);
+                    }
+                    pb.inc(1);
+                    if failed {
+                        // Stop the other workers early: the run fails with this error.
+                        next.store(order.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    pb.finish_and_clear();
+    // A failure is reported as such (slots left empty only follow one).
+    let got: Vec<Option<Result<Vec<RecordingCache<B>>>>> = slots
+        .into_iter()
+        .map(|s| s.into_inner().ok().flatten())
+        .collect();
+    let mut out = Vec::with_capacity(got.len());
+    let mut missing = false;
+    for r in got {
+        match r {
+            Some(r) => out.push(r?),
+            None => missing = true,
+        }
+    }
+    anyhow::ensure!(!missing, "a sample's prefill did not run");
+    Ok(out)
+}
+
 /// Runs the comparison.
 pub fn run(opts: &EvalOptions) -> Result<()> {
     // Decode each compressed segment once, not at every generated token (quality is measured
@@ -403,29 +464,29 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     for line in &skipped {
         eprintln!("{line}");
     }
-    let total: usize = plans.iter().flatten().map(Vec::len).sum();
-    let pb = bar(total as u64, "evaluate");
     let t0 = std::time::Instant::now();
     let needs_mass = scorers.contains(&ScorerKind::H2o);
-    let mut records: Vec<Record> = Vec::new();
-    // Seconds in prefill, compression, probes (teacher forcing, prose, generation set-up) and
-    // batched generation; compression and probes run on every core and are summed over them.
+    // One full prefill per sample, shared by every method: all of them first, on every core
+    // (longest first, so no core is left with a long one at the end).
+    let tp = std::time::Instant::now();
+    let popts = PrefillOptions {
+        attention_mass: needs_mass,
+        ..Default::default()
+    };
+    let mut recordings = prefill_all(&m, &groups, layers, &popts)?.into_iter();
     let mut phase = [0f64; 4];
+    phase[0] = tp.elapsed().as_secs_f64();
+    let total: usize = plans.iter().flatten().map(Vec::len).sum();
+    let pb = bar(total as u64, "evaluate");
+    let mut records: Vec<Record> = Vec::new();
+    // Seconds in prefill (wall), compression, probes (teacher forcing, prose, generation set-up)
+    // and batched generation; compression and probes run on every core and are summed over them.
     for ((length, samples), per) in groups.iter().zip(&plans) {
         for (si, (sample, entries)) in samples.iter().zip(per).enumerate() {
             let tokens = sample.context().len();
             let fp16 = layout.fp16_bytes(1, tokens).get();
             pb.set_message(format!("{}@{length}", sample.task()));
-            // One full prefill per sample, shared by every method.
-            let mut rec: Vec<RecordingCache<B>> =
-                (0..layers).map(|_| RecordingCache::new()).collect();
-            let popts = PrefillOptions {
-                attention_mass: needs_mass,
-                ..Default::default()
-            };
-            let tp = std::time::Instant::now();
-            m.model.prefill(sample.context(), &mut rec, &popts)?;
-            phase[0] += tp.elapsed().as_secs_f64();
+            let rec = recordings.next().context("a sample's prefill is missing")?;
             let first_record = records.len();
             let ctx = EntryCtx {
                 m: &m,
@@ -436,16 +497,23 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                 index: si,
                 fp16,
             };
-            // The full cache first: its next-token distributions are the KL reference.
             let mut results: Vec<Option<Measured>> = (0..entries.len()).map(|_| None).collect();
             let unique: Vec<usize> = (0..entries.len())
                 .filter(|&ei| methods::Entry::same_as(entries, ei).is_none())
                 .collect();
-            let (first, rest) = unique.split_first().context("no methods to evaluate")?;
-            let head = ctx.measure(&entries[*first], None)?;
-            let reference = head.logp.clone();
-            pb.inc(1);
-            results[*first] = Some(head);
+            // On prose, the full cache first: its next-token distributions are the KL
+            // reference. Tasks need no reference, so every method runs in parallel.
+            let (reference, rest) = match sample {
+                data::Sample::Prose { .. } => {
+                    let (first, rest) = unique.split_first().context("no methods to evaluate")?;
+                    let head = ctx.measure(&entries[*first], None)?;
+                    let reference = head.logp.clone();
+                    pb.inc(1);
+                    results[*first] = Some(head);
+                    (reference, rest)
+                }
+                data::Sample::Task(_) => (None, &unique[..]),
+            };
             // The other methods on both cores: each owns its caches; the model, the recorded
             // prefill and the calibrated axes are shared read-only.
             let measured: Vec<(usize, Measured)> = rest
