@@ -13,36 +13,38 @@ fn to_vec(t: Tensor<B, 4>) -> Vec<f32> {
     t.into_data().to_vec().expect("f32 data")
 }
 
+/// Causal softmax of query `i` of head `h` (of `tq` queries, the last of `tk` positions) over
+/// the keys it sees, in f64: key j's weight for j in 0..=tk − tq + i.
+fn naive_probs(q: &[f32], k: &[f32], h: usize, i: usize, tq: usize, tk: usize) -> Vec<f64> {
+    let kh = h / (QH / KVH);
+    let qrow = &q[(h * tq + i) * D..(h * tq + i + 1) * D];
+    let visible = tk - tq + i + 1;
+    let scores: Vec<f64> = (0..visible)
+        .map(|j| {
+            let krow = &k[(kh * tk + j) * D..(kh * tk + j + 1) * D];
+            qrow.iter()
+                .zip(krow)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
+                / (D as f64).sqrt()
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+    scores.iter().map(|s| (s - max).exp() / sum).collect()
+}
+
 /// Naive attention: for each query head h (reading KV head h / 3) and query token i at
 /// absolute position `offset + i`, softmax over keys 0..=offset+i.
 fn naive(q: &[f32], k: &[f32], v: &[f32], tq: usize, tk: usize) -> Vec<f32> {
-    let offset = tk - tq;
     let mut out = vec![0f32; QH * tq * D];
     for h in 0..QH {
         let kh = h / (QH / KVH);
         for i in 0..tq {
-            let qrow = &q[(h * tq + i) * D..(h * tq + i + 1) * D];
-            let visible = offset + i + 1;
-            let mut scores: Vec<f64> = (0..visible)
-                .map(|j| {
-                    let krow = &k[(kh * tk + j) * D..(kh * tk + j + 1) * D];
-                    qrow.iter()
-                        .zip(krow)
-                        .map(|(a, b)| (*a as f64) * (*b as f64))
-                        .sum::<f64>()
-                        / (D as f64).sqrt()
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let mut sum = 0.0;
-            for s in &mut scores {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (j, s) in scores.iter().enumerate() {
+            for (j, p) in naive_probs(q, k, h, i, tq, tk).into_iter().enumerate() {
                 let vrow = &v[(kh * tk + j) * D..(kh * tk + j + 1) * D];
                 for c in 0..D {
-                    out[(h * tq + i) * D + c] += (s / sum * vrow[c] as f64) as f32;
+                    out[(h * tq + i) * D + c] += (p * vrow[c] as f64) as f32;
                 }
             }
         }
@@ -180,22 +182,8 @@ fn naive_mass(q: &[f32], k: &[f32], w: usize, t: usize) -> Vec<f32> {
     for h in 0..QH {
         let kh = h / g;
         for i in 0..w {
-            let qrow = &q[(h * w + i) * D..(h * w + i + 1) * D];
-            let visible = t - w + i + 1;
-            let scores: Vec<f64> = (0..visible)
-                .map(|j| {
-                    let krow = &k[(kh * t + j) * D..(kh * t + j + 1) * D];
-                    qrow.iter()
-                        .zip(krow)
-                        .map(|(a, b)| (*a as f64) * (*b as f64))
-                        .sum::<f64>()
-                        / (D as f64).sqrt()
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-            for (j, s) in scores.iter().enumerate() {
-                mass[kh * t + j] += (s - max).exp() / sum / (g * w) as f64;
+            for (j, p) in naive_probs(q, k, h, i, w, t).into_iter().enumerate() {
+                mass[kh * t + j] += p / (g * w) as f64;
             }
         }
     }

@@ -299,6 +299,9 @@ fn compressed(
     Ok(caches)
 }
 
+/// One sample's full prefill, recorded layer by layer.
+type Recording = Vec<RecordingCache<B>>;
+
 /// The full prefill of every sample (in `groups` order), recorded for every method to share.
 /// Runs one sample per core, longest first; each prefill's matmuls may still use every core.
 fn prefill_all(
@@ -306,13 +309,13 @@ fn prefill_all(
     groups: &[(usize, Vec<data::Sample>)],
     layers: usize,
     popts: &PrefillOptions,
-) -> Result<Vec<Vec<RecordingCache<B>>>> {
+) -> Result<Vec<Recording>> {
     let samples: Vec<&data::Sample> = groups.iter().flat_map(|(_, s)| s).collect();
     let mut order: Vec<usize> = (0..samples.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(samples[i].context().len()));
     let pb = bar(samples.len() as u64, "prefill");
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<Result<Vec<RecordingCache<B>>>>>> = samples
+    let slots: Vec<std::sync::Mutex<Option<Result<Recording>>>> = samples
         .iter()
         .map(|_| std::sync::Mutex::new(None))
         .collect();
@@ -344,7 +347,7 @@ fn prefill_all(
     });
     pb.finish_and_clear();
     // A failure is reported as such (slots left empty only follow one).
-    let got: Vec<Option<Result<Vec<RecordingCache<B>>>>> = slots
+    let got: Vec<Option<Result<Recording>>> = slots
         .into_iter()
         .map(|s| s.into_inner().ok().flatten())
         .collect();
