@@ -75,7 +75,7 @@ enum Cmd {
         /// Seed of the task generator.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Output directory (default: $KVND_HOME/eval).
+        /// Output directory (default: $KVND_HOME/eval, or $KVND_HOME/eval-quick with --quick).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Print the summary as one JSON object.

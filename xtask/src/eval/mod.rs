@@ -596,7 +596,8 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     let md = markdown(&summary, &versus(&records), &skipped, opts, elapsed);
     let out = match &opts.out {
         Some(o) => o.clone(),
-        None => crate::paths::home()?.join("eval"),
+        // A quick run never overwrites the main job's results.
+        None => crate::paths::home()?.join(if opts.quick { "eval-quick" } else { "eval" }),
     };
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("results.md"), &md)?;
