@@ -113,11 +113,13 @@ fn attention_inner<B: Backend>(
             .reshape([b * kvh, g * c, d]);
         let kc = k3.clone().slice_dim(1, 0..visible);
         let vc = v3.clone().slice_dim(1, 0..visible);
-        let mut scores = qc.mul_scalar(scale).matmul(kc.swap_dims(1, 2));
-        if c > 1 {
-            // Only the chunk's own keys (the last c columns) can lie after a query.
-            scores = causal_tail(scores, g, c, &device);
-        }
+        // Only the chunk's own keys (the last c columns) can lie after a query.
+        let mut scores = causal_tail(
+            qc.mul_scalar(scale).matmul(kc.swap_dims(1, 2)),
+            g,
+            c,
+            &device,
+        );
         if let Some(p) = &padding {
             let mask = p
                 .clone()

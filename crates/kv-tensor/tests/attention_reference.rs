@@ -53,13 +53,17 @@ fn naive(q: &[f32], k: &[f32], v: &[f32], tq: usize, tk: usize) -> Vec<f32> {
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_within(got, want, 1e-5, what);
+}
+
+fn assert_within(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len());
     let worst = got
         .iter()
         .zip(want)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(worst <= 1e-5, "{what}: max abs error {worst}");
+    assert!(worst <= tol, "{what}: max abs error {worst}");
 }
 
 #[test]
@@ -229,11 +233,6 @@ fn attention_mass_is_the_column_sum_of_the_same_softmax() {
             .map(|m| m * scale)
             .collect();
         let got: Vec<f32> = mass.into_data().to_vec().expect("f32 data");
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst <= 1e-4, "mass, {tq} over {tk}: max abs error {worst}");
+        assert_within(&got, &want, 1e-4, &format!("mass, {tq} over {tk}"));
     }
 }

@@ -347,14 +347,10 @@ fn prefill_all(
     });
     pb.finish_and_clear();
     // A failure is reported as such (slots left empty only follow one).
-    let got: Vec<Option<Result<Recording>>> = slots
-        .into_iter()
-        .map(|s| s.into_inner().ok().flatten())
-        .collect();
-    let mut out = Vec::with_capacity(got.len());
+    let mut out = Vec::with_capacity(slots.len());
     let mut missing = false;
-    for r in got {
-        match r {
+    for slot in slots {
+        match slot.into_inner().ok().flatten() {
             Some(r) => out.push(r?),
             None => missing = true,
         }
@@ -471,19 +467,17 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
     let needs_mass = scorers.contains(&ScorerKind::H2o);
     // One full prefill per sample, shared by every method: all of them first, on every core
     // (longest first, so no core is left with a long one at the end).
-    let tp = std::time::Instant::now();
     let popts = PrefillOptions {
         attention_mass: needs_mass,
         ..Default::default()
     };
     let mut recordings = prefill_all(&m, &groups, layers, &popts)?.into_iter();
-    let mut phase = [0f64; 4];
-    phase[0] = tp.elapsed().as_secs_f64();
+    // Seconds in prefill (wall), compression, probes (teacher forcing, prose, generation set-up)
+    // and batched generation; compression and probes run on every core and are summed over them.
+    let mut phase = [t0.elapsed().as_secs_f64(), 0.0, 0.0, 0.0];
     let total: usize = plans.iter().flatten().map(Vec::len).sum();
     let pb = bar(total as u64, "evaluate");
     let mut records: Vec<Record> = Vec::new();
-    // Seconds in prefill (wall), compression, probes (teacher forcing, prose, generation set-up)
-    // and batched generation; compression and probes run on every core and are summed over them.
     for ((length, samples), per) in groups.iter().zip(&plans) {
         for (si, (sample, entries)) in samples.iter().zip(per).enumerate() {
             let tokens = sample.context().len();
@@ -558,7 +552,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
             }
             if let data::Sample::Task(t) = sample {
                 let tg = std::time::Instant::now();
-                // Two lockstep batches, one per core (a batch's attention runs on one thread).
+                // One lockstep batch per core (a batch's attention runs on one thread).
                 let half = pending.len().div_ceil(rayon::current_num_threads()).max(1);
                 pending
                     .par_chunks_mut(half)
