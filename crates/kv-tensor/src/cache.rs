@@ -1,11 +1,12 @@
 //! The single attention patch point: the model talks to each layer's cache only through
 //! [`LayerCache`]; [`FullCache`] is the uncompressed reference.
+use crate::host::{HOST_MAX_QUERIES, HostKv, is_host};
 use crate::{
-    AxisError, CompressedLayer, Footprint, KvError, ObservationCtx, attention_padded,
+    AxisError, Bytes, CompressedLayer, Footprint, KvError, ObservationCtx, attention_padded,
     attention_with_mass,
 };
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorData};
 
 /// One layer's KV cache as the model sees it. Keys arrive after RoPE.
 ///
@@ -84,18 +85,39 @@ pub trait LayerCache<B: Backend>: Send {
 }
 
 /// The uncompressed reference cache: every token, dense, at the backend's float precision.
+///
+/// On host-memory f32 backends (burn-ndarray) the tokens live in a [`HostKv`] instead of
+/// tensors: appending is in place and decode steps attend on the host, without the copies
+/// burn-ndarray makes on every reshape, slice and concatenation. Both stores give the same
+/// attention up to float summation order.
 #[derive(Debug, Clone, Default)]
 pub struct FullCache<B: Backend> {
-    layer: CompressedLayer<B>,
+    store: FullStore<B>,
+}
+
+#[derive(Debug, Clone, Default)]
+enum FullStore<B: Backend> {
+    /// Nothing appended yet: the first append picks the store.
+    #[default]
+    Empty,
+    Tensors(CompressedLayer<B>),
+    Host(HostKv, B::Device),
 }
 
 impl<B: Backend> FullCache<B> {
     /// An empty cache.
     pub fn new() -> Self {
         Self {
-            layer: CompressedLayer::new(),
+            store: FullStore::Empty,
         }
     }
+}
+
+/// `t` as a contiguous f32 vector (it is f32 on host backends, see [`is_host`]).
+fn host_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, KvError> {
+    t.into_data()
+        .into_vec::<f32>()
+        .map_err(|e| KvError::Backend(format!("{e:?}")))
 }
 
 impl<B: Backend> LayerCache<B> for FullCache<B> {
@@ -104,23 +126,107 @@ impl<B: Backend> LayerCache<B> for FullCache<B> {
     }
 
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
-        Ok(self.layer.push(k, v)?)
+        if matches!(self.store, FullStore::Empty) {
+            self.store = if is_host(&k) {
+                let [b, h, _, d] = k.dims();
+                FullStore::Host(HostKv::new(b, h, d), k.device())
+            } else {
+                FullStore::Tensors(CompressedLayer::new())
+            };
+        }
+        match &mut self.store {
+            FullStore::Host(kv, _) => {
+                let [b, h, t, d] = k.dims();
+                if v.dims() != k.dims() || [b, h, d] != kv.dims() {
+                    let [eb, eh, ed] = kv.dims();
+                    return Err(KvError::Shape {
+                        context: "appended keys/values vs cache",
+                        expected: vec![eb, eh, t, ed],
+                        got: if v.dims() != k.dims() {
+                            v.dims().to_vec()
+                        } else {
+                            k.dims().to_vec()
+                        },
+                    }
+                    .into());
+                }
+                kv.append(&host_vec(k)?, &host_vec(v)?, t);
+                Ok(())
+            }
+            FullStore::Tensors(layer) => Ok(layer.push(k, v)?),
+            FullStore::Empty => unreachable!("the store was chosen above"),
+        }
     }
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
-        self.layer.decode()
+        match &self.store {
+            FullStore::Empty => Err(KvError::Empty),
+            FullStore::Tensors(layer) => layer.decode(),
+            FullStore::Host(kv, device) => {
+                if kv.len() == 0 {
+                    return Err(KvError::Empty);
+                }
+                let [b, h, d] = kv.dims();
+                let shape = [b, h, kv.len(), d];
+                let (k, v) = kv.to_vecs();
+                Ok((
+                    Tensor::from_data(TensorData::new(k, shape), device),
+                    Tensor::from_data(TensorData::new(v, shape), device),
+                ))
+            }
+        }
+    }
+
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        if let FullStore::Host(kv, device) = &self.store {
+            let [b, qh, tq, d] = q.dims();
+            let [kb, kvh, kd] = kv.dims();
+            if tq <= HOST_MAX_QUERIES && (b, d) == (kb, kd) && qh % kvh == 0 {
+                if tq == 0 || kv.len() == 0 {
+                    return Err(KvError::Empty);
+                }
+                if tq > kv.len() {
+                    return Err(KvError::QueriesExceedCache {
+                        queries: tq,
+                        cached: kv.len(),
+                    });
+                }
+                let out = kv.attend(&host_vec(q)?, qh, tq);
+                return Ok(Tensor::from_data(
+                    TensorData::new(out, [b, qh, tq, d]),
+                    device,
+                ));
+            }
+        }
+        let (k, v) = self.keys_values()?;
+        attention_padded(q, k, v, None)
     }
 
     fn footprint(&self) -> Footprint {
-        self.layer.footprint()
+        match &self.store {
+            FullStore::Empty => Footprint::default(),
+            FullStore::Tensors(layer) => layer.footprint(),
+            FullStore::Host(kv, _) => Footprint {
+                dense: Bytes((kv.elements() * std::mem::size_of::<f32>()) as u64),
+                ..Footprint::default()
+            },
+        }
     }
 
     fn len(&self) -> usize {
-        self.layer.seen()
+        match &self.store {
+            FullStore::Empty => 0,
+            FullStore::Tensors(layer) => layer.seen(),
+            FullStore::Host(kv, _) => kv.len(),
+        }
     }
 
     fn stored(&self) -> usize {
-        self.layer.stored()
+        match &self.store {
+            FullStore::Empty => 0,
+            FullStore::Tensors(layer) => layer.stored(),
+            FullStore::Host(kv, _) => kv.len(),
+        }
     }
 }
 

@@ -35,6 +35,9 @@ pub enum KvError {
     /// Attention on an empty cache.
     #[error("the cache is empty")]
     Empty,
+    /// The backend could not hand a tensor's values over to the host as f32.
+    #[error("reading tensor data from the backend: {0}")]
+    Backend(String),
 }
 
 /// The error a [`crate::CompressionAxis`] returns. Axis crates convert their own error enums

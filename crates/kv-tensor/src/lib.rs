@@ -15,6 +15,7 @@ mod encoded;
 mod error;
 mod footprint;
 mod fp16;
+mod host;
 mod layout;
 mod packing;
 mod segment;
