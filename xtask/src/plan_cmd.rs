@@ -75,7 +75,9 @@ pub fn solve(
     Ok(())
 }
 
-/// Runs the criterion benches (dev profile: dependencies at opt-level 3, shared with tests).
+/// Runs the criterion benches in the release profile: speed is what a user's release build gets
+/// (the dev profile keeps debug assertions and overflow checks, which cost decode ~2×). The
+/// first run builds the release profile once (a few minutes).
 pub fn bench() -> Result<()> {
     crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -87,8 +89,6 @@ pub fn bench() -> Result<()> {
         let status = std::process::Command::new(&cargo)
             .args([
                 "bench",
-                "--profile",
-                "dev",
                 "-p",
                 pkg,
                 "--bench",

@@ -110,36 +110,74 @@ impl HostKv {
             .for_each(|(bq, (out, q))| {
                 let (b, qh) = (bq / q_heads, bq % q_heads);
                 let kv = b * self.h + qh / group;
-                let (keys, values) = (&self.k[kv], &self.v[kv]);
-                let mut scores = Vec::with_capacity(self.len);
-                for (i, (o, qi)) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)).enumerate() {
-                    let visible = self.len - tq + i + 1;
-                    scores.clear();
-                    scores.extend(
-                        keys[..visible * d]
-                            .chunks_exact(d)
-                            .map(|kr| dot(qi, kr) * scale),
-                    );
-                    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                    let mut total = 0f32;
-                    for s in &mut scores {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    for (p, vr) in scores.iter().zip(values.chunks_exact(d)) {
-                        axpy(o, *p, vr);
-                    }
-                    let inv = 1.0 / total;
-                    for x in o.iter_mut() {
-                        *x *= inv;
-                    }
-                }
+                pulp::Arch::new().dispatch(HeadAttention {
+                    keys: &self.k[kv],
+                    values: &self.v[kv],
+                    q,
+                    out,
+                    d,
+                    scale,
+                });
             });
         out
     }
 }
 
+/// One query head's few queries over its KV head, as a [`pulp::WithSimd`] so that the plain
+/// loops below are compiled for (and run with) the widest vector unit the CPU has.
+struct HeadAttention<'a> {
+    /// `[len][d]`.
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// `[tq][d]`, the newest `tq` tokens' queries.
+    q: &'a [f32],
+    out: &'a mut [f32],
+    d: usize,
+    scale: f32,
+}
+
+impl pulp::WithSimd for HeadAttention<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let HeadAttention {
+            keys,
+            values,
+            q,
+            out,
+            d,
+            scale,
+        } = self;
+        let len = keys.len() / d;
+        let tq = q.len() / d;
+        let mut scores = Vec::new();
+        for (i, (o, qi)) in out.chunks_exact_mut(d).zip(q.chunks_exact(d)).enumerate() {
+            let visible = len - tq + i + 1;
+            scores.resize(visible, 0.0);
+            for (s, kr) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+                *s = dot(qi, kr) * scale;
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut total = 0f32;
+            for s in &mut scores {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            o.fill(0.0);
+            for (p, vr) in scores.iter().zip(values.chunks_exact(d)) {
+                axpy(o, *p, vr);
+            }
+            let inv = 1.0 / total;
+            for x in o.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
 /// Dot product with 8 explicit accumulator lanes, so it vectorises without reassociation.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 8;
     let mut acc = [0f32; L];
@@ -159,6 +197,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `o += a · x`.
+#[inline(always)]
 fn axpy(o: &mut [f32], a: f32, x: &[f32]) {
     for (o, x) in o.iter_mut().zip(x) {
         *o += a * x;

@@ -150,12 +150,8 @@ fn matvec(rows: &[f32], x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32>
         .enumerate()
         .for_each(|(task, ys)| {
             let first = task * ROWS_PER_TASK;
-            for (j, yo) in ys.chunks_mut(t).enumerate() {
-                let w = &rows[(first + j) * inp..(first + j + 1) * inp];
-                for (r, y) in yo.iter_mut().enumerate() {
-                    *y = dot(w, &x[r * inp..(r + 1) * inp]);
-                }
-            }
+            let rows = &rows[first * inp..(first + ys.len() / t) * inp];
+            pulp::Arch::new().dispatch(RowDots { rows, x, ys, inp });
         });
     if t == 1 {
         return yt;
@@ -169,8 +165,34 @@ fn matvec(rows: &[f32], x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32>
     y
 }
 
+/// Dot products of a run of weight rows with every input row (`ys` is `[rows][t]`), as a
+/// [`pulp::WithSimd`] so that the loops are compiled for the widest vector unit the CPU has
+/// (AVX2/FMA here: the weight stream then runs at ~25 instead of ~20 GB/s).
+struct RowDots<'a> {
+    rows: &'a [f32],
+    x: &'a [f32],
+    ys: &'a mut [f32],
+    inp: usize,
+}
+
+impl pulp::WithSimd for RowDots<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let RowDots { rows, x, ys, inp } = self;
+        let t = x.len() / inp;
+        for (w, yo) in rows.chunks_exact(inp).zip(ys.chunks_exact_mut(t)) {
+            for (y, xr) in yo.iter_mut().zip(x.chunks_exact(inp)) {
+                *y = dot(w, xr);
+            }
+        }
+    }
+}
+
 /// Dot product with 16 independent accumulators, so the compiler vectorises it without
 /// reassociating floats (the lanes are explicit).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];

@@ -1,0 +1,38 @@
+//! Times decode steps at a given context on the embedded model (profiling aid).
+use burn_ndarray::NdArray;
+use kv_tensor::FullCache;
+use models::{Logits, PrefillOptions};
+use std::time::Instant;
+
+type B = NdArray<f32>;
+
+fn main() {
+    let ctx: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2047);
+    let steps: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let path = models::paths::default_model().expect("cache dir");
+    let m = models::load_gguf::<B>(&path, &Default::default()).expect("model loads");
+    let layers = m.model.config.layers;
+    let ids: Vec<u32> = (0..ctx as u32).map(|i| 100 + (i * 37) % 20000).collect();
+    let mut caches: Vec<FullCache<B>> = (0..layers).map(|_| FullCache::new()).collect();
+    let t = Instant::now();
+    m.model
+        .prefill(&ids, &mut caches, &PrefillOptions::default())
+        .expect("prefill");
+    eprintln!("prefill {ctx}: {:.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    for _ in 0..steps {
+        let _ = m
+            .model
+            .forward(&[42], &mut caches, Logits::Last)
+            .expect("decode")
+            .into_data();
+    }
+    let dt = t.elapsed().as_secs_f64() / steps as f64;
+    eprintln!("decode: {:.1} ms/token ({:.2} tok/s)", dt * 1e3, 1.0 / dt);
+}
