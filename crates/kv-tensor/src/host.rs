@@ -176,10 +176,12 @@ impl pulp::WithSimd for HeadAttention<'_> {
     }
 }
 
-/// Dot product with 8 explicit accumulator lanes, so it vectorises without reassociation.
+/// Dot product with 16 explicit accumulator lanes, so the compiler vectorises it without
+/// reassociating floats. Shared by the host kernels (this attention, `models`' matrix–vector
+/// product); `#[inline(always)]` so it is compiled inside each caller's SIMD dispatch.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 8;
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
     let mut acc = [0f32; L];
     let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let tail: f32 = ca

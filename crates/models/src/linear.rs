@@ -11,6 +11,7 @@
 //! backend's memory is the host's, hence on by default for `ndarray` only.
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use kv_tensor::dot;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -188,27 +189,6 @@ impl pulp::WithSimd for RowDots<'_> {
             }
         }
     }
-}
-
-/// Dot product with 16 independent accumulators, so the compiler vectorises it without
-/// reassociating floats (the lanes are explicit).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(p, q)| p * q)
-        .sum();
-    for (p, q) in ca.zip(cb) {
-        for i in 0..L {
-            acc[i] += p[i] * q[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// A GGUF-order `rows_out` (`[out][in]`) as an `[in, out]` tensor, transposed once on the host
