@@ -137,16 +137,20 @@ impl<B: Backend> LayerCache<B> for FullCache<B> {
         match &mut self.store {
             FullStore::Host(kv, _) => {
                 let [b, h, t, d] = k.dims();
-                if v.dims() != k.dims() || [b, h, d] != kv.dims() {
-                    let [eb, eh, ed] = kv.dims();
+                if v.dims() != k.dims() {
                     return Err(KvError::Shape {
-                        context: "appended keys/values vs cache",
+                        context: "appended keys vs values",
+                        expected: k.dims().to_vec(),
+                        got: v.dims().to_vec(),
+                    }
+                    .into());
+                }
+                let [eb, eh, ed] = kv.dims();
+                if [b, h, d] != [eb, eh, ed] {
+                    return Err(KvError::Shape {
+                        context: "appended keys vs cache",
                         expected: vec![eb, eh, t, ed],
-                        got: if v.dims() != k.dims() {
-                            v.dims().to_vec()
-                        } else {
-                            k.dims().to_vec()
-                        },
+                        got: k.dims().to_vec(),
                     }
                     .into());
                 }

@@ -168,7 +168,8 @@ fn matvec(rows: &[f32], x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32>
 
 /// Dot products of a run of weight rows with every input row (`ys` is `[rows][t]`), as a
 /// [`pulp::WithSimd`] so that the loops are compiled for the widest vector unit the CPU has
-/// (AVX2/FMA here: the weight stream then runs at ~25 instead of ~20 GB/s).
+/// (AVX2/FMA here; with the attention kernel dispatched the same way, a release decode step at
+/// 2048 tokens went from 48 to 45 ms).
 struct RowDots<'a> {
     rows: &'a [f32],
     x: &'a [f32],
