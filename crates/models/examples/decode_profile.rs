@@ -18,6 +18,10 @@ fn main() {
     let path = models::paths::default_model().expect("cache dir");
     let m = models::load_gguf::<B>(&path, &Default::default()).expect("model loads");
     let layers = m.model.config.layers;
+    eprintln!(
+        "host weights streamed per decode step: {:.1} MB",
+        m.model.host_matvec_bytes() as f64 / 1e6
+    );
     let ids: Vec<u32> = (0..ctx as u32).map(|i| 100 + (i * 37) % 20000).collect();
     let mut caches: Vec<FullCache<B>> = (0..layers).map(|_| FullCache::new()).collect();
     let t = Instant::now();

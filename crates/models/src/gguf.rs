@@ -393,6 +393,16 @@ impl Gguf {
         }
     }
 
+    /// A tensor's type and its data as stored in the file (`None` when absent or of a type
+    /// this crate does not read).
+    pub fn tensor_bytes(&self, name: &str) -> Option<(GgmlType, &[u8])> {
+        let info = self.tensors.get(name)?;
+        let ty = GgmlType::from_id(info.ggml_type)?;
+        let size = ty.bytes_for(info.numel()).unwrap_or(0) as usize;
+        let start = info.offset as usize;
+        Some((ty, self.bytes.get(start..start.checked_add(size)?)?))
+    }
+
     /// Dequantises a tensor to f32, returning its ggml dims (fastest-varying first) and values.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
         let info = self

@@ -13,6 +13,7 @@ mod linear;
 mod llama;
 mod loader;
 pub mod paths;
+mod quant_rows;
 mod rope;
 mod tokenizer;
 mod weights;

@@ -7,6 +7,7 @@
 use crate::ModelError;
 use crate::config::LlamaConfig;
 use crate::linear::Linear;
+use crate::quant_rows::QuantRows;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
 use burn::tensor::activation::silu;
@@ -109,7 +110,24 @@ impl<B: Backend> Llama<B> {
             }
             None => evals,
         };
-        let head = Linear::from_rows(head_rows, c.hidden, c.vocab, HEAD_BLOCK, host, device);
+        // Decode streams the file's quantised blocks where it has them (see `QuantRows`).
+        let with_blocks = |mut lin: Linear<B>, names: &[String], inp: usize, out: usize| {
+            if host && let Some(b) = host_blocks(w, names, inp, out) {
+                lin.use_blocks(b);
+            }
+            lin
+        };
+        let head_name = if w.fetch_blocks("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let head = with_blocks(
+            Linear::from_rows(head_rows, c.hidden, c.vocab, HEAD_BLOCK, host, device),
+            &[head_name.into()],
+            c.hidden,
+            c.vocab,
+        );
         let mut blocks = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let n = |s: &str| format!("blk.{l}.{s}");
@@ -123,15 +141,20 @@ impl<B: Backend> Llama<B> {
                 expect(&d, &[len], &n(s))?;
                 Ok(Tensor::from_data(TensorData::new(v, [len]), device))
             };
-            let wqkv = Linear::fused(
-                vec![
-                    rows("attn_q.weight", c.hidden, qd)?,
-                    rows("attn_k.weight", c.hidden, kvd)?,
-                    rows("attn_v.weight", c.hidden, kvd)?,
-                ],
+            let wqkv = with_blocks(
+                Linear::fused(
+                    vec![
+                        rows("attn_q.weight", c.hidden, qd)?,
+                        rows("attn_k.weight", c.hidden, kvd)?,
+                        rows("attn_v.weight", c.hidden, kvd)?,
+                    ],
+                    c.hidden,
+                    host,
+                    device,
+                ),
+                &[n("attn_q.weight"), n("attn_k.weight"), n("attn_v.weight")],
                 c.hidden,
-                host,
-                device,
+                qd + 2 * kvd,
             );
             let bqkv = if c.qkv_bias {
                 Some(Tensor::cat(
@@ -159,27 +182,42 @@ impl<B: Backend> Llama<B> {
                 bqkv,
                 q_norm,
                 k_norm,
-                wo: Linear::fused(
-                    vec![rows("attn_output.weight", qd, c.hidden)?],
+                wo: with_blocks(
+                    Linear::fused(
+                        vec![rows("attn_output.weight", qd, c.hidden)?],
+                        qd,
+                        host,
+                        device,
+                    ),
+                    &[n("attn_output.weight")],
                     qd,
-                    host,
-                    device,
+                    c.hidden,
                 ),
                 ffn_norm: vec("ffn_norm.weight", c.hidden)?,
-                w_gate_up: Linear::fused(
-                    vec![
-                        rows("ffn_gate.weight", c.hidden, c.ffn)?,
-                        rows("ffn_up.weight", c.hidden, c.ffn)?,
-                    ],
+                w_gate_up: with_blocks(
+                    Linear::fused(
+                        vec![
+                            rows("ffn_gate.weight", c.hidden, c.ffn)?,
+                            rows("ffn_up.weight", c.hidden, c.ffn)?,
+                        ],
+                        c.hidden,
+                        host,
+                        device,
+                    ),
+                    &[n("ffn_gate.weight"), n("ffn_up.weight")],
                     c.hidden,
-                    host,
-                    device,
+                    2 * c.ffn,
                 ),
-                w_down: Linear::fused(
-                    vec![rows("ffn_down.weight", c.ffn, c.hidden)?],
+                w_down: with_blocks(
+                    Linear::fused(
+                        vec![rows("ffn_down.weight", c.ffn, c.hidden)?],
+                        c.ffn,
+                        host,
+                        device,
+                    ),
+                    &[n("ffn_down.weight")],
                     c.ffn,
-                    host,
-                    device,
+                    c.hidden,
                 ),
             });
         }
@@ -199,8 +237,10 @@ impl<B: Backend> Llama<B> {
 
     /// Turns the host-side matrix–vector path of decode steps on or off. It is on by default
     /// where the backend keeps tensors in host memory (burn-ndarray), where it makes a decode
-    /// step several times faster; it keeps a second f32 copy of every matrix, so a CPU user
-    /// short of memory may turn it off. Results agree up to float summation order.
+    /// step several times faster. The copy is the model file's blocks for Q4_1 and Q8_0
+    /// tensors (0.1 GB for SmolLM2-135M in Q4_1) and f32 rows otherwise (a second f32 copy of
+    /// the matrix), so a CPU user short of memory may turn it off; turned back on, it is
+    /// rebuilt as f32 rows. Results agree up to float summation order.
     pub fn set_host_matvec(&mut self, on: bool) {
         for b in &mut self.blocks {
             for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
@@ -208,6 +248,21 @@ impl<B: Backend> Llama<B> {
             }
         }
         self.head.set_host(on);
+    }
+
+    /// Bytes of weights one decode step streams through the host path (0 when it is off).
+    pub fn host_matvec_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]
+                    .iter()
+                    .map(|w| w.host_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        blocks + self.head.host_bytes()
     }
 
     /// Runs the prompt through the model in chunks, filling `caches`, then lets every cache
@@ -517,6 +572,27 @@ fn rms_norm<B: Backend, const D: usize>(
     let ms = x.clone().square().mean_dim(D - 1);
     let shape: [usize; D] = std::array::from_fn(|i| if i == D - 1 { w.dims()[0] } else { 1 });
     x * (ms + eps).sqrt().recip() * w.clone().reshape(shape)
+}
+
+/// The ggml blocks of the tensors `names`, concatenated in order (GGUF stores each output row
+/// contiguously, so this is the fused matrix's rows), when the source keeps blocks and they
+/// share one type that [`QuantRows`] has a kernel for.
+fn host_blocks(
+    w: &dyn WeightSource,
+    names: &[String],
+    inp: usize,
+    out: usize,
+) -> Option<QuantRows> {
+    let mut ty = None;
+    let mut bytes = Vec::new();
+    for name in names {
+        let (t, b) = w.fetch_blocks(name)?;
+        if *ty.get_or_insert(t) != t {
+            return None;
+        }
+        bytes.extend_from_slice(b);
+    }
+    QuantRows::from_ggml(ty?, &bytes, inp, out)
 }
 
 fn expect(got: &[usize], want: &[usize], name: &str) -> Result<(), ModelError> {

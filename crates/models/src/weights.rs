@@ -1,7 +1,7 @@
 //! Where weights come from: a GGUF file or HF safetensors, seen through one small trait that
 //! hands out dequantised f32 tensors under GGUF tensor names.
-use crate::ModelError;
 use crate::gguf::Gguf;
+use crate::{GgmlType, ModelError};
 use std::collections::HashMap;
 
 /// A dequantised tensor: dims in GGUF order (fastest-varying first) and row-major values.
@@ -18,6 +18,14 @@ pub trait WeightSource {
         self.fetch(name)?
             .ok_or_else(|| ModelError::MissingTensor(name.into()))
     }
+
+    /// A tensor's ggml blocks as stored, with their type, where the source keeps quantised
+    /// data (GGUF). Decode then streams the blocks instead of f32 weights. `None` (the default)
+    /// when the source has no such tensor or no blocks.
+    fn fetch_blocks(&self, name: &str) -> Option<(GgmlType, &[u8])> {
+        let _ = name;
+        None
+    }
 }
 
 impl WeightSource for Gguf {
@@ -27,6 +35,10 @@ impl WeightSource for Gguf {
         } else {
             Ok(None)
         }
+    }
+
+    fn fetch_blocks(&self, name: &str) -> Option<(GgmlType, &[u8])> {
+        self.tensor_bytes(name)
     }
 }
 

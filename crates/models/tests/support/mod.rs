@@ -11,6 +11,21 @@ pub enum Meta {
 
 /// Writes a GGUF v3 file with the given metadata and F32 tensors (dims fastest-first).
 pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let typed: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, v)| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n.clone(), d.clone(), 0u32, bytes)
+        })
+        .collect();
+    write_gguf_typed(meta, &typed)
+}
+
+/// Writes a GGUF v3 file with tensors given as (name, dims fastest-first, ggml type id, data).
+pub fn write_gguf_typed(
+    meta: &[(&str, Meta)],
+    tensors: &[(String, Vec<usize>, u32, Vec<u8>)],
+) -> Vec<u8> {
     let mut b = Vec::new();
     let s = |b: &mut Vec<u8>, x: &str| {
         b.extend((x.len() as u64).to_le_bytes());
@@ -46,29 +61,70 @@ pub fn write_gguf(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32
         }
     }
     let mut offset = 0u64;
-    for (name, dims, data) in tensors {
+    for (name, dims, ty, data) in tensors {
         s(&mut b, name);
         b.extend((dims.len() as u32).to_le_bytes());
         for d in dims {
             b.extend((*d as u64).to_le_bytes());
         }
-        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(ty.to_le_bytes());
         b.extend(offset.to_le_bytes());
-        offset += (data.len() * 4).div_ceil(32) as u64 * 32;
+        offset += data.len().div_ceil(32) as u64 * 32;
     }
     while b.len() % 32 != 0 {
         b.push(0);
     }
-    for (_, _, data) in tensors {
+    for (_, _, _, data) in tensors {
         let start = b.len();
-        for x in data {
-            b.extend(x.to_le_bytes());
-        }
+        b.extend(data);
         while (b.len() - start) % 32 != 0 {
             b.push(0);
         }
     }
     b
+}
+
+/// `values` as ggml Q4_1 blocks (type id 3): per 32 values an f16 scale and minimum, then 16
+/// bytes of nibbles (value `j` low, `j + 16` high).
+pub fn q4_1_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for block in values.chunks_exact(32) {
+        let lo = block.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let d = half::f16::from_f32((hi - lo) / 15.0);
+        let m = half::f16::from_f32(lo);
+        let inv = if d.to_f32() > 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        let q = |x: f32| (((x - m.to_f32()) * inv).round().clamp(0.0, 15.0)) as u8;
+        out.extend(d.to_le_bytes());
+        out.extend(m.to_le_bytes());
+        out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+    }
+    out
+}
+
+/// `values` as ggml Q8_0 blocks (type id 8): per 32 values an f16 scale and 32 signed bytes.
+pub fn q8_0_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for block in values.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let d = half::f16::from_f32(amax / 127.0);
+        let inv = if d.to_f32() > 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        out.extend(d.to_le_bytes());
+        out.extend(
+            block
+                .iter()
+                .map(|x| ((x * inv).round().clamp(-127.0, 127.0) as i8) as u8),
+        );
+    }
+    out
 }
 
 /// A deterministic pseudo-random stream (splitmix64) for weights and fuzzing.
@@ -160,6 +216,31 @@ pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 
 /// The tiny model as a GGUF file (arch `llama`, permuted Q/K, F32 tensors).
 pub fn tiny_gguf(seed: u64) -> Vec<u8> {
+    write_gguf(&tiny_meta(), &tiny_gguf_tensors(seed))
+}
+
+/// The tiny model as a GGUF file with quantised tensors, as llama.cpp writes them: the token
+/// embedding in Q8_0, the matrices in Q4_1 except layer 0's V in Q8_0 (so its fused Q/K/V
+/// mixes types) and the FFN down matrices in F32 (48 inputs are not whole 32-value blocks).
+pub fn tiny_gguf_quantized(seed: u64) -> Vec<u8> {
+    let tensors: Vec<_> = tiny_gguf_tensors(seed)
+        .into_iter()
+        .map(|(name, dims, v)| {
+            let (ty, bytes) = if name == "token_embd.weight" || name == "blk.0.attn_v.weight" {
+                (8, q8_0_bytes(&v))
+            } else if dims.len() == 2 && dims[0] % 32 == 0 {
+                (3, q4_1_bytes(&v))
+            } else {
+                (0, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            };
+            (name, dims, ty, bytes)
+        })
+        .collect();
+    write_gguf_typed(&tiny_meta(), &tensors)
+}
+
+/// The tiny model's tensors under GGUF names and layouts (dims fastest-first, permuted Q/K).
+pub fn tiny_gguf_tensors(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let rename = |hf: &str| -> String {
         let hf = hf.strip_prefix("model.").unwrap_or(hf);
         match hf {
@@ -184,7 +265,7 @@ pub fn tiny_gguf(seed: u64) -> Vec<u8> {
             }
         }
     };
-    let tensors: Vec<_> = tiny_hf_weights(seed)
+    tiny_hf_weights(seed)
         .into_iter()
         .map(|(name, shape, v)| {
             let v = if name.ends_with("q_proj.weight") {
@@ -196,8 +277,12 @@ pub fn tiny_gguf(seed: u64) -> Vec<u8> {
             };
             (rename(&name), shape.iter().rev().copied().collect(), v)
         })
-        .collect();
-    let meta = [
+        .collect()
+}
+
+/// The tiny model's GGUF metadata.
+pub fn tiny_meta() -> Vec<(&'static str, Meta)> {
+    vec![
         ("general.architecture", Meta::Str("llama".into())),
         ("llama.block_count", Meta::U32(LAYERS as u32)),
         ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
@@ -213,8 +298,7 @@ pub fn tiny_gguf(seed: u64) -> Vec<u8> {
             "tokenizer.ggml.tokens",
             Meta::Strs((0..VOCAB).map(|i| format!("t{i}")).collect()),
         ),
-    ];
-    write_gguf(&meta, &tensors)
+    ]
 }
 
 /// The tiny model's HF `config.json`.
