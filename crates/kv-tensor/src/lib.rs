@@ -30,7 +30,7 @@ pub use encoded::{Encoded, GroupAxis, Quantized};
 pub use error::{AxisError, KvError};
 pub use footprint::Footprint;
 pub use fp16::Fp16Tensor;
-pub use host::dot;
+pub use host::{Prefetch, dot};
 pub use layout::{KvLayout, LayerShape};
 pub use packing::{CodeBits, PackedCodes};
 pub use segment::set_decode_memo;
