@@ -23,9 +23,10 @@ use std::sync::Arc;
 /// streamed once and reused from L1 for every input row, which beats packing up to a few rows.
 pub(crate) const HOST_MAX_ROWS: usize = 4;
 
-/// Output rows per rayon task: large enough that scheduling costs nothing next to the
-/// dot products, small enough that both cores get work on the narrowest matrix.
-const ROWS_PER_TASK: usize = 64;
+/// Weight bytes per rayon task: large enough that scheduling costs nothing next to the dot
+/// products and each task streams long enough for the hardware prefetcher to ramp up, small
+/// enough that both cores get work on the narrowest matrix.
+const TASK_BYTES: usize = 1 << 17;
 
 /// A weight applied as `x · W`, `W` of shape `[in, out]`.
 #[derive(Debug, Clone)]
@@ -181,10 +182,15 @@ fn matvec(rows: &HostRows, x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f
         HostRows::Blocks(_) => QuantRows::block_sums(x),
         HostRows::F32(_) => Vec::new(),
     };
-    yt.par_chunks_mut(ROWS_PER_TASK * t)
+    let row_bytes = match rows {
+        HostRows::F32(_) => inp * 4,
+        HostRows::Blocks(b) => b.bytes() / out.max(1),
+    };
+    let rows_per_task = (TASK_BYTES / row_bytes.max(1)).clamp(1, out.div_ceil(2).max(1));
+    yt.par_chunks_mut(rows_per_task * t)
         .enumerate()
         .for_each(|(task, ys)| {
-            let first = task * ROWS_PER_TASK;
+            let first = task * rows_per_task;
             match rows {
                 HostRows::F32(rows) => {
                     let rows = &rows[first * inp..(first + ys.len() / t) * inp];
