@@ -1,4 +1,5 @@
 //! Times decode steps at a given context on the embedded model (profiling aid).
+//! Arguments: context tokens (2047), decode steps (20), and `f32` to decode from f32 rows.
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
 use models::{Logits, PrefillOptions};
@@ -16,7 +17,12 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let path = models::paths::default_model().expect("cache dir");
-    let m = models::load_gguf::<B>(&path, &Default::default()).expect("model loads");
+    let mut m = models::load_gguf::<B>(&path, &Default::default()).expect("model loads");
+    // Third argument `f32`: decode from f32 host rows instead of the file's blocks.
+    if std::env::args().nth(3).as_deref() == Some("f32") {
+        m.model.set_host_matvec(false);
+        m.model.set_host_matvec(true);
+    }
     let layers = m.model.config.layers;
     eprintln!(
         "host weights streamed per decode step: {:.1} MB",

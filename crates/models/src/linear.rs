@@ -15,7 +15,7 @@
 use crate::quant_rows::QuantRows;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use kv_tensor::dot;
+use kv_tensor::{Prefetch, dot};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -229,7 +229,16 @@ impl pulp::WithSimd for RowDots<'_> {
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
         let RowDots { rows, x, ys, inp } = self;
         let t = x.len() / inp;
-        for (w, yo) in rows.chunks_exact(inp).zip(ys.chunks_exact_mut(t)) {
+        let pf = Prefetch::new();
+        for (o, (w, yo)) in rows
+            .chunks_exact(inp)
+            .zip(ys.chunks_exact_mut(t))
+            .enumerate()
+        {
+            // The next row, a cache line (16 floats) at a time.
+            for l in (0..inp).step_by(16) {
+                pf.line(rows, (o + 1) * inp + l);
+            }
             for (y, xr) in yo.iter_mut().zip(x.chunks_exact(inp)) {
                 *y = dot(w, xr);
             }
