@@ -57,12 +57,7 @@ fn decode_on_quantised_blocks_matches_matmul() {
     );
     assert_eq!(a.len(), 11);
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        let worst = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (worst, scale) = worst_and_scale(x, y);
         assert!(scale > 0.1, "step {step}: logits vanish");
         assert!(
             worst <= 1e-4 * scale,

@@ -62,12 +62,7 @@ fn gguf_and_safetensors_layouts_agree() {
 
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 % VOCAB) as u32).collect();
     let (a, b) = (logits(&from_gguf, &ids), logits(&from_hf, &ids));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let (worst, scale) = worst_and_scale(&b, &a);
     // f32 sums in a different order: agreement to 1e-4 of the logit scale (a layout bug is O(1)).
     assert!(
         worst <= 1e-4 * scale,
@@ -94,12 +89,7 @@ fn chunked_prefill_and_decode_match_one_pass() {
     for (i, &id) in ids[45..].iter().enumerate() {
         let want = &one[(44 + i) * VOCAB..(45 + i) * VOCAB];
         let got: Vec<f32> = last.into_data().to_vec().expect("f32");
-        let worst = got
-            .iter()
-            .zip(want)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let (worst, scale) = worst_and_scale(&got, want);
         assert!(
             worst <= 1e-4 * scale,
             "position {}: {worst} (logit scale {scale})",

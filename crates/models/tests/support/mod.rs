@@ -127,6 +127,18 @@ pub fn q8_0_bytes(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// The largest absolute difference of two equally long vectors, and the largest magnitude in
+/// `want` (what logit comparisons scale their tolerance by).
+pub fn worst_and_scale(got: &[f32], want: &[f32]) -> (f32, f32) {
+    assert_eq!(got.len(), want.len(), "compared vectors differ in length");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    (worst, want.iter().fold(0f32, |m, x| m.max(x.abs())))
+}
+
 /// A deterministic pseudo-random stream (splitmix64) for weights and fuzzing.
 pub struct Rng(pub u64);
 
