@@ -38,11 +38,32 @@ pub fn model() -> &'static LoadedModel<B> {
     })
 }
 
-/// Path of the shared reference fixtures (`../shared/fixtures` next to the repository).
-pub fn fixture(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// The shared reference fixtures (`../shared/fixtures` next to the repository), the source of
+/// truth the issue names.
+fn shared_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/fixtures")
-        .join(name);
+        .join(name)
+}
+
+/// The repository's copy of a shared fixture (`tests/fixtures`), so a clone that has no
+/// `../shared` beside it still runs the reference tests; `vendored_fixtures_match_shared`
+/// keeps the copy identical wherever `../shared` exists.
+fn vendored_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Path of a reference fixture: the shared one where the checkout sits beside `../shared`,
+/// the repository's copy otherwise.
+pub fn fixture(name: &str) -> PathBuf {
+    let shared = shared_fixture(name);
+    let p = if shared.exists() {
+        shared
+    } else {
+        vendored_fixture(name)
+    };
     assert!(p.exists(), "fixture {} is missing", p.display());
     p
 }
@@ -94,3 +115,23 @@ pub fn capture_with(
 
 /// Relative Frobenius error `‖a − b‖ / ‖b‖` (the calibration proxy's own measure).
 pub use solver::calibrate::relative_error as rel_err;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's fixture copies are byte-identical to `../shared/fixtures` (when this
+    /// checkout has it beside it: CI's clone may not, which is why the copies exist).
+    #[test]
+    fn vendored_fixtures_match_shared() {
+        let name = "smollm2_reference.json";
+        let vendored = std::fs::read(vendored_fixture(name)).expect("tests/fixtures copy exists");
+        assert!(!vendored.is_empty());
+        if let Ok(shared) = std::fs::read(shared_fixture(name)) {
+            assert!(
+                shared == vendored,
+                "tests/fixtures/{name} differs from ../shared/fixtures/{name}: copy it again"
+            );
+        }
+    }
+}

@@ -15,6 +15,10 @@ mod error;
 mod kivi;
 pub mod moqae;
 mod setting;
+// Tests of the quantization invariants (proptest): part of the unit-test binary rather than a separate
+// integration binary, which would compile burn's CPU backend once more (~100 s of CI each).
+#[cfg(test)]
+mod invariants;
 
 pub use cache::QuantizedCache;
 pub use error::QuantError;

@@ -20,6 +20,10 @@ mod layout;
 mod packing;
 mod segment;
 mod units;
+// Tests of the host attention against a naive loop-by-loop softmax: part of the unit-test binary rather than a separate
+// integration binary, which would compile burn's CPU backend once more (~100 s of CI each).
+#[cfg(test)]
+mod attention_reference;
 
 pub use attention::{
     ATTENTION_QUERY_CHUNK, attention, attention_padded, attention_with_mass, window_attention,

@@ -214,7 +214,7 @@ pub fn entries(
             ));
             // The redundancy-aware selection is left out: its greedy pass costs ~0.3 s per layer
             // at 4k tokens (a quarter of the default run) and it lost to plain top-k on every
-            // real-model measurement (`tests/evict_real_model.rs`).
+            // real-model measurement (`tests/tests/real_model/evict.rs`).
             // MoQAE: 4-bit for the chunks with the most attention, 2-bit for the rest (its
             // expert set {16, 4, 2} with the first chunk at 16), shared to fit the budget.
             let shape = LayerShape {

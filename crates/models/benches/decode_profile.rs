@@ -1,5 +1,7 @@
-//! Times decode steps at a given context on the embedded model (profiling aid).
-//! Arguments: context tokens (2047), decode steps (20), and `f32` to decode from f32 rows.
+//! Times decode steps at a given context on the embedded model (profiling aid, release build):
+//! `cargo bench -p models --bench decode_profile -- [context 2047] [steps 20] [f32]`, `f32` to
+//! decode from f32 rows rather than the file's blocks. A bench target, not an example, so that
+//! `cargo test` does not compile it (each binary costs ~100 s of CI compile).
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
 use models::{Logits, PrefillOptions};
@@ -8,18 +10,17 @@ use std::time::Instant;
 type B = NdArray<f32>;
 
 fn main() {
-    let ctx: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2047);
-    let steps: usize = std::env::args()
-        .nth(2)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    // `cargo bench` adds `--bench`; only the positional arguments are ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let ctx: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(2047);
+    let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
     let path = models::paths::default_model().expect("cache dir");
     let mut m = models::load_gguf::<B>(&path, &Default::default()).expect("model loads");
     // Third argument `f32`: decode from f32 host rows instead of the file's blocks.
-    if std::env::args().nth(3).as_deref() == Some("f32") {
+    if args.get(2).map(String::as_str) == Some("f32") {
         m.model.set_host_matvec(false);
         m.model.set_host_matvec(true);
     }

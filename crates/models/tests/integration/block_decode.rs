@@ -1,14 +1,13 @@
 //! Decode on the host streams a GGUF's Q4_1/Q8_0 blocks instead of f32 copies, falls back to
 //! f32 rows where blocks cannot be used, and computes the same logits as burn's matmul over the
 //! dequantised weights.
-mod support;
 
+use crate::support::*;
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
 use models::gguf::Gguf;
 use models::{Llama, LlamaConfig, Logits, PrefillOptions};
-use support::*;
 
 type B = NdArray<f32>;
 

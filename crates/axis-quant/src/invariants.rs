@@ -1,6 +1,6 @@
 //! Quantization invariants (proptest): error bound, exact constant groups, identity at 16 bits,
 //! typed errors on NaN/Inf, footprint prediction == allocation.
-use axis_quant::{Kivi, QuantError, QuantSetting, quantize};
+use crate::{Kivi, QuantError, QuantSetting, quantize};
 use burn::tensor::{Tensor, TensorData};
 use burn_ndarray::NdArray;
 use kv_tensor::{

@@ -1,7 +1,7 @@
 //! `FullCache::attend` against a naive softmax attention written out loop by loop.
+use crate::{Bytes, FullCache, LayerCache, LayerShape};
 use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
-use kv_tensor::{Bytes, FullCache, LayerCache, LayerShape};
 
 type B = NdArray<f32>;
 
@@ -202,7 +202,7 @@ fn window_attention_matches_naive_mass() {
         let q = Tensor::<B, 4>::random([1, QH, w, D], Distribution::Normal(0.0, 1.0), &dev);
         let k = Tensor::<B, 4>::random([1, KVH, t, D], Distribution::Normal(0.0, 1.0), &dev);
         let want = naive_mass(&to_vec(q.clone()), &to_vec(k.clone()), w, t);
-        let got: Vec<f32> = kv_tensor::window_attention(q, k)
+        let got: Vec<f32> = crate::window_attention(q, k)
             .expect("shapes agree")
             .into_data()
             .to_vec()
@@ -222,7 +222,7 @@ fn attention_mass_is_the_column_sum_of_the_same_softmax() {
         let q = Tensor::<B, 4>::random([1, QH, tq, D], Distribution::Normal(0.0, 1.0), &dev);
         let k = Tensor::<B, 4>::random([1, KVH, tk, D], Distribution::Normal(0.0, 1.0), &dev);
         let v = Tensor::<B, 4>::random([1, KVH, tk, D], Distribution::Normal(0.0, 1.0), &dev);
-        let (out, mass) = kv_tensor::attention_with_mass(q.clone(), k.clone(), v.clone(), None)
+        let (out, mass) = crate::attention_with_mass(q.clone(), k.clone(), v.clone(), None)
             .expect("shapes agree");
         let want_out = naive(&to_vec(q.clone()), &to_vec(k.clone()), &to_vec(v), tq, tk);
         assert_close(&to_vec(out), &want_out, &format!("output, {tq} over {tk}"));

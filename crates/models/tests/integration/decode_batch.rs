@@ -1,13 +1,12 @@
 //! `decode_batch` steps several sequences (caches of different lengths) at once and gives, row
 //! for row, the logits of decoding each alone.
-mod support;
 
+use crate::support::*;
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
 use models::gguf::Gguf;
 use models::{Llama, LlamaConfig, Logits};
-use support::*;
 
 type B = NdArray<f32>;
 

@@ -1,6 +1,6 @@
 //! Eviction invariants (proptest): kept count, protected tokens, increasing positions, keep = 1
 //! is the identity, footprint prediction == allocation; and settings validated on load.
-use axis_evict::{Evict, EvictSetting, Lambda, ScorerKind, Selection};
+use crate::{Evict, EvictSetting, Lambda, ScorerKind, Selection};
 use burn::tensor::{Distribution, Int, Tensor};
 use burn_ndarray::NdArray;
 use kv_tensor::{CompressionAxis, LayerShape, ObservationCtx, Positions, Ratio, Segment};

@@ -1,10 +1,9 @@
 //! Thousands of random truncations and byte flips of small GGUF files: every one is either
 //! parsed or rejected with a typed error, never a panic; and a parsed file dequantises safely.
-mod support;
 
+use crate::support::{Rng, tiny_gguf};
 use models::ModelError;
 use models::gguf::Gguf;
-use support::{Rng, tiny_gguf};
 
 fn parse_and_read(bytes: Vec<u8>) -> Result<(), ModelError> {
     let g = Gguf::parse(bytes)?;

@@ -1,13 +1,12 @@
 //! The same tiny model saved as GGUF (llama.cpp's permuted Q/K, interleaved-pair RoPE) and as
 //! HF safetensors (rotate-half RoPE) gives the same logits: both pair layouts are right.
-mod support;
 
+use crate::support::*;
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
 use models::gguf::Gguf;
 use models::{Llama, LlamaConfig, Logits, PrefillOptions, RopeLayout, SafetensorsWeights};
-use support::*;
 
 type B = NdArray<f32>;
 
