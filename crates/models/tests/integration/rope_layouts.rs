@@ -91,7 +91,7 @@ fn chunked_prefill_and_decode_match_one_pass() {
         let got: Vec<f32> = last.into_data().to_vec().expect("f32");
         let (worst, scale) = worst_and_scale(&got, want);
         // 1e-3 of the logit scale: a caching or position bug is O(1). Measured 1.3e-4 at
-        // position 44 (the last prefill chunk) since the host-kernel commits; not yet explained.
+        // position 44 (the last prefill chunk) (already at 60fc257); not yet explained.
         assert!(
             worst <= 1e-3 * scale,
             "position {}: {worst} (logit scale {scale})",
