@@ -25,8 +25,8 @@ pub mod snapkv;
 pub mod streaming;
 pub mod tova;
 pub mod trig;
-// Tests of the eviction invariants (proptest): part of the unit-test binary rather than a separate
-// integration binary, which would compile burn's CPU backend once more (~100 s of CI each).
+// Tests of the eviction invariants (proptest), kept in the unit-test binary: a separate integration
+// binary would compile burn's CPU backend once more (~100 s of CI each).
 #[cfg(test)]
 mod invariants;
 

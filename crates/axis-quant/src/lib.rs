@@ -15,8 +15,8 @@ mod error;
 mod kivi;
 pub mod moqae;
 mod setting;
-// Tests of the quantization invariants (proptest): part of the unit-test binary rather than a separate
-// integration binary, which would compile burn's CPU backend once more (~100 s of CI each).
+// Tests of the quantization invariants (proptest), kept in the unit-test binary: a separate
+// integration binary would compile burn's CPU backend once more (~100 s of CI each).
 #[cfg(test)]
 mod invariants;
 

@@ -20,8 +20,8 @@ mod layout;
 mod packing;
 mod segment;
 mod units;
-// Tests of the host attention against a naive loop-by-loop softmax: part of the unit-test binary rather than a separate
-// integration binary, which would compile burn's CPU backend once more (~100 s of CI each).
+// Tests of the host attention against a naive loop-by-loop softmax, kept in the unit-test binary: a
+// separate integration binary would compile burn's CPU backend once more (~100 s of CI each).
 #[cfg(test)]
 mod attention_reference;
 
