@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 use kv_tensor::{
     AxisError, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache, ObservationCtx,
-    Positions, Ratio, Segment, attention_padded,
+    Positions, Ratio, Segment,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
@@ -112,7 +112,7 @@ impl<B: Backend> DecodingEvictCache<B> {
             v: kv_tensor::Encoded::Dense(v),
         };
         let seg = self.axis.compress(seg, &setting, ctx)?;
-        self.layer.replace_all(seg.into_half());
+        self.layer.replace_all(seg.into_half())?;
         Ok(())
     }
 }
@@ -157,8 +157,7 @@ impl<B: Backend> LayerCache<B> for DecodingEvictCache<B> {
                 all
             });
         }
-        let (k, v) = self.keys_values()?;
-        attention_padded(q, k, v, self.padding())
+        self.layer.attend(q)
     }
 
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {

@@ -180,7 +180,7 @@ fn head_wise_storage_is_ragged_and_attention_ignores_padding() {
     assert_eq!(out.footprint().indices.get() as usize, kept * 4);
     // Attention over the padded decode equals attention over each head's own tokens.
     let mut layer = CompressedLayer::<B>::new();
-    layer.push_segment(out.clone());
+    layer.push_segment(out.clone()).expect("push");
     let (pk, pv) = layer.decode().expect("decode");
     let q = Tensor::<B, 4>::random([1, h * 3, 1, d], Distribution::Normal(0.0, 1.0), &device);
     let got = attention_padded(q.clone(), pk, pv, layer.padding()).expect("padded");

@@ -56,7 +56,7 @@ impl<B: Backend> QuantizedCache<B> {
                 &self.setting,
                 &ObservationCtx::bare(0),
             )?;
-            self.layer.push_segment(seg);
+            self.layer.push_segment(seg)?;
         }
         Ok(())
     }
@@ -70,6 +70,23 @@ impl<B: Backend> LayerCache<B> for QuantizedCache<B> {
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
         self.layer.decode()
+    }
+
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        self.layer.attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_mass(q)
+    }
+
+    fn resident(&self) -> kv_tensor::Bytes {
+        self.layer.resident()
+    }
+
+    /// Whole groups beyond the residual window are quantized as soon as they exist.
+    fn after_prefill_chunk(&mut self, _ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        self.flush()
     }
 
     fn finish_prefill(&mut self, _ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
@@ -116,23 +133,23 @@ mod tests {
         let mut c = QuantizedCache::<B>::new(s, 64);
         c.append(rand(200), rand(200)).expect("append");
         assert_eq!(
-            c.layer().segments().len(),
+            c.layer().segment_lens().len(),
             0,
             "nothing quantized during prefill"
         );
         c.finish_prefill(&ObservationCtx::bare(0)).expect("flush");
         // 200 − 64 = 136 → 128 quantized (4 groups), 72 stay dense.
-        assert_eq!(c.layer().segments()[0].len(), 128);
+        assert_eq!(c.layer().segment_lens()[0], 128);
         assert_eq!(c.layer().window_len(), 72);
         // Decode: 23 more tokens keep the window below 64 + 32 = 96; the 24th flushes 32.
         for _ in 0..23 {
             c.append(rand(1), rand(1)).expect("append");
         }
-        assert_eq!(c.layer().segments().len(), 1);
+        assert_eq!(c.layer().segment_lens().len(), 1);
         c.append(rand(1), rand(1)).expect("append");
-        assert_eq!(c.layer().segments().len(), 2);
+        assert_eq!(c.layer().segment_lens().len(), 2);
         assert_eq!(
-            c.layer().segments()[1].len(),
+            c.layer().segment_lens()[1],
             32,
             "only the new group is quantized"
         );
@@ -179,7 +196,7 @@ mod tests {
         let mut c = QuantizedCache::<B>::new(QuantSetting::new(Bits::Full, Bits::Full), 0);
         c.append(rand(100), rand(100)).expect("append");
         c.finish_prefill(&ObservationCtx::bare(0)).expect("flush");
-        assert!(c.layer().segments().is_empty());
+        assert!(c.layer().segment_lens().is_empty());
         let _ = Segment::<B>::dense(rand(1), rand(1), 0).expect("dense");
     }
 }

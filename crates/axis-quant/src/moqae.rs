@@ -264,7 +264,7 @@ impl<B: Backend> MoqaeCache<B> {
                 &QuantSetting::new(b, b),
                 &ObservationCtx::bare(self.layer_idx),
             )?;
-            self.layer.push_segment(seg);
+            self.layer.push_segment(seg)?;
             self.routed.push(b);
         }
         self.chunks_done += n;
@@ -288,6 +288,18 @@ impl<B: Backend> LayerCache<B> for MoqaeCache<B> {
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
         self.layer.decode()
+    }
+
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        self.layer.attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_mass(q)
+    }
+
+    fn resident(&self) -> kv_tensor::Bytes {
+        self.layer.resident()
     }
 
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {

@@ -1,5 +1,5 @@
 //! `FullCache::attend` against a naive softmax attention written out loop by loop.
-use crate::{Bytes, FullCache, LayerCache, LayerShape};
+use crate::{Bytes, DensePrecision, FullCache, LayerCache, LayerShape};
 use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
 
@@ -66,12 +66,32 @@ fn assert_within(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert!(worst <= tol, "{what}: max abs error {worst}");
 }
 
+/// The values a cache of `precision` stores for `x` (fp16 rounds to nearest even).
+fn stored(x: Vec<f32>, precision: DensePrecision) -> Vec<f32> {
+    match precision {
+        DensePrecision::F32 => x,
+        DensePrecision::F16 => x
+            .into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect(),
+    }
+}
+
 #[test]
 fn full_cache_matches_naive_attention_prefill_and_decode() {
+    for precision in [DensePrecision::F32, DensePrecision::F16] {
+        full_cache_matches_naive(precision);
+    }
+}
+
+fn full_cache_matches_naive(precision: DensePrecision) {
     let device = Default::default();
     let rand =
         |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-    let mut cache = FullCache::<B>::new();
+    let mut cache = match precision {
+        DensePrecision::F16 => FullCache::<B>::new(),
+        DensePrecision::F32 => FullCache::<B>::f32(),
+    };
 
     // Causal prefill of 37 tokens.
     let (k0, v0, q0) = (
@@ -82,7 +102,10 @@ fn full_cache_matches_naive_attention_prefill_and_decode() {
     cache.append(k0.clone(), v0.clone()).expect("append");
     let out = cache.attend(q0.clone()).expect("attend");
     assert_eq!(out.dims(), [1, QH, 37, D]);
-    let (mut kall, mut vall) = (to_vec(k0.clone()), to_vec(v0.clone()));
+    let (mut kall, mut vall) = (
+        stored(to_vec(k0.clone()), precision),
+        stored(to_vec(v0.clone()), precision),
+    );
     assert_close(
         &to_vec(out),
         &naive(&to_vec(q0), &kall, &vall, 37, 37),
@@ -100,8 +123,8 @@ fn full_cache_matches_naive_attention_prefill_and_decode() {
         cache.append(k1.clone(), v1.clone()).expect("append");
         k_acc = Tensor::cat(vec![k_acc, k1], 2);
         v_acc = Tensor::cat(vec![v_acc, v1], 2);
-        kall = to_vec(k_acc.clone());
-        vall = to_vec(v_acc.clone());
+        kall = stored(to_vec(k_acc.clone()), precision);
+        vall = stored(to_vec(v_acc.clone()), precision);
         let tk = 38 + step;
         assert_eq!(cache.len(), tk);
         let out = cache.attend(q1.clone()).expect("attend");
@@ -112,18 +135,22 @@ fn full_cache_matches_naive_attention_prefill_and_decode() {
         );
     }
 
-    // Footprint: all dense, f32 on this backend, exactly what the tensors hold.
+    // Footprint: all dense, at the stored width.
     let shape = LayerShape {
         batch: 1,
         kv_heads: KVH,
         tokens: 42,
         head_dim: D,
     };
+    let (width, ratio) = match precision {
+        DensePrecision::F32 => (4, 0.5),
+        DensePrecision::F16 => (2, 1.0),
+    };
     assert_eq!(
         cache.footprint().total(),
-        Bytes(2 * 4 * shape.numel() as u64)
+        Bytes(2 * width * shape.numel() as u64)
     );
-    assert_eq!(cache.footprint().ratio_to(shape.fp16_bytes()), 0.5);
+    assert_eq!(cache.footprint().ratio_to(shape.fp16_bytes()), ratio);
 }
 
 #[test]

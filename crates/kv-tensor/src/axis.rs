@@ -20,8 +20,6 @@ pub struct ObservationCtx<B: Backend> {
     pub attention_mass: Option<Tensor<B, 3>>,
     /// Pre-RoPE queries of the observation window `[b, q_heads, w, d]` (TriAttention-style).
     pub pre_rope_queries: Option<Tensor<B, 4>>,
-    /// Pre-RoPE keys `[b, kv_heads, tokens, d]`.
-    pub pre_rope_keys: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> ObservationCtx<B> {
@@ -42,7 +40,6 @@ impl<B: Backend> ObservationCtx<B> {
             window_queries: None,
             attention_mass: None,
             pre_rope_queries: None,
-            pre_rope_keys: None,
         }
     }
 }

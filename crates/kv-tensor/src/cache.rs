@@ -1,12 +1,11 @@
 //! The single attention patch point: the model talks to each layer's cache only through
 //! [`LayerCache`]; [`FullCache`] is the uncompressed reference.
-use crate::host::{HOST_MAX_QUERIES, HostKv, is_host};
 use crate::{
-    AxisError, Bytes, CompressedLayer, Footprint, KvError, ObservationCtx, attention_padded,
-    attention_with_mass,
+    AxisError, Bytes, CompressedLayer, DensePrecision, Footprint, KvError, ObservationCtx,
+    attention_padded, attention_with_mass,
 };
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, Tensor};
 
 /// One layer's KV cache as the model sees it. Keys arrive after RoPE.
 ///
@@ -61,8 +60,24 @@ pub trait LayerCache<B: Backend>: Send {
         Ok(())
     }
 
+    /// Called after each prefill chunk when the prefill compresses as it goes
+    /// (`PrefillOptions::compress_chunks` in `models`): a compressing cache brings what exceeds
+    /// its budget down to it now, with what scorers have observed so far, so the prompt is never
+    /// held dense as a whole. `finish_prefill` still follows the last chunk. The default keeps
+    /// everything until then.
+    fn after_prefill_chunk(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        let _ = ctx;
+        Ok(())
+    }
+
     /// Exact bytes held.
     fn footprint(&self) -> Footprint;
+
+    /// Bytes really allocated for the cache's storage: the footprint, plus any spare capacity
+    /// of growing buffers (the default: the footprint).
+    fn resident(&self) -> Bytes {
+        self.footprint().total()
+    }
 
     /// Tokens appended so far (the logical sequence length; the next token's position).
     fn len(&self) -> usize;
@@ -84,40 +99,32 @@ pub trait LayerCache<B: Backend>: Send {
     }
 }
 
-/// The uncompressed reference cache: every token, dense, at the backend's float precision.
+/// The uncompressed reference cache: every token, dense.
 ///
-/// On host-memory f32 backends (burn-ndarray) the tokens live in a [`HostKv`] instead of
-/// tensors: appending is in place and decode steps attend on the host, without the copies
-/// burn-ndarray makes on every reshape, slice and concatenation. Both stores give the same
-/// attention up to float summation order.
+/// Stored in fp16 on host backends (burn-ndarray), like the compression ratio's reference and
+/// llama.cpp's default cache; [`FullCache::f32`] keeps f32 for exact comparisons. Device
+/// backends keep their float type. Decode steps attend on the host without copying the cache
+/// (see [`CompressedLayer::attend`]).
 #[derive(Debug, Clone, Default)]
 pub struct FullCache<B: Backend> {
-    store: FullStore<B>,
-}
-
-#[derive(Debug, Clone, Default)]
-enum FullStore<B: Backend> {
-    /// Nothing appended yet: the first append picks the store.
-    #[default]
-    Empty,
-    Tensors(CompressedLayer<B>),
-    Host(HostKv, B::Device),
+    layer: CompressedLayer<B>,
 }
 
 impl<B: Backend> FullCache<B> {
-    /// An empty cache.
+    /// An empty cache (fp16 on host backends).
     pub fn new() -> Self {
         Self {
-            store: FullStore::Empty,
+            layer: CompressedLayer::new(),
         }
     }
-}
 
-/// `t` as a contiguous f32 vector (it is f32 on host backends, see [`is_host`]).
-fn host_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, KvError> {
-    t.into_data()
-        .into_vec::<f32>()
-        .map_err(|e| KvError::Backend(format!("{e:?}")))
+    /// An empty cache that keeps f32 on host backends (opt-in: twice the bytes of the
+    /// reference).
+    pub fn f32() -> Self {
+        Self {
+            layer: CompressedLayer::with_precision(DensePrecision::F32),
+        }
+    }
 }
 
 impl<B: Backend> LayerCache<B> for FullCache<B> {
@@ -126,111 +133,35 @@ impl<B: Backend> LayerCache<B> for FullCache<B> {
     }
 
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
-        if matches!(self.store, FullStore::Empty) {
-            self.store = if is_host(&k) {
-                let [b, h, _, d] = k.dims();
-                FullStore::Host(HostKv::new(b, h, d), k.device())
-            } else {
-                FullStore::Tensors(CompressedLayer::new())
-            };
-        }
-        match &mut self.store {
-            FullStore::Host(kv, _) => {
-                let [b, h, t, d] = k.dims();
-                if v.dims() != k.dims() {
-                    return Err(KvError::Shape {
-                        context: "appended keys vs values",
-                        expected: k.dims().to_vec(),
-                        got: v.dims().to_vec(),
-                    }
-                    .into());
-                }
-                let [eb, eh, ed] = kv.dims();
-                if [b, h, d] != [eb, eh, ed] {
-                    return Err(KvError::Shape {
-                        context: "appended keys vs cache",
-                        expected: vec![eb, eh, t, ed],
-                        got: k.dims().to_vec(),
-                    }
-                    .into());
-                }
-                kv.append(&host_vec(k)?, &host_vec(v)?, t);
-                Ok(())
-            }
-            FullStore::Tensors(layer) => Ok(layer.push(k, v)?),
-            FullStore::Empty => unreachable!("the store was chosen above"),
-        }
+        Ok(self.layer.push(k, v)?)
     }
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
-        match &self.store {
-            FullStore::Empty => Err(KvError::Empty),
-            FullStore::Tensors(layer) => layer.decode(),
-            FullStore::Host(kv, device) => {
-                if kv.len() == 0 {
-                    return Err(KvError::Empty);
-                }
-                let [b, h, d] = kv.dims();
-                let shape = [b, h, kv.len(), d];
-                let (k, v) = kv.to_vecs();
-                Ok((
-                    Tensor::from_data(TensorData::new(k, shape), device),
-                    Tensor::from_data(TensorData::new(v, shape), device),
-                ))
-            }
-        }
+        self.layer.decode()
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
-        if let FullStore::Host(kv, device) = &self.store {
-            let [b, qh, tq, d] = q.dims();
-            let [kb, kvh, kd] = kv.dims();
-            if tq <= HOST_MAX_QUERIES && (b, d) == (kb, kd) && qh % kvh == 0 {
-                if tq == 0 || kv.len() == 0 {
-                    return Err(KvError::Empty);
-                }
-                if tq > kv.len() {
-                    return Err(KvError::QueriesExceedCache {
-                        queries: tq,
-                        cached: kv.len(),
-                    });
-                }
-                let out = kv.attend(&host_vec(q)?, qh, tq);
-                return Ok(Tensor::from_data(
-                    TensorData::new(out, [b, qh, tq, d]),
-                    device,
-                ));
-            }
-        }
-        let (k, v) = self.keys_values()?;
-        attention_padded(q, k, v, None)
+        self.layer.attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_mass(q)
     }
 
     fn footprint(&self) -> Footprint {
-        match &self.store {
-            FullStore::Empty => Footprint::default(),
-            FullStore::Tensors(layer) => layer.footprint(),
-            FullStore::Host(kv, _) => Footprint {
-                dense: Bytes((kv.elements() * std::mem::size_of::<f32>()) as u64),
-                ..Footprint::default()
-            },
-        }
+        self.layer.footprint()
+    }
+
+    fn resident(&self) -> Bytes {
+        self.layer.resident()
     }
 
     fn len(&self) -> usize {
-        match &self.store {
-            FullStore::Empty => 0,
-            FullStore::Tensors(layer) => layer.seen(),
-            FullStore::Host(kv, _) => kv.len(),
-        }
+        self.layer.seen()
     }
 
     fn stored(&self) -> usize {
-        match &self.store {
-            FullStore::Empty => 0,
-            FullStore::Tensors(layer) => layer.stored(),
-            FullStore::Host(kv, _) => kv.len(),
-        }
+        self.layer.stored()
     }
 }
 
@@ -264,6 +195,14 @@ impl<B: Backend> LayerCache<B> for RecordingCache<B> {
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
         self.inner.keys_values()
+    }
+
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        self.inner.attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.inner.attend_with_mass(q)
     }
 
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
@@ -322,10 +261,18 @@ impl<B: Backend, A: crate::CompressionAxis<B>> LayerCache<B> for PrefillCompress
         self.layer.padding()
     }
 
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        self.layer.attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_mass(q)
+    }
+
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         if let Some(seg) = self.layer.take_window(usize::MAX) {
             let seg = self.axis.compress(seg, &self.setting, ctx)?;
-            self.layer.push_segment(seg);
+            self.layer.push_segment(seg)?;
         }
         Ok(())
     }
@@ -369,8 +316,16 @@ impl<B: Backend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
         (**self).finish_prefill(ctx)
     }
 
+    fn after_prefill_chunk(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        (**self).after_prefill_chunk(ctx)
+    }
+
     fn footprint(&self) -> Footprint {
         (**self).footprint()
+    }
+
+    fn resident(&self) -> Bytes {
+        (**self).resident()
     }
 
     fn len(&self) -> usize {

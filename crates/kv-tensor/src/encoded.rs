@@ -109,6 +109,16 @@ impl<B: Backend> Quantized<B> {
         &self.codes
     }
 
+    /// The fp16 scales.
+    pub fn scales(&self) -> &Fp16Tensor<B, 4> {
+        &self.scales
+    }
+
+    /// The fp16 minimums (zero-points).
+    pub fn mins(&self) -> &Fp16Tensor<B, 4> {
+        &self.mins
+    }
+
     /// Group size.
     pub fn group(&self) -> usize {
         self.group

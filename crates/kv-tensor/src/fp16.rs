@@ -115,6 +115,11 @@ impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
         v.clone().mask_where(negative, v.neg())
     }
 
+    /// The binary16 bit patterns (`u16` values in an integer tensor).
+    pub fn bits(&self) -> &Tensor<B, D, Int> {
+        &self.bits
+    }
+
     /// The shape of the stored tensor.
     pub fn dims(&self) -> [usize; D] {
         self.bits.dims()

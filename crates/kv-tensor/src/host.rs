@@ -1,17 +1,16 @@
-//! A dense K/V store in host memory and few-query attention over it: how [`FullCache`] decodes
-//! on CPU backends.
+//! Dense K/V rows in host memory (the full cache's tokens, a compressed layer's residual
+//! window) and the small vector helpers every host kernel shares.
 //!
-//! Why it exists: burn-ndarray 0.21 copies a tensor on every `reshape` and `slice`, and `cat`
-//! re-allocates the whole cache, so a decode step at 2048 tokens copied each layer's keys and
-//! values about ten times before its two tiny matmuls ran (measured: 87 of the 124 ms a step
-//! took at 2048 tokens went to those copies). Here new tokens are appended in place (amortised
-//! growth, copy-on-write between forks) and every query row reads each key and value once.
-//! Prefill chunks still take burn's matmul path, which is faster for many queries.
-//!
-//! [`FullCache`]: crate::FullCache
+//! Why a host store exists: burn-ndarray 0.21 copies a tensor on every `reshape` and `slice`,
+//! and `cat` re-allocates the whole cache, so a decode step at 2048 tokens copied each layer's
+//! keys and values about ten times before its two tiny matmuls ran. Here new tokens are appended
+//! in place (amortised growth, copy-on-write between forks) and the attention kernels
+//! ([`host_attention`](crate::host_attention)) read each row once. Prefill chunks still take
+//! burn's matmul path, which is faster for many queries.
+use crate::host_attention::{Part, Rows, SideView};
+use crate::host_segment::{f16_to_f32, f32_to_f16};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Queries up to this many rows (decode steps, a short batch of them) take the host kernel;
@@ -21,28 +20,116 @@ pub(crate) const HOST_MAX_QUERIES: usize = 8;
 /// True when tensors of this backend live in host memory as f32, where copying them out costs
 /// one read (burn-ndarray); GPU backends keep the tensor path.
 pub(crate) fn is_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
-    t.dtype() == DType::F32 && B::name(&t.device()) == "ndarray"
+    t.dtype() == DType::F32 && host_backend::<B>(&t.device())
 }
 
-/// Keys and values of `b × h` heads, each head a row-major `[tokens][d]` vector that grows by
-/// appending. Clones share storage until one of them appends.
+/// True when this backend keeps f32 tensors in host memory (see [`is_host`]), judged from the
+/// backend alone (for segments whose tensors are integer codes).
+pub(crate) fn host_backend<B: Backend>(device: &B::Device) -> bool {
+    use burn::tensor::Element;
+    <B::FloatElem as Element>::dtype() == DType::F32 && B::name(device) == "ndarray"
+}
+
+/// How dense rows are stored: the ratio's reference and llama.cpp's default are fp16, so that
+/// is the default; f32 is an opt-in for exact comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DensePrecision {
+    /// binary16, two bytes per value (rounded to nearest even).
+    #[default]
+    F16,
+    /// f32, four bytes per value.
+    F32,
+}
+
+/// Every head's rows of one side, each head a row-major `[tokens][d]` vector that grows.
 #[derive(Debug, Clone)]
-pub(crate) struct HostKv {
-    /// `k[bh]`: head `bh`'s keys, `len × d` floats.
-    k: Arc<Vec<Vec<f32>>>,
-    v: Arc<Vec<Vec<f32>>>,
+enum HeadRows {
+    F32(Vec<Vec<f32>>),
+    F16(Vec<Vec<u16>>),
+}
+
+impl HeadRows {
+    fn new(heads: usize, p: DensePrecision) -> Self {
+        match p {
+            DensePrecision::F32 => HeadRows::F32(vec![Vec::new(); heads]),
+            DensePrecision::F16 => HeadRows::F16(vec![Vec::new(); heads]),
+        }
+    }
+
+    fn append(&mut self, src: &[f32], row: usize) {
+        match self {
+            HeadRows::F32(hs) => {
+                for (dst, s) in hs.iter_mut().zip(src.chunks_exact(row)) {
+                    dst.extend_from_slice(s);
+                }
+            }
+            HeadRows::F16(hs) => {
+                for (dst, s) in hs.iter_mut().zip(src.chunks_exact(row)) {
+                    dst.extend(s.iter().map(|&x| f32_to_f16(x)));
+                }
+            }
+        }
+    }
+
+    /// Removes the first `n` elements of every head, returned as f32 `[heads][n]`.
+    fn take_front(&mut self, n: usize) -> Vec<f32> {
+        match self {
+            HeadRows::F32(hs) => hs.iter_mut().flat_map(|h| h.drain(..n)).collect(),
+            HeadRows::F16(hs) => hs
+                .iter_mut()
+                .flat_map(|h| h.drain(..n).map(f16_to_f32))
+                .collect(),
+        }
+    }
+
+    fn to_vec(&self) -> Vec<f32> {
+        match self {
+            HeadRows::F32(hs) => hs.concat(),
+            HeadRows::F16(hs) => hs.iter().flatten().map(|&x| f16_to_f32(x)).collect(),
+        }
+    }
+
+    fn view(&self, head: usize) -> Rows<'_> {
+        match self {
+            HeadRows::F32(hs) => Rows::F32(&hs[head]),
+            HeadRows::F16(hs) => Rows::F16(&hs[head]),
+        }
+    }
+
+    fn element_bytes(&self) -> usize {
+        match self {
+            HeadRows::F32(_) => 4,
+            HeadRows::F16(_) => 2,
+        }
+    }
+
+    fn resident(&self) -> usize {
+        match self {
+            HeadRows::F32(hs) => hs.iter().map(|h| h.capacity() * 4).sum(),
+            HeadRows::F16(hs) => hs.iter().map(|h| h.capacity() * 2).sum(),
+        }
+    }
+}
+
+/// The dense rows of a layer held in host memory (a full cache's tokens, a compressed layer's
+/// residual window): keys and values of `b × h` heads appended in place (amortised growth,
+/// copy-on-write between forks), at [`DensePrecision`].
+#[derive(Debug, Clone)]
+pub(crate) struct HostWindow {
+    k: Arc<HeadRows>,
+    v: Arc<HeadRows>,
     b: usize,
     h: usize,
     d: usize,
     len: usize,
 }
 
-impl HostKv {
+impl HostWindow {
     /// An empty store for `[b, h, ·, d]` tensors.
-    pub(crate) fn new(b: usize, h: usize, d: usize) -> Self {
+    pub(crate) fn new(b: usize, h: usize, d: usize, p: DensePrecision) -> Self {
         Self {
-            k: Arc::new(vec![Vec::new(); b * h]),
-            v: Arc::new(vec![Vec::new(); b * h]),
+            k: Arc::new(HeadRows::new(b * h, p)),
+            v: Arc::new(HeadRows::new(b * h, p)),
             b,
             h,
             d,
@@ -60,9 +147,14 @@ impl HostKv {
         self.len
     }
 
-    /// Floats held (keys and values).
-    pub(crate) fn elements(&self) -> usize {
-        2 * self.b * self.h * self.len * self.d
+    /// Bytes held (keys and values, at the stored width).
+    pub(crate) fn bytes(&self) -> usize {
+        2 * self.b * self.h * self.len * self.d * self.k.element_bytes()
+    }
+
+    /// Bytes allocated, capacities included.
+    pub(crate) fn resident(&self) -> usize {
+        self.k.resident() + self.v.resident()
     }
 
     /// Appends `t` tokens given as contiguous `[b, h, t, d]` keys and values.
@@ -70,167 +162,41 @@ impl HostKv {
         let row = t * self.d;
         debug_assert_eq!(k.len(), self.b * self.h * row);
         debug_assert_eq!(v.len(), k.len());
-        for (dst, src) in Arc::make_mut(&mut self.k)
-            .iter_mut()
-            .zip(k.chunks_exact(row))
-        {
-            dst.extend_from_slice(src);
-        }
-        for (dst, src) in Arc::make_mut(&mut self.v)
-            .iter_mut()
-            .zip(v.chunks_exact(row))
-        {
-            dst.extend_from_slice(src);
-        }
+        Arc::make_mut(&mut self.k).append(k, row);
+        Arc::make_mut(&mut self.v).append(v, row);
         self.len += t;
     }
 
-    /// Keys and values as contiguous `[b, h, len, d]` vectors.
+    /// Removes the oldest `n` tokens (at most all), returned as f32 `[b, h, n, d]` keys and
+    /// values.
+    pub(crate) fn take_front(&mut self, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = n.min(self.len);
+        self.len -= n;
+        (
+            Arc::make_mut(&mut self.k).take_front(n * self.d),
+            Arc::make_mut(&mut self.v).take_front(n * self.d),
+        )
+    }
+
+    /// Keys and values as contiguous f32 `[b, h, len, d]` vectors.
     pub(crate) fn to_vecs(&self) -> (Vec<f32>, Vec<f32>) {
-        (self.k.concat(), self.v.concat())
+        (self.k.to_vec(), self.v.to_vec())
     }
 
-    /// Softmax attention of the newest `tq` tokens' queries over everything held, with the
-    /// causal convention of [`attention`](crate::attention): query `i` sees keys
-    /// `0 ..= len − tq + i`. Query head `qh` reads KV head `qh / (q_heads / h)`.
-    ///
-    /// Work is split the flash-decoding way: one task per KV head and run of
-    /// [`KEYS_PER_TASK`] keys, each computing every query of the head's query group over its
-    /// keys (a key row is read once for all of them, not once per query head), with its own
-    /// running maximum; the partial results are then merged exactly. Splitting along keys keeps
-    /// both cores busy when there are fewer KV heads than cores times two (SmolLM2 has 3).
-    ///
-    /// # Shapes
-    /// `q`: contiguous `[b, q_heads, tq, d]` → the same shape. The caller checks that
-    /// `q_heads` is a multiple of `h`, `b` and `d` match and `1 ≤ tq ≤ len`.
-    pub(crate) fn attend(&self, q: &[f32], q_heads: usize, tq: usize) -> Vec<f32> {
-        let (d, len) = (self.d, self.len);
-        let group = q_heads / self.h;
-        // Queries of one KV head: its `group` query heads × `tq` tokens, contiguous in `q`.
-        let rows = group * tq;
-        let chunks = len.div_ceil(KEYS_PER_TASK).max(1);
-        let span = len.div_ceil(chunks);
-        let scale = 1.0 / (d as f32).sqrt();
-        let partials: Vec<Partial> = (0..self.b * self.h * chunks)
-            .into_par_iter()
-            .map(|task| {
-                let (bkv, c) = (task / chunks, task % chunks);
-                let (start, end) = (c * span, ((c + 1) * span).min(len));
-                pulp::Arch::new().dispatch(GroupAttention {
-                    keys: &self.k[bkv][start * d..end * d],
-                    values: &self.v[bkv][start * d..end * d],
-                    q: &q[bkv * rows * d..(bkv + 1) * rows * d],
-                    // Query `r` (token `r % tq`) sees `len − tq + r % tq + 1` keys in all.
-                    visible: &|r: usize| (len - tq + r % tq + 1).min(end).saturating_sub(start),
-                    d,
-                    scale,
-                })
-            })
-            .collect();
-        let mut out = vec![0f32; q.len()];
-        for (out, parts) in out
-            .chunks_exact_mut(rows * d)
-            .zip(partials.chunks_exact(chunks))
-        {
-            for (r, o) in out.chunks_exact_mut(d).enumerate() {
-                let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[r]));
-                let mut total = 0f32;
-                for p in parts {
-                    if p.sum[r] > 0.0 {
-                        let w = (p.max[r] - max).exp();
-                        total += w * p.sum[r];
-                        axpy(o, w, &p.out[r * d..(r + 1) * d]);
-                    }
-                }
-                let inv = 1.0 / total;
-                for x in o.iter_mut() {
-                    *x *= inv;
-                }
-            }
+    /// Head `bh`'s keys and values for the attention kernels.
+    pub(crate) fn part<'a>(&'a self, bh: usize, offset: usize) -> Part<'a> {
+        let side = |rows: Rows<'a>| SideView {
+            rows,
+            n: self.len,
+            w: self.d,
+            basis: None,
+            d: self.d,
+        };
+        Part {
+            k: side(self.k.view(bh)),
+            v: side(self.v.view(bh)),
+            offset,
         }
-        out
-    }
-}
-
-/// Keys per task of the host attention: enough work per task that scheduling is noise, few
-/// enough that 2000 tokens over 3 KV heads make 24 tasks for the cores to share.
-const KEYS_PER_TASK: usize = 256;
-
-/// One task's share of the attention of a query group: per query row, the maximum score over
-/// its visible keys of the run, `Σ exp(score − max)`, and `Σ exp(score − max) · v`
-/// (unnormalised). A row that sees no key of the run has sum 0 and is skipped in the merge.
-struct Partial {
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    out: Vec<f32>,
-}
-
-/// The queries of one KV head's group over one run of its keys, as a [`pulp::WithSimd`] so
-/// that the plain loops below are compiled for (and run with) the widest vector unit the CPU
-/// has. Keys and values are walked once, each row used for every query while in L1.
-struct GroupAttention<'a> {
-    /// `[n][d]`, the run's keys and values.
-    keys: &'a [f32],
-    values: &'a [f32],
-    /// `[rows][d]`, the group's queries.
-    q: &'a [f32],
-    /// How many keys of the run query row `r` sees (causality).
-    visible: &'a (dyn Fn(usize) -> usize + Sync),
-    d: usize,
-    scale: f32,
-}
-
-impl pulp::WithSimd for GroupAttention<'_> {
-    type Output = Partial;
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Partial {
-        let GroupAttention {
-            keys,
-            values,
-            q,
-            visible,
-            d,
-            scale,
-        } = self;
-        let n = keys.len() / d;
-        let rows = q.len() / d;
-        let vis: Vec<usize> = (0..rows).map(visible).collect();
-        // scores[r][j]; keys a query row does not see are computed and then ignored.
-        let mut scores = vec![0f32; rows * n];
-        let pf = Prefetch::new();
-        // Rows ahead to prefetch: ~2 KiB, whatever the head dimension.
-        let ahead = (512 / d.max(1)).max(1) * d;
-        for (j, kr) in keys.chunks_exact(d).enumerate() {
-            for l in (0..d).step_by(16) {
-                pf.line(keys, j * d + ahead + l);
-            }
-            for (r, qr) in q.chunks_exact(d).enumerate() {
-                scores[r * n + j] = dot(qr, kr) * scale;
-            }
-        }
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
-        for r in 0..rows {
-            let s = &mut scores[r * n..r * n + vis[r]];
-            max[r] = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for x in s.iter_mut() {
-                *x = (*x - max[r]).exp();
-                sum[r] += *x;
-            }
-        }
-        let mut out = vec![0f32; rows * d];
-        for (j, vr) in values.chunks_exact(d).enumerate() {
-            for l in (0..d).step_by(16) {
-                pf.line(values, j * d + ahead + l);
-            }
-            for (r, o) in out.chunks_exact_mut(d).enumerate() {
-                if j < vis[r] {
-                    axpy(o, scores[r * n + j], vr);
-                }
-            }
-        }
-        Partial { max, sum, out }
     }
 }
 
@@ -300,7 +266,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `o += a · x`.
 #[inline(always)]
-fn axpy(o: &mut [f32], a: f32, x: &[f32]) {
+pub(crate) fn axpy(o: &mut [f32], a: f32, x: &[f32]) {
     for (o, x) in o.iter_mut().zip(x) {
         *o += a * x;
     }
@@ -352,7 +318,7 @@ mod tests {
                 }
                 tensor(&out, [b, kvh, to - from, d])
             };
-            let mut cache = FullCache::<B>::new();
+            let mut cache = FullCache::<B>::f32();
             let mut len = 0;
             for piece in std::iter::once(prompt).chain(std::iter::repeat_n(1, steps)) {
                 cache.append(full(&kall, len, len + piece), full(&vall, len, len + piece)).expect("append");
@@ -440,7 +406,7 @@ mod tests {
         let (h, t, d) = (2, 5, 3);
         let vals: Vec<f32> = (0..h * t * d).map(|i| (i as f32 * 0.37).sin()).collect();
         let qv: Vec<f32> = (0..2 * h * d).map(|i| (i as f32 * 0.91).cos()).collect();
-        let mut host = FullCache::<B>::new();
+        let mut host = FullCache::<B>::f32();
         host.append(tensor(&vals, [1, h, t, d]), tensor(&vals, [1, h, t, d]))
             .expect("append");
         let mut dense = FullCache::<D>::new();

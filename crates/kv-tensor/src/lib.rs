@@ -16,14 +16,20 @@ mod error;
 mod footprint;
 mod fp16;
 mod host;
+mod host_attention;
+mod host_segment;
+mod layer;
 mod layout;
 mod packing;
+mod partial_attention;
 mod segment;
 mod units;
 // Tests of the host attention against a naive loop-by-loop softmax, kept in the unit-test binary: a
 // separate integration binary would compile burn's CPU backend once more (~100 s of CI each).
 #[cfg(test)]
 mod attention_reference;
+#[cfg(test)]
+mod compressed_reference;
 
 pub use attention::{
     ATTENTION_QUERY_CHUNK, attention, attention_padded, attention_with_mass, window_attention,
@@ -34,9 +40,9 @@ pub use encoded::{Encoded, GroupAxis, Quantized};
 pub use error::{AxisError, KvError};
 pub use footprint::Footprint;
 pub use fp16::Fp16Tensor;
-pub use host::{Prefetch, dot};
+pub use host::{DensePrecision, Prefetch, dot};
+pub use layer::CompressedLayer;
 pub use layout::{KvLayout, LayerShape};
 pub use packing::{CodeBits, PackedCodes};
-pub use segment::set_decode_memo;
-pub use segment::{CompressedLayer, Positions, Segment};
+pub use segment::{Positions, Segment};
 pub use units::{Bits, Bytes, LayerIdx, Ratio};

@@ -37,11 +37,16 @@ pub struct PrefillOptions {
     pub chunk: usize,
     /// How many of the last prompt tokens' queries to give scorers (SnapKV's window).
     pub observe_window: usize,
-    /// Also give scorers pre-RoPE queries and keys.
+    /// Also give scorers the pre-RoPE queries of the observation window.
     pub pre_rope: bool,
     /// Also accumulate the attention every key receives from every prompt query (H2O). Read
     /// off the attention's own softmax (a column sum per chunk), not a second pass.
     pub attention_mass: bool,
+    /// Let every cache compress after each chunk ([`LayerCache::after_prefill_chunk`]) with
+    /// what has been observed so far, so a long prompt is never held dense as a whole: peak
+    /// memory follows the caches' budgets instead of the prompt. Off, caches compress once at
+    /// the end (the kvpress protocol: question-agnostic compression of the whole prompt).
+    pub compress_chunks: bool,
 }
 
 impl Default for PrefillOptions {
@@ -51,6 +56,7 @@ impl Default for PrefillOptions {
             observe_window: 32,
             pre_rope: false,
             attention_mass: false,
+            compress_chunks: false,
         }
     }
 }
@@ -85,7 +91,6 @@ const HEAD_BLOCK: usize = 3072;
 struct Observed<B: Backend> {
     queries: Option<Tensor<B, 4>>,
     pre_q: Option<Tensor<B, 4>>,
-    pre_k: Vec<Tensor<B, 4>>,
     mass: Option<Tensor<B, 3>>,
 }
 
@@ -281,11 +286,6 @@ impl<B: Backend> Llama<B> {
                 window_queries: obs.queries,
                 attention_mass: obs.mass,
                 pre_rope_queries: obs.pre_q,
-                pre_rope_keys: if obs.pre_k.is_empty() {
-                    None
-                } else {
-                    Some(Tensor::cat(obs.pre_k, 2))
-                },
             };
             cache
                 .finish_prefill(&ctx)
@@ -507,7 +507,6 @@ impl<B: Backend> Llama<B> {
             if let Some(o) = observe {
                 let ob = &mut observed[l];
                 if o.pre_rope {
-                    ob.pre_k.push(k.clone());
                     ob.pre_q = Some(keep_last(ob.pre_q.take(), q.clone(), o.observe_window));
                 }
             }
@@ -542,11 +541,43 @@ impl<B: Backend> Llama<B> {
                     .attend(q)
                     .map_err(|source| ModelError::Cache { layer: l, source })?
             };
+            if let Some(o) = observe
+                && o.compress_chunks
+            {
+                compress_chunk(cache, l, &mut observed[l])?;
+            }
             let att = att.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([t, qh * d]);
             x = self.finish_block(blk, x, att);
         }
         Ok(x)
     }
+}
+
+/// Lets `cache` (layer `layer`) compress after a prefill chunk with what was observed so far.
+/// The accumulated attention mass follows the rows the cache holds, so it restarts whenever
+/// the cache changed them.
+fn compress_chunk<B: Backend, C: LayerCache<B>>(
+    cache: &mut C,
+    layer: usize,
+    ob: &mut Observed<B>,
+) -> Result<(), ModelError> {
+    let ctx = ObservationCtx {
+        layer,
+        window_queries: ob.queries.clone(),
+        attention_mass: ob.mass.clone(),
+        pre_rope_queries: ob.pre_q.clone(),
+    };
+    cache
+        .after_prefill_chunk(&ctx)
+        .map_err(|source| ModelError::Compress { layer, source })?;
+    if ob
+        .mass
+        .as_ref()
+        .is_some_and(|m| m.dims()[2] != cache.stored())
+    {
+        ob.mass = None;
+    }
+    Ok(())
 }
 
 /// The last `w` tokens of `prev ++ new` along the token axis (dim 2).

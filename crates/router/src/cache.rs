@@ -26,6 +26,17 @@ pub struct RoutedCache<B: Backend> {
     lowrank: Option<Arc<LowRank<B>>>,
     layer_idx: usize,
     prefilled: bool,
+    /// Set once the prefill compresses chunk by chunk.
+    chunked: Option<Chunked>,
+}
+
+/// Where a chunk-by-chunk prefill stands: tokens (per head) already in final projected or
+/// quantized segments, and whether the newest segment is the fp16 set of kept recent tokens
+/// that the next chunk is evicted together with.
+#[derive(Debug, Clone, Copy, Default)]
+struct Chunked {
+    compressed: usize,
+    pending: bool,
 }
 
 /// The calibrated axes a plan's caches share: the eviction axis (with trig statistics) and
@@ -70,6 +81,7 @@ impl<B: Backend> RoutedCache<B> {
             lowrank,
             layer_idx: 0,
             prefilled: false,
+            chunked: None,
         }
     }
 
@@ -92,6 +104,72 @@ impl<B: Backend> RoutedCache<B> {
         Ok(seg.into_half())
     }
 
+    /// One step of a chunk-by-chunk prefill: the fp16 tokens kept so far and the new chunk
+    /// are evicted together down to what the expert keeps of the tokens seen, then whole groups
+    /// beyond the residual window are projected/quantized for good (the same split as at the
+    /// end of a one-shot prefill, so the final layer holds the same number of tokens in each
+    /// form). Scorers see what was observed so far: the latest queries, and the attention mass
+    /// since the cache last changed its rows.
+    fn compress_step(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        let mut st = self.chunked.unwrap_or_default();
+        let Some(window) = self.layer.take_window(usize::MAX) else {
+            return Ok(());
+        };
+        let mut seg = if st.pending {
+            match self.layer.pop_segment().transpose()? {
+                Some(p) => p.join(window)?,
+                None => window,
+            }
+        } else {
+            window
+        };
+        let candidates = seg.len();
+        let target = self
+            .expert
+            .kept(self.layer.seen())
+            .saturating_sub(st.compressed);
+        if let Some(e) = &self.expert.evict
+            && target < candidates
+        {
+            // A keep ratio whose ceiling over the candidates is exactly `target`.
+            let keep = kv_tensor::Ratio::new((target as f64 - 0.5).max(0.5) / candidates as f64)?;
+            let mut local = ctx.clone();
+            local.attention_mass = ctx.attention_mass.clone().map(|m| {
+                let t = m.dims()[2];
+                m.slice_dim(2, t - candidates.min(t)..t)
+            });
+            seg = self
+                .evict
+                .compress(seg, &axis_evict::EvictSetting { keep, ..*e }, &local)?;
+        }
+        if self.expert.compresses_history() {
+            let g = self.expert.group();
+            let q = seg.len().saturating_sub(RESIDUAL) / g * g;
+            if q > 0 {
+                let (old, recent) = seg.split_at(q)?;
+                let old = self.compress_history(old, ctx)?;
+                self.layer.push_segment(old)?;
+                st.compressed += q;
+                seg = recent;
+            }
+        }
+        st.pending = !seg.is_empty();
+        if st.pending {
+            self.layer.push_segment(seg.into_half())?;
+        }
+        self.chunked = Some(st);
+        Ok(())
+    }
+
+    /// Whether this expert can compress chunk by chunk: head-wise (ragged) selections are
+    /// final once made, so they compress the whole prompt at the end.
+    fn chunkable(&self) -> bool {
+        !self
+            .expert
+            .evict
+            .is_some_and(|e| matches!(e.selection, axis_evict::Selection::HeadWise { .. }))
+    }
+
     /// The expert.
     pub fn expert(&self) -> &Expert {
         &self.expert
@@ -103,7 +181,7 @@ impl<B: Backend> RoutedCache<B> {
         }
         if let Some(seg) = self.layer.take_overflow(RESIDUAL, self.expert.group()) {
             let seg = self.compress_history(seg, &ObservationCtx::bare(self.layer_idx))?;
-            self.layer.push_segment(seg);
+            self.layer.push_segment(seg)?;
         }
         Ok(())
     }
@@ -131,9 +209,32 @@ impl<B: Backend> LayerCache<B> for RoutedCache<B> {
         self.layer.padding()
     }
 
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        self.layer.attend(q)
+    }
+
+    fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_mass(q)
+    }
+
+    fn resident(&self) -> kv_tensor::Bytes {
+        self.layer.resident()
+    }
+
+    fn after_prefill_chunk(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        if !self.chunkable() {
+            return Ok(());
+        }
+        self.layer_idx = ctx.layer;
+        self.compress_step(ctx)
+    }
+
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         self.prefilled = true;
         self.layer_idx = ctx.layer;
+        if self.chunked.is_some() {
+            return self.compress_step(ctx);
+        }
         let Some(mut seg) = self.layer.take_window(usize::MAX) else {
             return Ok(());
         };
@@ -146,10 +247,10 @@ impl<B: Backend> LayerCache<B> for RoutedCache<B> {
         if compressed > 0 {
             let (old, recent) = seg.split_at(compressed)?;
             let old = self.compress_history(old, ctx)?;
-            self.layer.push_segment(old);
-            self.layer.push_segment(recent.into_half());
+            self.layer.push_segment(old)?;
+            self.layer.push_segment(recent.into_half())?;
         } else {
-            self.layer.push_segment(seg.into_half());
+            self.layer.push_segment(seg.into_half())?;
         }
         Ok(())
     }

@@ -69,6 +69,46 @@ proptest! {
         let (k, _) = c.keys_values().expect("decode");
         prop_assert_eq!(k.dims()[2], e.kept(t) + decode);
     }
+
+    /// A prefill that compresses after every chunk ends with as many tokens in each form as a
+    /// one-shot prefill (the same codes, scales, fp16 rows and bases), and never more index
+    /// bytes: runs the chunks kept whole need no positions. Between chunks the layer holds
+    /// at most what the expert keeps of the tokens seen plus one chunk.
+    #[test]
+    fn chunked_prefill_ends_where_one_shot_does(
+        e in expert(),
+        chunks in prop::collection::vec(1usize..160, 1..6),
+    ) {
+        prop_assume!(e.validate(64).is_ok());
+        let d = Default::default();
+        let mut c = RoutedCache::<B>::with_axes(e, Evict::new(), Some(lowrank(1)));
+        let mut t = 0;
+        for n in &chunks {
+            let k = Tensor::<B, 4>::random([1, 3, *n, 64], Distribution::Normal(0.0, 1.0), &d);
+            c.append(k.clone(), k).expect("append");
+            t += n;
+            c.after_prefill_chunk(&ObservationCtx::bare(0)).expect("compress");
+            prop_assert_eq!(c.len(), t);
+            prop_assert!(c.stored() <= e.kept(t), "{} held after {} tokens", c.stored(), t);
+        }
+        c.finish_prefill(&ObservationCtx::bare(0)).expect("compress");
+        let shape = LayerShape { batch: 1, kv_heads: 3, tokens: t, head_dim: 64 };
+        let (got, want) = (c.footprint(), e.footprint(&shape, t));
+        prop_assert_eq!(c.stored(), e.kept(t));
+        prop_assert_eq!((got.scales, got.dense, got.basis), (want.scales, want.dense, want.basis));
+        // 3-bit codes go ten to a word, so every segment pads its last word: one per side and
+        // per extra segment. Other widths fill their words exactly.
+        let three = e.quant.is_some_and(|q| q.k_bits.get() == 3 || q.v_bits.get() == 3);
+        let slack = if three { 8 * chunks.len() as u64 } else { 0 };
+        prop_assert!(got.codes >= want.codes && got.codes.get() <= want.codes.get() + slack,
+            "codes {} vs {}", got.codes, want.codes);
+        prop_assert!(got.indices <= want.indices);
+        let q = Tensor::<B, 4>::random([1, 9, 1, 64], Distribution::Normal(0.0, 1.0), &d);
+        let x = Tensor::<B, 4>::random([1, 3, 1, 64], Distribution::Normal(0.0, 1.0), &d);
+        c.append(x.clone(), x).expect("append");
+        let out: Vec<f32> = c.attend(q).expect("attend").into_data().to_vec().expect("f32");
+        prop_assert!(out.iter().all(|v| v.is_finite()));
+    }
 }
 
 #[test]

@@ -83,7 +83,7 @@ fn scorers_on_real_kv() {
                 // Through a compressed layer so ragged (head-wise) segments are padded and
                 // masked exactly as at inference.
                 let mut cl = kv_tensor::CompressedLayer::new();
-                cl.push_segment(out);
+                cl.push_segment(out).expect("push");
                 cl.push(kf.clone(), vf.clone()).expect("future");
                 let (kc, vc) = cl.decode().expect("decode");
                 sums[i] += rel_err(

@@ -361,9 +361,6 @@ fn prefill_all(
 
 /// Runs the comparison.
 pub fn run(opts: &EvalOptions) -> Result<()> {
-    // Decode each compressed segment once, not at every generated token (quality is measured
-    // here, not resident memory; footprints count compressed bytes either way).
-    kv_tensor::set_decode_memo(true);
     let Calibrated { m, sha, text, axes } = Calibrated::default_model()?;
     let layers = m.model.config.layers;
     let layout = m.model.config.kv_layout();

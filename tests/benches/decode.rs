@@ -1,0 +1,107 @@
+//! Decode speed through compressed caches: one decode step (ms per token) at 2k, 4k and 8k
+//! context for the full fp16 cache, KIVI-4, KIVI-2 and routed plans (`cargo xtask bench`
+//! solves hetero plans at 1/4, 1/8 and 1/14 into `$KVND_BENCH_PLANS`; without it only the
+//! first three run). `KVND_BENCH_CONTEXTS` overrides the contexts (comma-separated tokens).
+//!
+//! Each method prefills once per context and then steps one persistent cache (see the models
+//! bench for why a cloned cache would time copy-on-write instead). Needs the embedded model
+//! (`cargo xtask fetch-model`).
+use axis_quant::QuantSetting;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kv_tensor::{Bits, FullCache, LayerCache};
+use kvnd_tests::B;
+use models::{Logits, PrefillOptions};
+use router::{Expert, RoutingPlan};
+
+/// A method: its name and one cache per layer.
+type Caches = Vec<Box<dyn LayerCache<B>>>;
+
+fn kivi(bits: u8, layers: usize) -> Caches {
+    let b = Bits::try_from(bits).expect("valid width");
+    let e = Expert {
+        quant: Some(QuantSetting::new(b, b)),
+        ..Expert::FULL
+    };
+    (0..layers)
+        .map(|_| Box::new(router::RoutedCache::<B>::new(e)) as Box<dyn LayerCache<B>>)
+        .collect()
+}
+
+/// The methods to time: full fp16, KIVI-4, KIVI-2, and every plan in `$KVND_BENCH_PLANS`.
+fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Caches>)> {
+    let mut out: Vec<(String, Box<dyn Fn() -> Caches>)> = vec![
+        (
+            "full-fp16".into(),
+            Box::new(move || {
+                (0..layers)
+                    .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
+                    .collect()
+            }),
+        ),
+        ("kivi-4".into(), Box::new(move || kivi(4, layers))),
+        ("kivi-2".into(), Box::new(move || kivi(2, layers))),
+    ];
+    let Ok(dir) = std::env::var("KVND_BENCH_PLANS") else {
+        return out;
+    };
+    let mut plans: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("KVND_BENCH_PLANS={dir}: {e}"))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    plans.sort();
+    for p in plans {
+        let text = std::fs::read_to_string(&p).expect("plan readable");
+        let plan = RoutingPlan::from_toml(&text, layers, head_dim).expect("plan valid");
+        let name = p
+            .file_stem()
+            .map_or("plan".into(), |s| s.to_string_lossy().into_owned());
+        out.push((
+            name,
+            Box::new(move || {
+                plan.layers
+                    .iter()
+                    .map(|e| Box::new(router::RoutedCache::<B>::new(*e)) as Box<dyn LayerCache<B>>)
+                    .collect()
+            }),
+        ));
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let m = kvnd_tests::model();
+    let layers = m.model.config.layers;
+    let contexts: Vec<usize> = std::env::var("KVND_BENCH_CONTEXTS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![2048, 4096, 8192]);
+    let mut g = c.benchmark_group("decode");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+    for &ctx in &contexts {
+        // The prompt stops short of the context so the ~80 timed steps end near it.
+        let ids: Vec<u32> = (0..ctx.saturating_sub(64) as u32)
+            .map(|i| 100 + (i * 37) % 20000)
+            .collect();
+        for (name, make) in methods(layers, m.model.config.head_dim) {
+            let mut caches = make();
+            m.model
+                .prefill(&ids, &mut caches, &PrefillOptions::default())
+                .expect("prefill");
+            g.bench_function(format!("{name}/at-{ctx}"), |b| {
+                b.iter(|| {
+                    m.model
+                        .forward(&[42], &mut caches, Logits::Last)
+                        .expect("decode")
+                        .into_data()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
