@@ -81,6 +81,11 @@ enum Cmd {
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Every method prefills each sample itself, compressing after every 512-token chunk
+        /// (what `generate --plan` does), instead of compressing once at the end of one shared
+        /// full-attention prefill (the kvpress protocol). Slower: one prefill per method.
+        #[arg(long)]
+        chunked_prefill: bool,
     },
     /// Measure how much each layer loses under each expert of the default menu (cached).
     Calibrate {
@@ -159,6 +164,11 @@ enum Cmd {
         /// Answer through a compressed cache routed by this plan (from `cargo xtask solve`).
         #[arg(long)]
         plan: Option<PathBuf>,
+        /// With a plan: prefill the whole prompt into a dense cache and compress it once at
+        /// the end (the default compresses after every 512-token chunk, so peak memory follows
+        /// the plan's budget).
+        #[arg(long)]
+        compress_at_end: bool,
     },
     /// Print the next-token logits of a prompt as one JSON object.
     Logits {
@@ -200,6 +210,7 @@ fn main() -> Result<()> {
             seed,
             out,
             json,
+            chunked_prefill,
         } => {
             let budgets = if quick {
                 vec![budgets.first().cloned().unwrap_or_else(|| "1/4".into())]
@@ -235,6 +246,7 @@ fn main() -> Result<()> {
                 seed,
                 out,
                 json,
+                chunked_prefill,
             })?
         }
         Cmd::Calibrate {
@@ -285,14 +297,16 @@ fn main() -> Result<()> {
             temperature,
             seed,
             plan,
-        } => run::generate(
-            model.as_deref(),
-            plan.as_deref(),
-            &prompt,
+            compress_at_end,
+        } => run::generate(&run::GenerateArgs {
+            model: model.as_deref(),
+            plan: plan.as_deref(),
+            prompt: &prompt,
             max_new,
             temperature,
             seed,
-        )?,
+            compress_at_end,
+        })?,
         Cmd::Logits {
             prompt,
             raw,

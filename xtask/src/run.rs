@@ -29,90 +29,173 @@ pub fn prompt_ids(m: &LoadedModel<B>, prompt: &str, raw: bool) -> Result<Vec<u32
     Ok(m.tokenizer.encode(&text)?)
 }
 
-/// Prints the chat answer as it is generated, then timings and cache size. With `plan`, the
-/// answer goes through caches routed by that plan.
-pub fn generate(
+/// How `generate` runs: what to generate and how the prompt is prefilled.
+pub struct GenerateArgs<'a> {
+    /// A GGUF file (default: the embedded model).
+    pub model: Option<&'a Path>,
+    /// A routing plan (default: the full fp16 cache).
+    pub plan: Option<&'a Path>,
+    /// The user message.
+    pub prompt: &'a str,
+    /// Most new tokens.
+    pub max_new: usize,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: f32,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Compress once at the end of the prefill instead of after every chunk.
+    pub compress_at_end: bool,
+}
+
+/// Per-layer caches for `plan` (calibrated axes loaded when its experts need them), with the
+/// plan's predicted bytes for a prompt of `tokens` tokens; the full fp16 cache without a plan.
+fn plan_caches(
+    m: &LoadedModel<B>,
     model: Option<&Path>,
     plan: Option<&Path>,
-    prompt: &str,
-    max_new: usize,
-    temperature: f32,
-    seed: u64,
-) -> Result<()> {
-    let m = load(model)?;
-    let ids = prompt_ids(&m, prompt, false)?;
+    tokens: usize,
+) -> Result<(
+    Vec<Box<dyn LayerCache<B>>>,
+    Option<router::RoutingPlan>,
+    Option<u64>,
+)> {
     let layers = m.model.config.layers;
-    let mut caches: Vec<Box<dyn LayerCache<B>>> = match plan {
-        None => (0..layers)
+    let Some(p) = plan else {
+        let caches = (0..layers)
             .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
-            .collect(),
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let plan = router::RoutingPlan::from_toml(&text, layers, m.model.config.head_dim)
-                .with_context(|| format!("loading {}", p.display()))?;
-            let uses_trig = plan.layers.iter().any(|e| {
-                e.evict
-                    .is_some_and(|s| s.scorer == axis_evict::ScorerKind::Trig)
-            });
-            let axes = if plan.needs_bases() || uses_trig {
-                let model_path = match model {
-                    Some(p) => p.to_path_buf(),
-                    None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
-                };
-                let sha = crate::fetch::sha256_file(&model_path)?;
-                crate::eval::axes(&m, &sha, &crate::eval::corpus_text()?)?
-            } else {
-                router::Axes::default()
-            };
-            plan.layers
-                .into_iter()
-                .map(|e| Box::new(axes.cache(e)) as Box<dyn LayerCache<B>>)
-                .collect()
-        }
+            .collect();
+        return Ok((caches, None, None));
     };
-    let sampling = if temperature > 0.0 {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let plan = router::RoutingPlan::from_toml(&text, layers, m.model.config.head_dim)
+        .with_context(|| format!("loading {}", p.display()))?;
+    let uses_trig = plan.layers.iter().any(|e| {
+        e.evict
+            .is_some_and(|s| s.scorer == axis_evict::ScorerKind::Trig)
+    });
+    let axes = if plan.needs_bases() || uses_trig {
+        let model_path = match model {
+            Some(p) => p.to_path_buf(),
+            None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
+        };
+        let sha = crate::fetch::sha256_file(&model_path)?;
+        crate::eval::axes(m, &sha, &crate::eval::corpus_text()?)?
+    } else {
+        router::Axes::default()
+    };
+    let shape = m.model.config.kv_layout().layer_shape(1, tokens);
+    let predicted = plan
+        .layers
+        .iter()
+        .map(|e| e.footprint(&shape, tokens).total().get())
+        .sum();
+    let caches = plan
+        .layers
+        .iter()
+        .map(|e| Box::new(axes.cache(*e)) as Box<dyn LayerCache<B>>)
+        .collect();
+    Ok((caches, Some(plan), Some(predicted)))
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), where the system reports it.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Prints the chat answer as it is generated, then timings, the cache's bytes (counted,
+/// allocated, and the plan's prediction) and the process's peak memory. With a plan, the
+/// prompt is prefilled in chunks that every layer compresses as it goes (unless
+/// `compress_at_end`), so peak memory follows the plan's budget rather than the prompt.
+pub fn generate(a: &GenerateArgs<'_>) -> Result<()> {
+    let m = load(a.model)?;
+    let after_load = peak_rss();
+    let ids = prompt_ids(&m, a.prompt, false)?;
+    let (mut caches, plan, predicted) = plan_caches(&m, a.model, a.plan, ids.len())?;
+    let sampling = if a.temperature > 0.0 {
         Sampling::Temperature {
-            t: temperature,
-            seed,
+            t: a.temperature,
+            seed: a.seed,
         }
     } else {
         Sampling::Greedy
     };
+    let needs_mass = plan.as_ref().is_some_and(|p| {
+        p.layers
+            .iter()
+            .any(|e| e.evict.is_some_and(|s| s.scorer.needs_attention_mass()))
+    });
+    let opts = models::GenerateOptions {
+        max_new: a.max_new,
+        sampling,
+        prefill: PrefillOptions {
+            attention_mass: needs_mass,
+            compress_chunks: plan.is_some() && !a.compress_at_end,
+            ..PrefillOptions::default()
+        },
+    };
     let mut shown = String::new();
     let mut so_far = Vec::new();
-    let g = models::generate(
-        &m.model,
-        &m.tokenizer,
-        &ids,
-        &mut caches,
-        max_new,
-        sampling,
-        |id| {
-            so_far.push(id);
-            // Print the text delta: decoding token by token would split multi-byte characters.
-            if let Ok(text) = m.tokenizer.decode(&so_far)
-                && let Some(delta) = text.strip_prefix(shown.as_str())
-            {
-                print!("{delta}");
-                std::io::stdout().flush().ok();
-                shown = text;
-            }
-        },
-    )?;
+    let g = models::generate(&m.model, &m.tokenizer, &ids, &mut caches, &opts, |id| {
+        so_far.push(id);
+        // Print the text delta: decoding token by token would split multi-byte characters.
+        if let Ok(text) = m.tokenizer.decode(&so_far)
+            && let Some(delta) = text.strip_prefix(shown.as_str())
+        {
+            print!("{delta}");
+            std::io::stdout().flush().ok();
+            shown = text;
+        }
+    })?;
     println!();
-    let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
-    let fp16 = m.model.config.kv_layout().fp16_bytes(1, caches[0].len());
+    report(&m, &g, &caches, predicted, after_load);
+    Ok(())
+}
+
+/// The figures `generate` prints after the answer.
+fn report(
+    m: &LoadedModel<B>,
+    g: &models::Generation,
+    caches: &[Box<dyn LayerCache<B>>],
+    predicted: Option<u64>,
+    after_load: Option<u64>,
+) {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    let layout = m.model.config.kv_layout();
+    let fp16 = |t: usize| layout.fp16_bytes(1, t).get() as f64;
+    let after = g.prefill_footprint.total().get();
     eprintln!(
-        "prompt {} tokens: prefill {:.1} tok/s; {} new tokens: decode {:.1} tok/s; KV cache {} ({:.2}x vs fp16)",
+        "prompt {} tokens: prefill {:.1} tok/s; {} new tokens: decode {:.1} tok/s",
         g.prompt_tokens,
         g.prefill_tps(),
         g.ids.len(),
         g.decode_tps(),
-        kv_tensor::Bytes(bytes),
-        fp16.get() as f64 / bytes.max(1) as f64
     );
-    Ok(())
+    eprintln!(
+        "KV cache after the prompt: {} counted ({:.2}x vs fp16), {} allocated{}",
+        mb(after),
+        fp16(g.prompt_tokens) / after.max(1) as f64,
+        mb(g.prefill_resident.get()),
+        predicted.map_or(String::new(), |p| format!(", plan predicted {}", mb(p))),
+    );
+    let now: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
+    let resident: u64 = caches.iter().map(|c| c.resident().get()).sum();
+    let tokens = caches.first().map_or(0, |c| c.len());
+    eprintln!(
+        "KV cache at the end ({tokens} tokens): {} counted ({:.2}x vs fp16), {} allocated",
+        mb(now),
+        fp16(tokens) / now.max(1) as f64,
+        mb(resident),
+    );
+    if let (Some(peak), Some(base)) = (peak_rss(), after_load) {
+        eprintln!(
+            "peak RSS {} (after loading the model: {}; the rest is the KV cache and activations)",
+            mb(peak),
+            mb(base)
+        );
+    }
 }
 
 /// Prints `{"ids": [...], "top": [{"id", "logit"}, ...]}` for the next token.

@@ -178,7 +178,8 @@ mod tests {
             },
             &s,
         );
-        let window = (2 * 64 * 3 * 64 * 4) as u64;
+        // The residual window stores fp16 on the host.
+        let window = (2 * 64 * 3 * 64 * 2) as u64;
         assert_eq!(
             c.footprint().total().get(),
             predicted.total().get() + window

@@ -12,18 +12,16 @@
 //!   are summed in the reduced space and mapped back once per task;
 //! - ragged heads read only their own rows (no padding exists to skip).
 //!
-//! 2-, 4- and 8-bit codes are read in *plane order*: byte `k` of a row holds the codes of
-//! channels `k·P .. k·P + P` (`P = 8 / bits`), so extracting bit-plane `p` of every byte gives
-//! the channels `p, P + p, 2P + p, …` as one contiguous run. Instead of shuffling codes back
-//! into channel order, the kernels permute the query (and the value accumulator) into plane
-//! order once per task, so every inner loop is a contiguous shift-mask-convert-multiply that
-//! vectorises. 3-bit codes (ten to a word) and rows that do not start on a word boundary take
-//! a scalar path in channel order.
+//! Rows of 2-, 4- and 8-bit codes that start on a word boundary unpack a word at a time
+//! (`vpsrlvd` by lane offsets); 3-bit codes (ten to a word) and unaligned rows take a scalar
+//! path. The row primitives are [`RowKernel`]s: AVX2/FMA where the CPU has it, plain loops
+//! elsewhere.
 //!
 //! Work is split flash-decoding style: one task per KV head and run of at most
 //! [`KEYS_PER_TASK`] keys of one part, each producing a partial softmax (row maximum, sum of
 //! exponentials, unnormalised output) that [`merge`] combines exactly.
-use crate::host::{Prefetch, axpy, dot};
+use crate::host::Prefetch;
+use crate::host_kernels::{Plain, RowKernel};
 use crate::host_segment::{HostQuant, HostSide, f16_to_f32};
 use crate::{CodeBits, GroupAxis};
 use rayon::prelude::*;
@@ -32,6 +30,9 @@ use std::ops::Range;
 /// Keys per task: enough work per task that scheduling is noise, few enough that a 2k-token
 /// layer over 3 KV heads makes a couple of dozen tasks for the cores to share.
 pub(crate) const KEYS_PER_TASK: usize = 256;
+
+/// The widest row a kernel buffers on the stack (head dimensions and ranks up to this).
+pub(crate) const MAX_W: usize = 512;
 
 /// How a part's rows are stored (one head's rows, `n × w`).
 #[derive(Debug, Clone, Copy)]
@@ -114,172 +115,114 @@ impl<'a> QuantRows<'a> {
         }
     }
 
-    /// Bit-planes per byte when rows can be read in plane order (2, 4 or 8 bits and rows that
-    /// start on a word boundary), else 1 with [`QuantRows::aligned`] false.
-    fn planes(&self, w: usize) -> Option<usize> {
-        let per = self.bits.codes_per_word();
-        match self.bits {
-            CodeBits::B3 => None,
-            b if w.is_multiple_of(per) && self.first.is_multiple_of(per) => {
-                Some(8 / b.get() as usize)
-            }
-            _ => None,
-        }
-    }
-
-    /// Row `j`'s codes as floats: in plane order (`planes`), or channel order (`None`).
+    /// Row `j`'s codes as floats, in channel order.
     #[inline(always)]
-    fn codes(&self, j: usize, w: usize, planes: Option<usize>, out: &mut [f32]) {
+    fn codes<K: RowKernel>(&self, k: K, j: usize, w: usize, out: &mut [f32]) {
         let bits = self.bits.get() as usize;
+        let per = self.bits.codes_per_word();
+        let start = self.first + j * w;
+        if bits != 3 && w.is_multiple_of(per) && start.is_multiple_of(per) {
+            let row = &self.bytes[start / per * 4..(start + w) / per * 4];
+            let out = &mut out[..w];
+            match bits {
+                2 => k.codes_row::<2>(row, out),
+                4 => k.codes_row::<4>(row, out),
+                _ => k.codes_row::<8>(row, out),
+            }
+            return;
+        }
         let mask = self.bits.max_code();
-        match planes {
-            Some(p) => {
-                let per_plane = w / p;
-                let start = (self.first + j * w) * bits / 8;
-                let row = &self.bytes[start..start + per_plane];
-                for (plane, dst) in out[..w].chunks_exact_mut(per_plane).enumerate() {
-                    let shift = plane * bits;
-                    for (o, &byte) in dst.iter_mut().zip(row) {
-                        *o = ((u32::from(byte) >> shift) & mask) as f32;
-                    }
-                }
-            }
-            None => {
-                let per = self.bits.codes_per_word();
-                for (c, o) in out[..w].iter_mut().enumerate() {
-                    let i = self.first + j * w + c;
-                    let at = i / per * 4;
-                    let word = u32::from_le_bytes([
-                        self.bytes[at],
-                        self.bytes[at + 1],
-                        self.bytes[at + 2],
-                        self.bytes[at + 3],
-                    ]);
-                    *o = ((word >> (bits * (i % per))) & mask) as f32;
-                }
-            }
-        }
-    }
-
-    /// Scale and minimum of row `j` in channel order (`w` values each), as f32.
-    fn scale_min(&self, j: usize, w: usize, s: &mut [f32], m: &mut [f32]) {
-        match self.along {
-            GroupAxis::Tokens => {
-                let at = j / self.group * w;
-                for c in 0..w {
-                    s[c] = f16_to_f32(self.scales[at + c]);
-                    m[c] = f16_to_f32(self.mins[at + c]);
-                }
-            }
-            GroupAxis::Channels => {
-                let per = w / self.group;
-                for c in 0..w {
-                    s[c] = f16_to_f32(self.scales[j * per + c / self.group]);
-                    m[c] = f16_to_f32(self.mins[j * per + c / self.group]);
-                }
-            }
+        for (c, o) in out[..w].iter_mut().enumerate() {
+            let i = start + c;
+            let at = i / per * 4;
+            let word = u32::from_le_bytes([
+                self.bytes[at],
+                self.bytes[at + 1],
+                self.bytes[at + 2],
+                self.bytes[at + 3],
+            ]);
+            *o = ((word >> (bits * (i % per))) & mask) as i32 as f32;
         }
     }
 }
 
-/// Channel order → plane order (`dst[p·(w/P) + k] = src[k·P + p]`); a copy when `planes` is
-/// `None` or 1.
-#[inline(always)]
-fn to_planes(src: &[f32], planes: Option<usize>, dst: &mut [f32]) {
-    match planes {
-        Some(p) if p > 1 => {
-            let per = src.len() / p;
-            for (k, chunk) in src.chunks_exact(p).enumerate() {
-                for (plane, &x) in chunk.iter().enumerate() {
-                    dst[plane * per + k] = x;
-                }
-            }
-        }
-        _ => dst[..src.len()].copy_from_slice(src),
-    }
+/// Per-channel scales and minimums of the token group last used (grouping along tokens), so a
+/// run of rows converts them once per group.
+struct GroupCache {
+    group: usize,
+    s: [f32; MAX_W],
+    m: [f32; MAX_W],
 }
 
-/// Plane order → channel order, added into `dst`.
-#[inline(always)]
-fn add_from_planes(src: &[f32], planes: Option<usize>, dst: &mut [f32]) {
-    match planes {
-        Some(p) if p > 1 => {
-            let per = src.len() / p;
-            for (k, chunk) in dst[..src.len()].chunks_exact_mut(p).enumerate() {
-                for (plane, x) in chunk.iter_mut().enumerate() {
-                    *x += src[plane * per + k];
-                }
-            }
+impl GroupCache {
+    fn new() -> Self {
+        Self {
+            group: usize::MAX,
+            s: [0.0; MAX_W],
+            m: [0.0; MAX_W],
         }
-        _ => {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d += s;
-            }
+    }
+
+    /// Loads the scales of row `j`'s token group unless they are loaded; true when they changed.
+    #[inline(always)]
+    fn load<K: RowKernel>(&mut self, k: K, q: &QuantRows<'_>, j: usize, w: usize) -> bool {
+        let g = j / q.group;
+        if g == self.group {
+            return false;
         }
+        self.group = g;
+        k.f16_row(&q.scales[g * w..(g + 1) * w], &mut self.s[..w]);
+        k.f16_row(&q.mins[g * w..(g + 1) * w], &mut self.m[..w]);
+        true
     }
 }
 
 impl SideView<'_> {
-    /// The order rows are produced in: plane order for fast-path codes.
-    fn planes(&self) -> Option<usize> {
-        match self.rows {
-            Rows::Quant(q) => q.planes(self.w),
-            _ => None,
-        }
-    }
-
-    /// Row `j` dequantised (not projected) into `out[..w]`, in [`SideView::planes`] order;
-    /// `s`, `m` are scratch of `w` floats, already holding row `j`'s scale/minimum in that order
-    /// when `ready` (keys of one token group share them).
+    /// Row `j` dequantised (not projected) into `out[..w]`, in channel order.
     #[inline(always)]
-    fn row(&self, j: usize, s: &mut [f32], m: &mut [f32], out: &mut [f32]) {
+    fn row<K: RowKernel>(&self, k: K, j: usize, cache: &mut GroupCache, out: &mut [f32]) {
         let w = self.w;
         match self.rows {
             Rows::F32(x) => out[..w].copy_from_slice(&x[j * w..(j + 1) * w]),
-            Rows::F16(x) => {
-                for (o, &h) in out[..w].iter_mut().zip(&x[j * w..(j + 1) * w]) {
-                    *o = f16_to_f32(h);
-                }
-            }
+            Rows::F16(x) => k.f16_row(&x[j * w..(j + 1) * w], &mut out[..w]),
             Rows::Quant(q) => {
-                let planes = q.planes(w);
-                let mut sn = [0f32; MAX_W];
-                let mut mn = [0f32; MAX_W];
-                q.scale_min(j, w, &mut sn, &mut mn);
-                to_planes(&sn[..w], planes, s);
-                to_planes(&mn[..w], planes, m);
-                q.codes(j, w, planes, out);
-                for c in 0..w {
-                    out[c] = out[c] * s[c] + m[c];
+                q.codes(k, j, w, out);
+                match q.along {
+                    GroupAxis::Tokens => {
+                        cache.load(k, &q, j, w);
+                        k.fma_row(&mut out[..w], &cache.s[..w], &cache.m[..w]);
+                    }
+                    GroupAxis::Channels => {
+                        let per = w / q.group;
+                        for (gi, o) in out[..w].chunks_exact_mut(q.group).enumerate() {
+                            let s = f16_to_f32(q.scales[j * per + gi]);
+                            let m = f16_to_f32(q.mins[j * per + gi]);
+                            k.scale_add(o, s, m);
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Every row decoded to `d` channels (`out`: `n × d`), in channel order.
+    /// Every row decoded to `d` channels (`out`: `n × d`).
     pub(crate) fn decode(&self, out: &mut [f32]) {
         let (w, d) = (self.w, self.d);
-        let planes = self.planes();
-        let (mut s, mut m, mut buf, mut nat) =
-            ([0f32; MAX_W], [0f32; MAX_W], [0f32; MAX_W], [0f32; MAX_W]);
+        let mut cache = GroupCache::new();
+        let mut buf = [0f32; MAX_W];
         for (j, o) in out.chunks_exact_mut(d).take(self.n).enumerate() {
-            self.row(j, &mut s, &mut m, &mut buf);
-            nat[..w].fill(0.0);
-            add_from_planes(&buf[..w], planes, &mut nat);
+            self.row(Plain, j, &mut cache, &mut buf);
             match self.basis {
                 Some(b) => {
                     for (c, x) in o.iter_mut().enumerate() {
-                        *x = dot(&b[c * w..(c + 1) * w], &nat[..w]);
+                        *x = Plain.dot(&b[c * w..(c + 1) * w], &buf[..w]);
                     }
                 }
-                None => o.copy_from_slice(&nat[..d]),
+                None => o.copy_from_slice(&buf[..d]),
             }
         }
     }
 }
-
-/// The widest row a kernel buffers on the stack (head dimensions and ranks up to this).
-pub(crate) const MAX_W: usize = 512;
 
 /// One task's partial softmax over its keys (see the module doc): per query row the maximum
 /// score over its visible keys, `Σ exp(score − max)` and `Σ exp(score − max)·v` (unnormalised,
@@ -290,7 +233,7 @@ pub(crate) struct Partial {
     pub(crate) out: Vec<f32>,
 }
 
-/// One task: query rows `q` (`rows × d`, channel order) over rows `range` of one head's part.
+/// One task: query rows `q` (`rows × d`) over rows `range` of one head's part.
 pub(crate) struct Task<'a> {
     pub(crate) k: SideView<'a>,
     pub(crate) v: SideView<'a>,
@@ -301,108 +244,129 @@ pub(crate) struct Task<'a> {
     pub(crate) scale: f32,
 }
 
-impl pulp::WithSimd for Task<'_> {
+/// A task bound to the AVX2 kernels: as a `NullaryFnOnce` with an `#[inline(always)]` call,
+/// its body is compiled inside pulp's target-feature function (a closure's body would not be,
+/// and every intrinsic would become a call).
+#[cfg(target_arch = "x86_64")]
+struct OnAvx2<'a>(Task<'a>, pulp::x86::V3);
+
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for OnAvx2<'_> {
     type Output = Partial;
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Partial {
+    fn call(self) -> Partial {
+        self.0.body(crate::host_kernels::Avx2(self.1))
+    }
+}
+
+impl Task<'_> {
+    /// Runs the task with the best kernels this CPU has.
+    fn run(self) -> Partial {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            return simd.vectorize(OnAvx2(self, simd));
+        }
+        self.body(Plain)
+    }
+
+    #[inline(always)]
+    fn body<K: RowKernel>(self, k: K) -> Partial {
         let d = self.k.d;
         let rows = self.q.len() / d;
         let n = self.range.len();
         let mut scores = vec![0f32; rows * n];
-        key_scores(&self, &mut scores);
+        key_scores(k, &self, &mut scores);
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
         for r in 0..rows {
             let s = &mut scores[r * n..r * n + self.visible[r]];
             max[r] = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            for x in s.iter_mut() {
-                *x = (*x - max[r]).exp();
-                sum[r] += *x;
-            }
+            sum[r] = k.exp_shifted(s, max[r]);
+            // Keys the row may not see weigh nothing in the value sums.
+            scores[r * n + self.visible[r]..(r + 1) * n].fill(0.0);
         }
-        let out = value_sums(&self, &scores);
+        let out = value_sums(k, &self, &scores);
         Partial { max, sum, out }
     }
 }
 
 /// `scores[r·n + j]` = scaled dot product of query row `r` with key `range.start + j`.
 #[inline(always)]
-fn key_scores(t: &Task<'_>, scores: &mut [f32]) {
+fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
     let k = &t.k;
     let (d, w) = (k.d, k.w);
     let rows = t.q.len() / d;
     let n = t.range.len();
-    let planes = k.planes();
-    // Queries in the rows' space (projected: `Bᵀq`) and order (planes), scaled once.
+    // Queries in the rows' space (projected: `Bᵀq`), scaled once.
     let mut qs = vec![0f32; rows * w];
-    let mut tmp = [0f32; MAX_W];
     for (qr, dst) in t.q.chunks_exact(d).zip(qs.chunks_exact_mut(w)) {
         match k.basis {
             Some(b) => {
-                tmp[..w].fill(0.0);
                 for (c, &x) in qr.iter().enumerate() {
-                    axpy(&mut tmp[..w], x * t.scale, &b[c * w..(c + 1) * w]);
+                    kern.axpy(dst, x * t.scale, &b[c * w..(c + 1) * w]);
                 }
             }
             None => {
-                for (o, &x) in tmp[..w].iter_mut().zip(qr) {
+                for (o, &x) in dst.iter_mut().zip(qr) {
                     *o = x * t.scale;
                 }
             }
         }
-        to_planes(&tmp[..w], planes, dst);
     }
+    // The run's keys, decoded into a scratch buffer that stays in cache (at most
+    // `KEYS_PER_TASK` rows): the bytes read from memory are the stored ones.
     let pf = Prefetch::new();
-    let mut buf = [0f32; MAX_W];
+    let mut scratch = vec![0f32; n * w];
+    let mut cache = GroupCache::new();
     match k.rows {
         Rows::Quant(q) if q.along == GroupAxis::Tokens => {
-            // Fold each token group's scale into the queries and its minimum into a constant.
-            let mut folded = vec![0f32; rows * w];
-            let mut consts = vec![0f32; rows];
-            let (mut s, mut m) = ([0f32; MAX_W], [0f32; MAX_W]);
-            let (mut sp, mut mp) = ([0f32; MAX_W], [0f32; MAX_W]);
-            let mut group = usize::MAX;
-            for j in 0..n {
+            for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
                 let jj = t.range.start + j;
-                if jj / q.group != group {
-                    group = jj / q.group;
-                    q.scale_min(jj, w, &mut s, &mut m);
-                    to_planes(&s[..w], planes, &mut sp);
-                    to_planes(&m[..w], planes, &mut mp);
-                    for r in 0..rows {
-                        let qr = &qs[r * w..(r + 1) * w];
-                        for c in 0..w {
-                            folded[r * w + c] = qr[c] * sp[c];
-                        }
-                        consts[r] = dot(qr, &mp[..w]);
-                    }
-                }
                 pf.line(
                     q.bytes,
-                    (q.first + (jj + 4) * w) * q.bits.get() as usize / 8,
+                    (q.first + (jj + 8) * w) * q.bits.get() as usize / 8,
                 );
-                q.codes(jj, w, planes, &mut buf);
+                q.codes(kern, jj, w, row);
+            }
+            // Fold each token group's scale into the queries and its minimum into a constant.
+            let mut folded = vec![0f32; rows * w];
+            let mut j = 0;
+            while j < n {
+                let jj = t.range.start + j;
+                let end = ((jj / q.group + 1) * q.group - t.range.start).min(n);
+                cache.load(kern, &q, jj, w);
                 for r in 0..rows {
-                    scores[r * n + j] = dot(&folded[r * w..(r + 1) * w], &buf[..w]) + consts[r];
+                    let qr = &qs[r * w..(r + 1) * w];
+                    let f = &mut folded[r * w..(r + 1) * w];
+                    f.copy_from_slice(qr);
+                    kern.fma_row(f, &cache.s[..w], &ZEROS[..w]);
                 }
+                kern.dots(&folded, w, &scratch[j * w..end * w], &mut scores[j..], n);
+                for r in 0..rows {
+                    let m = kern.dot(&qs[r * w..(r + 1) * w], &cache.m[..w]);
+                    for x in &mut scores[r * n + j..r * n + end] {
+                        *x += m;
+                    }
+                }
+                j = end;
             }
         }
         _ => {
-            let (mut s, mut m) = ([0f32; MAX_W], [0f32; MAX_W]);
-            for j in 0..n {
+            for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
                 let jj = t.range.start + j;
                 prefetch_row(pf, &k.rows, jj + 4, w);
-                k.row(jj, &mut s, &mut m, &mut buf);
-                for r in 0..rows {
-                    scores[r * n + j] = dot(&qs[r * w..(r + 1) * w], &buf[..w]);
-                }
+                k.row(kern, jj, &mut cache, row);
             }
+            kern.dots(&qs, w, &scratch, scores, n);
         }
     }
 }
 
-/// Asks for row `j` of a float side ahead of its use.
+/// Zeros, for [`RowKernel::fma_row`] used as a plain product.
+const ZEROS: [f32; MAX_W] = [0.0; MAX_W];
+
+/// Asks for row `j` of a side ahead of its use.
 #[inline(always)]
 fn prefetch_row(pf: Prefetch, rows: &Rows<'_>, j: usize, w: usize) {
     match rows {
@@ -416,47 +380,75 @@ fn prefetch_row(pf: Prefetch, rows: &Rows<'_>, j: usize, w: usize) {
                 pf.line(x, j * w + l);
             }
         }
-        Rows::Quant(_) => {}
+        Rows::Quant(q) => pf.line(q.bytes, (q.first + j * w) * q.bits.get() as usize / 8),
     }
 }
 
-/// `Σ_j p[r][j] · v_j` over the visible keys of each row, in channel order (`rows × d`).
+/// `Σ_j p[r][j] · v_j` over the visible keys of each row (`rows × d`).
 #[inline(always)]
-fn value_sums(t: &Task<'_>, p: &[f32]) -> Vec<f32> {
+fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
     let v = &t.v;
     let (d, w) = (v.d, v.w);
     let rows = t.q.len() / d;
     let n = t.range.len();
-    let planes = v.planes();
     let mut acc = vec![0f32; rows * w];
-    let (mut s, mut m, mut buf) = ([0f32; MAX_W], [0f32; MAX_W], [0f32; MAX_W]);
+    let mut cache = GroupCache::new();
     let pf = Prefetch::new();
     let seen = t.visible.iter().copied().max().unwrap_or(0);
-    for j in 0..seen {
-        let jj = t.range.start + j;
-        prefetch_row(pf, &v.rows, jj + 4, w);
-        v.row(jj, &mut s, &mut m, &mut buf);
-        for r in 0..rows {
-            if j < t.visible[r] {
-                axpy(&mut acc[r * w..(r + 1) * w], p[r * n + j], &buf[..w]);
+    let mut scratch = vec![0f32; seen * w];
+    match v.rows {
+        // Per-token scales: the codes are summed as they are, each group's scale folded into
+        // the row weights and its minimum into one sum per row and group.
+        Rows::Quant(q) if q.along == GroupAxis::Channels => {
+            for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
+                let jj = t.range.start + j;
+                pf.line(
+                    q.bytes,
+                    (q.first + (jj + 8) * w) * q.bits.get() as usize / 8,
+                );
+                q.codes(kern, jj, w, row);
+            }
+            let groups = w / q.group;
+            let mut weights = vec![0f32; rows * seen];
+            for gi in 0..groups {
+                let at = |j: usize| (t.range.start + j) * groups + gi;
+                for r in 0..rows {
+                    let mut min_sum = 0f32;
+                    for j in 0..seen {
+                        let pj = p[r * n + j];
+                        weights[r * seen + j] = pj * f16_to_f32(q.scales[at(j)]);
+                        min_sum += pj * f16_to_f32(q.mins[at(j)]);
+                    }
+                    let cols = gi * q.group..(gi + 1) * q.group;
+                    for x in &mut acc[r * w + cols.start..r * w + cols.end] {
+                        *x += min_sum;
+                    }
+                }
+                let cols = gi * q.group..(gi + 1) * q.group;
+                kern.weighted_sum(&weights, seen, &scratch, w, cols, &mut acc);
             }
         }
+        _ => {
+            for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
+                let jj = t.range.start + j;
+                prefetch_row(pf, &v.rows, jj + 4, w);
+                v.row(kern, jj, &mut cache, row);
+            }
+            kern.weighted_sum(p, n, &scratch, w, 0..w, &mut acc);
+        }
     }
-    let mut out = vec![0f32; rows * d];
-    let mut nat = [0f32; MAX_W];
-    for (a, o) in acc.chunks_exact(w).zip(out.chunks_exact_mut(d)) {
-        match v.basis {
-            Some(b) => {
-                nat[..w].fill(0.0);
-                add_from_planes(a, planes, &mut nat);
+    match v.basis {
+        None => acc,
+        Some(b) => {
+            let mut out = vec![0f32; rows * d];
+            for (a, o) in acc.chunks_exact(w).zip(out.chunks_exact_mut(d)) {
                 for (c, x) in o.iter_mut().enumerate() {
-                    *x = dot(&b[c * w..(c + 1) * w], &nat[..w]);
+                    *x = kern.dot(&b[c * w..(c + 1) * w], a);
                 }
             }
-            None => add_from_planes(a, planes, o),
+            out
         }
     }
-    out
 }
 
 /// One KV head's part: keys and values of `n` rows, the first at index `offset` of the head's
@@ -514,7 +506,7 @@ pub(crate) fn attend(
     }
     let partials: Vec<(usize, Partial)> = jobs
         .into_par_iter()
-        .map(|(bh, task)| (bh, pulp::Arch::new().dispatch(task)))
+        .map(|(bh, task)| (bh, task.run()))
         .collect();
     let mut out = vec![0f32; q.len()];
     let mut i = 0;
@@ -544,7 +536,7 @@ pub(crate) fn merge<'p>(
             if p.sum[r] > 0.0 {
                 let w = (p.max[r] - max).exp();
                 total += w * p.sum[r];
-                axpy(o, w, &p.out[r * d..(r + 1) * d]);
+                Plain.axpy(o, w, &p.out[r * d..(r + 1) * d]);
             }
         }
         let inv = 1.0 / total;

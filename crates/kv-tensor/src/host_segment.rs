@@ -16,13 +16,13 @@ use std::sync::Arc;
 /// rows vectorise (pulp's safe intrinsics have no F16C conversion).
 #[inline(always)]
 pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let h = u32::from(h);
+    let h = i32::from(h);
     let sign = (h & 0x8000) << 16;
-    let normal = f32::from_bits(((h & 0x7fff) << 13) + (112 << 23));
+    let normal = f32::from_bits((((h & 0x7fff) << 13) + (112 << 23)) as u32);
     // Exponent field 0: zero or subnormal, `mantissa · 2^-24`.
     let sub = (h & 0x3ff) as f32 * 5.960_464_5e-8;
     let mag = if h & 0x7c00 == 0 { sub } else { normal };
-    f32::from_bits(mag.to_bits() | sign)
+    f32::from_bits(mag.to_bits() | sign as u32)
 }
 
 /// f32 to binary16 bits, rounding to nearest even (the window's storage).

@@ -17,6 +17,7 @@ mod footprint;
 mod fp16;
 mod host;
 mod host_attention;
+mod host_kernels;
 mod host_segment;
 mod layer;
 mod layout;

@@ -3,7 +3,7 @@
 use crate::{Llama, Logits, ModelError, PrefillOptions, Tokenizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use kv_tensor::LayerCache;
+use kv_tensor::{Bytes, Footprint, LayerCache};
 use std::time::Instant;
 
 /// How the next token is picked.
@@ -20,6 +20,28 @@ pub enum Sampling {
     },
 }
 
+/// How to generate: how many tokens, how to pick them, how to prefill the prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateOptions {
+    /// Most new tokens.
+    pub max_new: usize,
+    /// How the next token is picked.
+    pub sampling: Sampling,
+    /// How the prompt is prefilled (chunk size, what scorers observe, whether caches
+    /// compress chunk by chunk).
+    pub prefill: PrefillOptions,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new: 128,
+            sampling: Sampling::Greedy,
+            prefill: PrefillOptions::default(),
+        }
+    }
+}
+
 /// The result of one generation, with timings.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -33,6 +55,10 @@ pub struct Generation {
     pub prefill_secs: f64,
     /// Seconds spent decoding.
     pub decode_secs: f64,
+    /// Bytes the caches held right after the prefill (with its compression), as counted.
+    pub prefill_footprint: Footprint,
+    /// Bytes the caches had allocated at that moment (spare capacity included).
+    pub prefill_resident: Bytes,
 }
 
 impl Generation {
@@ -47,20 +73,22 @@ impl Generation {
     }
 }
 
-/// Generates up to `max_new` tokens after `prompt`, stopping at an end-of-sequence token.
+/// Generates up to `opts.max_new` tokens after `prompt`, stopping at an end-of-sequence token.
 /// `on_token` sees each new token as it is produced (for streaming output).
 pub fn generate<B: Backend, C: LayerCache<B>>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     caches: &mut [C],
-    max_new: usize,
-    sampling: Sampling,
+    opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, ModelError> {
+    let (max_new, sampling) = (opts.max_new, opts.sampling);
     let t0 = Instant::now();
-    let mut logits = model.prefill(prompt, caches, &PrefillOptions::default())?;
+    let mut logits = model.prefill(prompt, caches, &opts.prefill)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
+    let prefill_footprint = caches.iter().map(LayerCache::footprint).sum();
+    let prefill_resident = Bytes(caches.iter().map(|c| c.resident().get()).sum());
     let t1 = Instant::now();
     let mut rng = sampling_seed(sampling);
     let mut ids = Vec::new();
@@ -88,6 +116,8 @@ pub fn generate<B: Backend, C: LayerCache<B>>(
         prompt_tokens: prompt.len(),
         prefill_secs,
         decode_secs,
+        prefill_footprint,
+        prefill_resident,
     })
 }
 

@@ -22,7 +22,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{LlamaConfig, RopeLayout};
 pub use dequant::GgmlType;
 pub use error::ModelError;
-pub use generate::{Generation, Sampling, generate, pick};
+pub use generate::{GenerateOptions, Generation, Sampling, generate, pick};
 pub use llama::{Llama, Logits, PrefillOptions};
 pub use loader::{LoadedModel, load_gguf};
 pub use rope::Rope;

@@ -32,8 +32,11 @@ fn qwen2_answers_a_coding_question() {
         &m.tokenizer,
         &ids,
         &mut caches,
-        24,
-        Sampling::Greedy,
+        &models::GenerateOptions {
+            max_new: 24,
+            sampling: Sampling::Greedy,
+            ..Default::default()
+        },
         |_| {},
     )
     .expect("generates");

@@ -59,6 +59,9 @@ pub struct EvalOptions {
     pub out: Option<PathBuf>,
     /// Print the summary as one JSON object.
     pub json: bool,
+    /// Each method prefills every sample itself, compressing chunk by chunk, instead of
+    /// compressing one shared full prefill at its end.
+    pub chunked_prefill: bool,
 }
 
 /// One method on one sample.
@@ -468,6 +471,10 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         attention_mass: needs_mass,
         ..Default::default()
     };
+    let chunked = PrefillOptions {
+        compress_chunks: true,
+        ..popts
+    };
     let mut recordings = prefill_all(&m, &groups, layers, &popts)?.into_iter();
     // Seconds in prefill (wall), compression, probes (teacher forcing, prose, generation set-up)
     // and batched generation; compression and probes run on every core and are summed over them.
@@ -486,6 +493,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                 m: &m,
                 axes: &axes,
                 rec: &rec,
+                own_prefill: opts.chunked_prefill.then_some(&chunked),
                 sample,
                 length: *length,
                 index: si,
@@ -692,6 +700,8 @@ struct EntryCtx<'a> {
     m: &'a LoadedModel<B>,
     axes: &'a Axes<B>,
     rec: &'a [RecordingCache<B>],
+    /// `Some`: every method prefills the context itself with these options (chunk by chunk).
+    own_prefill: Option<&'a PrefillOptions>,
     sample: &'a data::Sample,
     length: usize,
     index: usize,
@@ -713,6 +723,21 @@ impl EntryCtx<'_> {
     /// Compresses the recorded prefill with `entry` and runs its probes: prose NLL and KL to
     /// `reference`, or teacher forcing, and the start of free generation when greedy decoding
     /// leaves the gold answer.
+    /// `entry`'s caches holding the sample's context, compressed: from the shared recorded
+    /// prefill, or by a prefill of the method's own that compresses chunk by chunk.
+    fn caches(&self, entry: &methods::Entry) -> Result<Caches> {
+        match self.own_prefill {
+            None => compressed(entry, self.rec, self.axes),
+            Some(opts) => {
+                let mut caches = entry.caches(self.rec.len(), self.axes);
+                self.m
+                    .model
+                    .prefill(self.sample.context(), &mut caches, opts)?;
+                Ok(caches)
+            }
+        }
+    }
+
     fn measure(
         &self,
         entry: &methods::Entry,
@@ -720,7 +745,7 @@ impl EntryCtx<'_> {
     ) -> Result<Measured> {
         let m = self.m;
         let tc = std::time::Instant::now();
-        let mut caches = compressed(entry, self.rec, self.axes)?;
+        let mut caches = self.caches(entry)?;
         let compress = tc.elapsed().as_secs_f64();
         let tt = std::time::Instant::now();
         let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
@@ -772,7 +797,7 @@ impl EntryCtx<'_> {
                         let mut caches = match fork {
                             Some(c) => c,
                             None => {
-                                let mut c = compressed(entry, self.rec, self.axes)?;
+                                let mut c = self.caches(entry)?;
                                 m.model.forward(&t.question, &mut c, Logits::Last)?;
                                 c
                             }
@@ -1075,6 +1100,11 @@ fn markdown(
         opts.seed,
         seconds,
     );
+    s.push_str(if opts.chunked_prefill {
+        "Prefill: every method prefills each context itself and compresses after every 512-token chunk, with what it has observed so far (`--chunked-prefill`).\n\n"
+    } else {
+        "Prefill: one full-attention prefill per context, shared by every method, compressed once at its end (question-agnostic, as kvpress).\n\n"
+    });
     let tasks: Vec<&'static str> = summary
         .first()
         .map(|x| x.per_task.iter().map(|(t, _)| *t).collect())

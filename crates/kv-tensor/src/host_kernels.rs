@@ -1,0 +1,528 @@
+//! The row primitives the host attention is built from, in two versions behind one trait:
+//! AVX2/FMA written with pulp's safe intrinsics ([`Avx2`]), and plain loops ([`Plain`]) for
+//! every other CPU (and as the reference the AVX2 version is tested against).
+//!
+//! Why explicit intrinsics: the compiler does not fuse `a * b + c` into an FMA, widens fp16 and
+//! packed codes through generic code paths, and reduces every dot product horizontally; written
+//! out, a 64-wide row is eight loads, conversions and FMAs per query row.
+use crate::host_segment::f16_to_f32;
+use std::ops::Range;
+
+/// What the attention kernels do to one row (`w` values).
+pub(crate) trait RowKernel: Copy {
+    /// `dst[..w] ← src` (binary16 bits).
+    fn f16_row(self, src: &[u16], dst: &mut [f32]);
+    /// `dst[..w] ←` the `BITS`-bit codes packed little-endian in `bytes` (`BITS` 2, 4 or 8;
+    /// `bytes` holds exactly `w · BITS / 8` bytes, whole words).
+    fn codes_row<const BITS: usize>(self, bytes: &[u8], dst: &mut [f32]);
+    /// `x ← x ⊙ s + m`.
+    fn fma_row(self, x: &mut [f32], s: &[f32], m: &[f32]);
+    /// `x ← x · s + m` (one scale and minimum for the slice).
+    fn scale_add(self, x: &mut [f32], s: f32, m: f32);
+    /// `Σ a ⊙ b`.
+    fn dot(self, a: &[f32], b: &[f32]) -> f32;
+    /// `o ← o + a · x`.
+    fn axpy(self, o: &mut [f32], a: f32, x: &[f32]);
+    /// `x ← exp(x − shift)`, returning `Σ x`.
+    fn exp_shifted(self, x: &mut [f32], shift: f32) -> f32;
+    /// Scores of `R = q.len() / w` query rows against the `keys.len() / w` rows of `keys`:
+    /// `out[r·stride + j] = q_r · key_j`.
+    fn dots(self, q: &[f32], w: usize, keys: &[f32], out: &mut [f32], stride: usize) {
+        for (r, qr) in q.chunks_exact(w).enumerate() {
+            for (j, kj) in keys.chunks_exact(w).enumerate() {
+                out[r * stride + j] = self.dot(qr, kj);
+            }
+        }
+    }
+    /// `acc_r[cols] += Σ_j p[r·stride + j] · vals_j[cols]` for the `R = acc.len() / w` rows of
+    /// `acc` and the `vals.len() / w` rows of `vals`.
+    fn weighted_sum(
+        self,
+        p: &[f32],
+        stride: usize,
+        vals: &[f32],
+        w: usize,
+        cols: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        for (r, a) in acc.chunks_exact_mut(w).enumerate() {
+            for (j, v) in vals.chunks_exact(w).enumerate() {
+                self.axpy(&mut a[cols.clone()], p[r * stride + j], &v[cols.clone()]);
+            }
+        }
+    }
+}
+
+/// Plain loops: the portable version and the reference.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plain;
+
+impl RowKernel for Plain {
+    #[inline(always)]
+    fn f16_row(self, src: &[u16], dst: &mut [f32]) {
+        for (o, &h) in dst.iter_mut().zip(src) {
+            *o = f16_to_f32(h);
+        }
+    }
+
+    #[inline(always)]
+    fn codes_row<const BITS: usize>(self, bytes: &[u8], dst: &mut [f32]) {
+        let mask = (1u32 << BITS) - 1;
+        let per = 32 / BITS;
+        for (word, o) in bytes.chunks_exact(4).zip(dst.chunks_exact_mut(per)) {
+            let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = ((w >> (BITS * i)) & mask) as i32 as f32;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn fma_row(self, x: &mut [f32], s: &[f32], m: &[f32]) {
+        for ((x, s), m) in x.iter_mut().zip(s).zip(m) {
+            *x = *x * s + m;
+        }
+    }
+
+    #[inline(always)]
+    fn scale_add(self, x: &mut [f32], s: f32, m: f32) {
+        for x in x.iter_mut() {
+            *x = *x * s + m;
+        }
+    }
+
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        crate::host::dot(a, b)
+    }
+
+    #[inline(always)]
+    fn axpy(self, o: &mut [f32], a: f32, x: &[f32]) {
+        crate::host::axpy(o, a, x);
+    }
+
+    #[inline(always)]
+    fn exp_shifted(self, x: &mut [f32], shift: f32) -> f32 {
+        for v in x.iter_mut() {
+            *v = exp(*v - shift);
+        }
+        // Eight partial sums: a single running sum would keep the loop above from vectorising.
+        let mut lanes = [0f32; 8];
+        let chunks = x.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v;
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+/// `e^x` for softmax arguments (`x ≤ 0`; below −87 it is 0): Cephes' `expf` reduction
+/// `2^k · e^r` with `|r| ≤ ln2/2` and a degree-6 polynomial (relative error ~1e-7), written
+/// as straight-line float code so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn exp(x0: f32) -> f32 {
+    let x = x0.max(-87.0);
+    // Round to nearest by adding and subtracting 1.5·2^23 (no libm call, vectorises).
+    let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5e-1;
+    let e = p * r * r + r + 1.0;
+    let e = f32::from_bits(e.to_bits().wrapping_add(((k as i32) << 23) as u32));
+    if x0 < -87.0 { 0.0 } else { e }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::Avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Plain, RowKernel};
+    use core::arch::x86_64::{__m128i, __m256, __m256i};
+    use pulp::x86::V3;
+    use std::ops::Range;
+
+    /// AVX2/FMA kernels (x86-64 CPUs that have them, detected at run time).
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Avx2(pub(crate) V3);
+
+    #[inline(always)]
+    fn hsum(v: __m256) -> f32 {
+        let a: [f32; 8] = pulp::cast(v);
+        ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    }
+
+    #[inline(always)]
+    fn load8(x: &[f32]) -> __m256 {
+        let a: [f32; 8] = x[..8].try_into().unwrap_or([0.0; 8]);
+        pulp::cast(a)
+    }
+
+    #[inline(always)]
+    fn store8(v: __m256, x: &mut [f32]) {
+        let a: [f32; 8] = pulp::cast(v);
+        x[..8].copy_from_slice(&a);
+    }
+
+    impl Avx2 {
+        /// Eight binary16 values to f32, exactly: normal numbers rebias their exponent with
+        /// integer arithmetic, zero and subnormals are `mantissa · 2^-24`.
+        #[inline(always)]
+        fn f16x8(self, h: &[u16]) -> __m256 {
+            let V3 { avx, avx2, .. } = self.0;
+            let a: [u16; 8] = h[..8].try_into().unwrap_or([0; 8]);
+            let x = avx2._mm256_cvtepu16_epi32(pulp::cast::<[u16; 8], __m128i>(a));
+            let c = |v: i32| avx._mm256_set1_epi32(v);
+            let sign = avx2._mm256_slli_epi32::<16>(avx2._mm256_and_si256(x, c(0x8000)));
+            let em = avx2._mm256_and_si256(x, c(0x7fff));
+            let normal = avx2._mm256_add_epi32(avx2._mm256_slli_epi32::<13>(em), c(112 << 23));
+            let sub = avx._mm256_mul_ps(
+                avx._mm256_cvtepi32_ps(avx2._mm256_and_si256(x, c(0x3ff))),
+                avx._mm256_set1_ps(5.960_464_5e-8),
+            );
+            let is_sub = avx2._mm256_cmpeq_epi32(avx2._mm256_and_si256(x, c(0x7c00)), c(0));
+            let mag = avx._mm256_blendv_ps(
+                pulp::cast::<__m256i, __m256>(normal),
+                sub,
+                pulp::cast::<__m256i, __m256>(is_sub),
+            );
+            avx._mm256_or_ps(mag, pulp::cast::<__m256i, __m256>(sign))
+        }
+    }
+
+    impl RowKernel for Avx2 {
+        #[inline(always)]
+        fn f16_row(self, src: &[u16], dst: &mut [f32]) {
+            let n = dst.len().min(src.len());
+            let whole = n / 8 * 8;
+            for (s, d) in src[..whole]
+                .chunks_exact(8)
+                .zip(dst[..whole].chunks_exact_mut(8))
+            {
+                store8(self.f16x8(s), d);
+            }
+            Plain.f16_row(&src[whole..n], &mut dst[whole..n]);
+        }
+
+        #[inline(always)]
+        fn codes_row<const BITS: usize>(self, bytes: &[u8], dst: &mut [f32]) {
+            let V3 { avx, avx2, .. } = self.0;
+            if BITS == 8 {
+                let whole = dst.len() / 8 * 8;
+                for (b, d) in bytes[..whole]
+                    .chunks_exact(8)
+                    .zip(dst[..whole].chunks_exact_mut(8))
+                {
+                    let mut a = [0u8; 16];
+                    a[..8].copy_from_slice(b);
+                    let x = avx2._mm256_cvtepu8_epi32(pulp::cast::<[u8; 16], __m128i>(a));
+                    store8(avx._mm256_cvtepi32_ps(x), d);
+                }
+                Plain.codes_row::<8>(&bytes[whole..], &mut dst[whole..]);
+                return;
+            }
+            // 2 or 4 bits: a word holds 16 or 8 codes; each run of 8 lanes shifts the
+            // broadcast word by its lanes' offsets.
+            let mask = avx._mm256_set1_epi32((1 << BITS) - 1);
+            let shifts = |first: i32| {
+                let s: [i32; 8] = core::array::from_fn(|i| first + (BITS * i) as i32);
+                pulp::cast::<[i32; 8], __m256i>(s)
+            };
+            let (lo, hi) = (shifts(0), shifts(8 * BITS as i32));
+            let per = 32 / BITS;
+            for (word, d) in bytes.chunks_exact(4).zip(dst.chunks_exact_mut(per)) {
+                let w = i32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                let x = avx._mm256_set1_epi32(w);
+                let a = avx2._mm256_and_si256(avx2._mm256_srlv_epi32(x, lo), mask);
+                store8(avx._mm256_cvtepi32_ps(a), &mut d[..8]);
+                if per == 16 {
+                    let b = avx2._mm256_and_si256(avx2._mm256_srlv_epi32(x, hi), mask);
+                    store8(avx._mm256_cvtepi32_ps(b), &mut d[8..]);
+                }
+            }
+        }
+
+        #[inline(always)]
+        fn fma_row(self, x: &mut [f32], s: &[f32], m: &[f32]) {
+            let V3 { fma, .. } = self.0;
+            let whole = x.len() / 8 * 8;
+            for ((x, s), m) in x[..whole]
+                .chunks_exact_mut(8)
+                .zip(s.chunks_exact(8))
+                .zip(m.chunks_exact(8))
+            {
+                store8(fma._mm256_fmadd_ps(load8(x), load8(s), load8(m)), x);
+            }
+            Plain.fma_row(&mut x[whole..], &s[whole..], &m[whole..]);
+        }
+
+        #[inline(always)]
+        fn scale_add(self, x: &mut [f32], s: f32, m: f32) {
+            let V3 { avx, fma, .. } = self.0;
+            let (sv, mv) = (avx._mm256_set1_ps(s), avx._mm256_set1_ps(m));
+            let whole = x.len() / 8 * 8;
+            for x in x[..whole].chunks_exact_mut(8) {
+                store8(fma._mm256_fmadd_ps(load8(x), sv, mv), x);
+            }
+            Plain.scale_add(&mut x[whole..], s, m);
+        }
+
+        #[inline(always)]
+        fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+            let V3 { avx, fma, .. } = self.0;
+            let n = a.len().min(b.len());
+            let whole = n / 16 * 16;
+            let (mut s0, mut s1) = (avx._mm256_setzero_ps(), avx._mm256_setzero_ps());
+            for (x, y) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
+                s0 = fma._mm256_fmadd_ps(load8(x), load8(y), s0);
+                s1 = fma._mm256_fmadd_ps(load8(&x[8..]), load8(&y[8..]), s1);
+            }
+            let mut s = hsum(avx._mm256_add_ps(s0, s1));
+            for (x, y) in a[whole..n].iter().zip(&b[whole..n]) {
+                s += x * y;
+            }
+            s
+        }
+
+        #[inline(always)]
+        fn axpy(self, o: &mut [f32], a: f32, x: &[f32]) {
+            let V3 { avx, fma, .. } = self.0;
+            let av = avx._mm256_set1_ps(a);
+            let whole = o.len().min(x.len()) / 8 * 8;
+            for (o, x) in o[..whole].chunks_exact_mut(8).zip(x.chunks_exact(8)) {
+                store8(fma._mm256_fmadd_ps(av, load8(x), load8(o)), o);
+            }
+            Plain.axpy(&mut o[whole..], a, &x[whole..]);
+        }
+
+        #[inline(always)]
+        fn exp_shifted(self, x: &mut [f32], shift: f32) -> f32 {
+            // The plain polynomial vectorises inside the AVX2 dispatch.
+            Plain.exp_shifted(x, shift)
+        }
+
+        /// Tiles of four keys × up to three query rows: twelve independent accumulators per
+        /// chunk of eight channels (a single dot product would wait on its own FMA chain),
+        /// and four keys' sums reduced together.
+        #[inline(always)]
+        fn dots(self, q: &[f32], w: usize, keys: &[f32], out: &mut [f32], stride: usize) {
+            if !w.is_multiple_of(8) {
+                return Plain.dots(q, w, keys, out, stride);
+            }
+            let rows = q.len() / w;
+            let m = keys.len() / w;
+            let whole = m / 4 * 4;
+            for r0 in (0..rows).step_by(3) {
+                let rr = (rows - r0).min(3);
+                for j in (0..whole).step_by(4) {
+                    let k = &keys[j * w..(j + 4) * w];
+                    let sums = match rr {
+                        3 => self.dot_tile::<3>(&q[r0 * w..], k, w),
+                        2 => self.dot_tile::<2>(&q[r0 * w..], k, w),
+                        _ => self.dot_tile::<1>(&q[r0 * w..], k, w),
+                    };
+                    for (i, s) in sums.iter().enumerate().take(rr) {
+                        out[(r0 + i) * stride + j..(r0 + i) * stride + j + 4].copy_from_slice(s);
+                    }
+                }
+            }
+            for j in whole..m {
+                for (r, qr) in q.chunks_exact(w).enumerate() {
+                    out[r * stride + j] = self.dot(qr, &keys[j * w..(j + 1) * w]);
+                }
+            }
+        }
+
+        /// Accumulators for three rows × 32 channels live in registers across every value row.
+        #[inline(always)]
+        fn weighted_sum(
+            self,
+            p: &[f32],
+            stride: usize,
+            vals: &[f32],
+            w: usize,
+            cols: Range<usize>,
+            acc: &mut [f32],
+        ) {
+            if !w.is_multiple_of(8) || !cols.start.is_multiple_of(8) || !cols.end.is_multiple_of(8)
+            {
+                return Plain.weighted_sum(p, stride, vals, w, cols, acc);
+            }
+            let rows = acc.len() / w;
+            for r0 in (0..rows).step_by(3) {
+                let mut c = cols.start;
+                while c < cols.end {
+                    let span = if cols.end - c >= 32 { 32 } else { 8 };
+                    match ((rows - r0).min(3), span) {
+                        (3, 32) => self.tile::<3, 4>(p, stride, vals, w, acc, r0, c),
+                        (2, 32) => self.tile::<2, 4>(p, stride, vals, w, acc, r0, c),
+                        (1, 32) => self.tile::<1, 4>(p, stride, vals, w, acc, r0, c),
+                        (3, _) => self.tile::<3, 1>(p, stride, vals, w, acc, r0, c),
+                        (2, _) => self.tile::<2, 1>(p, stride, vals, w, acc, r0, c),
+                        _ => self.tile::<1, 1>(p, stride, vals, w, acc, r0, c),
+                    }
+                    c += span;
+                }
+            }
+        }
+    }
+
+    impl Avx2 {
+        /// Dot products of `R` query rows (`q`, rows of `w`) with four keys (`k`, rows of `w`).
+        #[inline(always)]
+        fn dot_tile<const R: usize>(self, q: &[f32], k: &[f32], w: usize) -> [[f32; 4]; 3] {
+            let V3 { avx, fma, .. } = self.0;
+            let mut acc = [[avx._mm256_setzero_ps(); 4]; R];
+            for c in (0..w).step_by(8) {
+                let kv: [__m256; 4] = core::array::from_fn(|j| load8(&k[j * w + c..]));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let qv = load8(&q[i * w + c..]);
+                    for (x, y) in a.iter_mut().zip(kv) {
+                        *x = fma._mm256_fmadd_ps(qv, y, *x);
+                    }
+                }
+            }
+            let mut out = [[0f32; 4]; 3];
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = self.hsum4(a);
+            }
+            out
+        }
+
+        /// The four horizontal sums of four vectors, reduced together.
+        #[inline(always)]
+        fn hsum4(self, a: [__m256; 4]) -> [f32; 4] {
+            let V3 { sse, avx, .. } = self.0;
+            let t0 = avx._mm256_hadd_ps(a[0], a[1]);
+            let t1 = avx._mm256_hadd_ps(a[2], a[3]);
+            let t = avx._mm256_hadd_ps(t0, t1);
+            let s = sse._mm_add_ps(
+                avx._mm256_castps256_ps128(t),
+                avx._mm256_extractf128_ps::<1>(t),
+            );
+            pulp::cast(s)
+        }
+
+        /// Rows `r0..r0 + R` × channels `c..c + 8V` of [`RowKernel::weighted_sum`], the
+        /// accumulators held in registers over every value row.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn tile<const R: usize, const V: usize>(
+            self,
+            p: &[f32],
+            stride: usize,
+            vals: &[f32],
+            w: usize,
+            acc: &mut [f32],
+            r0: usize,
+            c: usize,
+        ) {
+            let V3 { avx, fma, .. } = self.0;
+            let mut a = [[avx._mm256_setzero_ps(); V]; R];
+            for (i, ai) in a.iter_mut().enumerate() {
+                for (v, x) in ai.iter_mut().enumerate() {
+                    *x = load8(&acc[(r0 + i) * w + c + 8 * v..]);
+                }
+            }
+            for (j, vj) in vals.chunks_exact(w).enumerate() {
+                let x: [__m256; V] = core::array::from_fn(|v| load8(&vj[c + 8 * v..]));
+                for (i, ai) in a.iter_mut().enumerate() {
+                    let pj = avx._mm256_set1_ps(p[(r0 + i) * stride + j]);
+                    for (v, y) in ai.iter_mut().enumerate() {
+                        *y = fma._mm256_fmadd_ps(pj, x[v], *y);
+                    }
+                }
+            }
+            for (i, ai) in a.iter().enumerate() {
+                for (v, x) in ai.iter().enumerate() {
+                    store8(*x, &mut acc[(r0 + i) * w + c + 8 * v..]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The AVX2 kernels compute what the plain loops compute (exactly for conversions, to
+        /// float-summation order for dot products).
+        #[test]
+        fn avx2_matches_plain(seed in 0u64..10_000, w in 1usize..100) {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                let k = Avx2(simd);
+                let mut s = seed;
+                let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as u32 };
+                let halves: Vec<u16> = (0..w).map(|_| next() as u16).filter(|h| h & 0x7c00 != 0x7c00).collect();
+                let (mut a, mut b) = (vec![0f32; halves.len()], vec![0f32; halves.len()]);
+                k.f16_row(&halves, &mut a);
+                Plain.f16_row(&halves, &mut b);
+                prop_assert_eq!(&a, &b);
+                for (h, x) in halves.iter().zip(&a) {
+                    prop_assert_eq!(*x, half::f16::from_bits(*h).to_f32());
+                }
+                let words = w.div_ceil(4) * 4;
+                let bytes: Vec<u8> = (0..words).map(|_| next() as u8).collect();
+                for bits in [2usize, 4, 8] {
+                    let n = words * 8 / bits;
+                    let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                    match bits {
+                        2 => { k.codes_row::<2>(&bytes, &mut a); Plain.codes_row::<2>(&bytes, &mut b); }
+                        4 => { k.codes_row::<4>(&bytes, &mut a); Plain.codes_row::<4>(&bytes, &mut b); }
+                        _ => { k.codes_row::<8>(&bytes, &mut a); Plain.codes_row::<8>(&bytes, &mut b); }
+                    }
+                    prop_assert_eq!(&a, &b, "{} bits", bits);
+                }
+                let x: Vec<f32> = (0..w).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
+                let y: Vec<f32> = (0..w).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
+                let (d1, d2) = (k.dot(&x, &y), Plain.dot(&x, &y));
+                prop_assert!((d1 - d2).abs() <= 1e-5 * (1.0 + d2.abs()));
+                let (mut o1, mut o2) = (y.clone(), y.clone());
+                k.axpy(&mut o1, 0.3, &x);
+                Plain.axpy(&mut o2, 0.3, &x);
+                for (p, q) in o1.iter().zip(&o2) { prop_assert!((p - q).abs() <= 1e-6); }
+                let (mut f1, mut f2) = (x.clone(), x.clone());
+                k.fma_row(&mut f1, &y, &x);
+                Plain.fma_row(&mut f2, &y, &x);
+                k.scale_add(&mut f1, 0.7, -0.1);
+                Plain.scale_add(&mut f2, 0.7, -0.1);
+                for (p, q) in f1.iter().zip(&f2) { prop_assert!((p - q).abs() <= 1e-6); }
+                // Tiled dot products and weighted sums, over several query rows and key counts
+                // that are not multiples of the tiles.
+                let rows = 1 + (seed % 7) as usize;
+                let keys = (seed / 7 % 11) as usize;
+                let ws = if w % 2 == 0 { w / 2 * 8 % 80 + 8 } else { w };
+                let q: Vec<f32> = (0..rows * ws).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
+                let kv: Vec<f32> = (0..keys * ws).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
+                let (mut s1, mut s2) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+                k.dots(&q, ws, &kv, &mut s1, keys);
+                Plain.dots(&q, ws, &kv, &mut s2, keys);
+                for (p, q) in s1.iter().zip(&s2) { prop_assert!((p - q).abs() <= 1e-5); }
+                let cols = if ws % 8 == 0 { 8..ws } else { 0..ws };
+                let (mut a1, mut a2) = (q.clone(), q.clone());
+                k.weighted_sum(&s1, keys, &kv, ws, cols.clone(), &mut a1);
+                Plain.weighted_sum(&s1, keys, &kv, ws, cols, &mut a2);
+                for (p, q) in a1.iter().zip(&a2) { prop_assert!((p - q).abs() <= 1e-5); }
+            }
+        }
+
+        /// The polynomial `exp` is within 2e-7 relative of the library's over softmax arguments
+        /// (below e^-87 it flushes to 0).
+        #[test]
+        fn exp_is_accurate(x in -100f32..0.0) {
+            let (got, want) = (exp(x), x.exp());
+            prop_assert!((got - want).abs() <= 2e-7 * want + 1e-37, "{} vs {}", got, want);
+        }
+    }
+}
