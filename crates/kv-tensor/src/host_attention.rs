@@ -224,6 +224,43 @@ impl SideView<'_> {
     }
 }
 
+/// A buffer a task decodes rows into, reused across the tasks a thread runs: allocating and
+/// zeroing 64 KiB per task cost a tenth of the kernel's time. Callers overwrite what they read.
+struct Scratch(Vec<f32>);
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// A buffer of `len` floats (contents unspecified).
+    fn take(len: usize) -> Self {
+        let mut v = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+        v.resize(len, 0.0);
+        Scratch(v)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        SCRATCH.with(|s| s.borrow_mut().push(v));
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
 /// One task's partial softmax over its keys (see the module doc): per query row the maximum
 /// score over its visible keys, `Σ exp(score − max)` and `Σ exp(score − max)·v` (unnormalised,
 /// `d` channels). A row that sees no key of the task has sum 0.
@@ -281,7 +318,7 @@ impl Task<'_> {
         let mut sum = vec![0f32; rows];
         for r in 0..rows {
             let s = &mut scores[r * n..r * n + self.visible[r]];
-            max[r] = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            max[r] = max_of(s);
             sum[r] = k.exp_shifted(s, max[r]);
             // Keys the row may not see weigh nothing in the value sums.
             scores[r * n + self.visible[r]..(r + 1) * n].fill(0.0);
@@ -289,6 +326,24 @@ impl Task<'_> {
         let out = value_sums(k, &self, &scores);
         Partial { max, sum, out }
     }
+}
+
+/// The largest value, over eight lanes (one running maximum would be a chain of dependent
+/// comparisons that does not vectorise).
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    lanes.iter().fold(tail, |a, &b| a.max(b))
 }
 
 /// `scores[r·n + j]` = scaled dot product of query row `r` with key `range.start + j`.
@@ -317,7 +372,7 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
     // The run's keys, decoded into a scratch buffer that stays in cache (at most
     // `KEYS_PER_TASK` rows): the bytes read from memory are the stored ones.
     let pf = Prefetch::new();
-    let mut scratch = vec![0f32; n * w];
+    let mut scratch = Scratch::take(n * w);
     let mut cache = GroupCache::new();
     match k.rows {
         Rows::Quant(q) if q.along == GroupAxis::Tokens => {
@@ -395,7 +450,7 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
     let mut cache = GroupCache::new();
     let pf = Prefetch::new();
     let seen = t.visible.iter().copied().max().unwrap_or(0);
-    let mut scratch = vec![0f32; seen * w];
+    let mut scratch = Scratch::take(seen * w);
     match v.rows {
         // Per-token scales: the codes are summed as they are, each group's scale folded into
         // the row weights and its minimum into one sum per row and group.
@@ -409,16 +464,33 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
                 q.codes(kern, jj, w, row);
             }
             let groups = w / q.group;
+            // Every visible row's scales and minimums, `[j][group]`, widened once.
+            let span = t.range.start * groups..(t.range.start + seen) * groups;
+            let (mut sc, mut mn) = (vec![0f32; seen * groups], vec![0f32; seen * groups]);
+            kern.f16_row(&q.scales[span.clone()], &mut sc);
+            kern.f16_row(&q.mins[span], &mut mn);
+            // Group-major, so each group's scales and minimums are contiguous.
+            let (mut sg, mut mg) = (vec![0f32; seen * groups], vec![0f32; seen * groups]);
+            for j in 0..seen {
+                for gi in 0..groups {
+                    sg[gi * seen + j] = sc[j * groups + gi];
+                    mg[gi * seen + j] = mn[j * groups + gi];
+                }
+            }
             let mut weights = vec![0f32; rows * seen];
             for gi in 0..groups {
-                let at = |j: usize| (t.range.start + j) * groups + gi;
+                let (s, m) = (
+                    &sg[gi * seen..(gi + 1) * seen],
+                    &mg[gi * seen..(gi + 1) * seen],
+                );
                 for r in 0..rows {
-                    let mut min_sum = 0f32;
-                    for j in 0..seen {
-                        let pj = p[r * n + j];
-                        weights[r * seen + j] = pj * f16_to_f32(q.scales[at(j)]);
-                        min_sum += pj * f16_to_f32(q.mins[at(j)]);
+                    let pr = &p[r * n..r * n + seen];
+                    for ((x, &pj), &sj) in
+                        weights[r * seen..(r + 1) * seen].iter_mut().zip(pr).zip(s)
+                    {
+                        *x = pj * sj;
                     }
+                    let min_sum = kern.dot(pr, m);
                     let cols = gi * q.group..(gi + 1) * q.group;
                     for x in &mut acc[r * w + cols.start..r * w + cols.end] {
                         *x += min_sum;

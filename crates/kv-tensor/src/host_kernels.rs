@@ -161,14 +161,15 @@ mod avx2 {
 
     #[inline(always)]
     fn load8(x: &[f32]) -> __m256 {
-        let a: [f32; 8] = x[..8].try_into().unwrap_or([0.0; 8]);
-        pulp::cast(a)
+        let (a, _) = x.split_first_chunk::<8>().unwrap_or((&[0.0; 8], &[]));
+        pulp::cast(*a)
     }
 
     #[inline(always)]
     fn store8(v: __m256, x: &mut [f32]) {
-        let a: [f32; 8] = pulp::cast(v);
-        x[..8].copy_from_slice(&a);
+        if let Some((a, _)) = x.split_first_chunk_mut::<8>() {
+            *a = pulp::cast(v);
+        }
     }
 
     impl Avx2 {
@@ -381,7 +382,12 @@ mod avx2 {
             let V3 { avx, fma, .. } = self.0;
             let mut acc = [[avx._mm256_setzero_ps(); 4]; R];
             for c in (0..w).step_by(8) {
-                let kv: [__m256; 4] = core::array::from_fn(|j| load8(&k[j * w + c..]));
+                let kv = [
+                    load8(&k[c..]),
+                    load8(&k[w + c..]),
+                    load8(&k[2 * w + c..]),
+                    load8(&k[3 * w + c..]),
+                ];
                 for (i, a) in acc.iter_mut().enumerate() {
                     let qv = load8(&q[i * w + c..]);
                     for (x, y) in a.iter_mut().zip(kv) {
@@ -432,7 +438,10 @@ mod avx2 {
                 }
             }
             for (j, vj) in vals.chunks_exact(w).enumerate() {
-                let x: [__m256; V] = core::array::from_fn(|v| load8(&vj[c + 8 * v..]));
+                let mut x = [avx._mm256_setzero_ps(); V];
+                for (v, xv) in x.iter_mut().enumerate() {
+                    *xv = load8(&vj[c + 8 * v..]);
+                }
                 for (i, ai) in a.iter_mut().enumerate() {
                     let pj = avx._mm256_set1_ps(p[(r0 + i) * stride + j]);
                     for (v, y) in ai.iter_mut().enumerate() {
