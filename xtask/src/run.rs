@@ -47,6 +47,14 @@ pub struct GenerateArgs<'a> {
     pub compress_at_end: bool,
 }
 
+/// The caches `generate` runs with, and where they came from.
+struct PlanCaches {
+    caches: Vec<Box<dyn LayerCache<B>>>,
+    plan: Option<router::RoutingPlan>,
+    /// The plan's predicted bytes for the prompt.
+    predicted: Option<u64>,
+}
+
 /// Per-layer caches for `plan` (calibrated axes loaded when its experts need them), with the
 /// plan's predicted bytes for a prompt of `tokens` tokens; the full fp16 cache without a plan.
 fn plan_caches(
@@ -54,17 +62,17 @@ fn plan_caches(
     model: Option<&Path>,
     plan: Option<&Path>,
     tokens: usize,
-) -> Result<(
-    Vec<Box<dyn LayerCache<B>>>,
-    Option<router::RoutingPlan>,
-    Option<u64>,
-)> {
+) -> Result<PlanCaches> {
     let layers = m.model.config.layers;
     let Some(p) = plan else {
         let caches = (0..layers)
             .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
             .collect();
-        return Ok((caches, None, None));
+        return Ok(PlanCaches {
+            caches,
+            plan: None,
+            predicted: None,
+        });
     };
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     let plan = router::RoutingPlan::from_toml(&text, layers, m.model.config.head_dim)
@@ -94,7 +102,11 @@ fn plan_caches(
         .iter()
         .map(|e| Box::new(axes.cache(*e)) as Box<dyn LayerCache<B>>)
         .collect();
-    Ok((caches, Some(plan), Some(predicted)))
+    Ok(PlanCaches {
+        caches,
+        plan: Some(plan),
+        predicted: Some(predicted),
+    })
 }
 
 /// Peak resident memory of this process so far (`VmHWM`), where the system reports it.
@@ -113,7 +125,11 @@ pub fn generate(a: &GenerateArgs<'_>) -> Result<()> {
     let m = load(a.model)?;
     let after_load = peak_rss();
     let ids = prompt_ids(&m, a.prompt, false)?;
-    let (mut caches, plan, predicted) = plan_caches(&m, a.model, a.plan, ids.len())?;
+    let PlanCaches {
+        mut caches,
+        plan,
+        predicted,
+    } = plan_caches(&m, a.model, a.plan, ids.len())?;
     let sampling = if a.temperature > 0.0 {
         Sampling::Temperature {
             t: a.temperature,

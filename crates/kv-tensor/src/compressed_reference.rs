@@ -84,7 +84,7 @@ fn plain(g: &mut Gen, s: [usize; 4]) -> Encoded<B> {
     let groups = |len: usize| {
         [8usize, 16, 32]
             .into_iter()
-            .filter(move |x| len % x == 0)
+            .filter(move |x| len.is_multiple_of(*x))
             .collect::<Vec<_>>()
     };
     match g.below(4) {

@@ -130,6 +130,17 @@ impl<B: Backend> Linear<B> {
         }
     }
 
+    /// One row through the host matrix–vector product, `None` without a host copy.
+    pub(crate) fn apply_host(&self, x: &[f32]) -> Option<Vec<f32>> {
+        let rows = self.host.as_ref()?;
+        (x.len() == self.inp).then(|| matvec(rows, x, 1, self.inp, self.out))
+    }
+
+    /// Whether decode steps have a host copy to read.
+    pub(crate) fn has_host(&self) -> bool {
+        self.host.is_some()
+    }
+
     /// `x · W`.
     ///
     /// # Shapes

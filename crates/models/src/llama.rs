@@ -81,7 +81,12 @@ pub struct Llama<B: Backend> {
     /// The output head `[hidden, vocab]`, in column blocks of [`HEAD_BLOCK`].
     head: Linear<B>,
     rope: Rope<B>,
+    /// Host copies of norms, biases and RoPE tables for one-token decode steps, present while
+    /// every projection has its host copy.
+    host: Option<host_decode::HostParams>,
 }
+
+mod host_decode;
 
 /// Columns per block of the output head.
 const HEAD_BLOCK: usize = 3072;
@@ -230,14 +235,32 @@ impl<B: Backend> Llama<B> {
         expect(&nd, &[c.hidden], "output_norm.weight")?;
         let norm = Tensor::from_data(TensorData::new(nv, [c.hidden]), device);
         let rope = Rope::new(c.head_dim, c.context, c.rope_theta, c.rope_layout, device);
-        Ok(Self {
+        let mut model = Self {
             config,
             embed,
             blocks,
             norm,
             head,
             rope,
-        })
+            host: None,
+        };
+        model.refresh_host();
+        Ok(model)
+    }
+
+    /// Keeps the host decode parameters in step with the projections' host copies.
+    fn refresh_host(&mut self) {
+        let all = self.head.has_host()
+            && self.blocks.iter().all(|b| {
+                [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]
+                    .iter()
+                    .all(|w| w.has_host())
+            });
+        self.host = if all {
+            host_decode::HostParams::new(self)
+        } else {
+            None
+        };
     }
 
     /// Turns the host-side matrix–vector path of decode steps on or off. It is on by default
@@ -253,6 +276,7 @@ impl<B: Backend> Llama<B> {
             }
         }
         self.head.set_host(on);
+        self.refresh_host();
     }
 
     /// Bytes of weights one decode step streams through the host path (0 when it is off).
@@ -302,6 +326,16 @@ impl<B: Backend> Llama<B> {
         caches: &mut [C],
         want: Logits,
     ) -> Result<Tensor<B, 2>, ModelError> {
+        // One token on a host backend: the host decode step (see `host_decode`), once the
+        // checks every step shares have passed.
+        if let [id] = ids
+            && self.host.is_some()
+        {
+            self.check_step(ids, caches)?;
+            if let Some(logits) = self.decode_host(*id, caches)? {
+                return Ok(logits);
+            }
+        }
         Ok(self.run(ids, caches, want, None)?.0)
     }
 
@@ -428,13 +462,9 @@ impl<B: Backend> Llama<B> {
             .apply(rms_norm(x, &self.norm, self.config.rms_eps))
     }
 
-    fn run<C: LayerCache<B>>(
-        &self,
-        ids: &[u32],
-        caches: &mut [C],
-        want: Logits,
-        observe: Option<&PrefillOptions>,
-    ) -> Result<(Tensor<B, 2>, Vec<Observed<B>>), ModelError> {
+    /// What every forward pass checks first: tokens to feed, a cache per layer, room in the
+    /// context, ids inside the vocabulary.
+    fn check_step<C: LayerCache<B>>(&self, ids: &[u32], caches: &[C]) -> Result<(), ModelError> {
         let c = &self.config;
         if ids.is_empty() {
             return Err(ModelError::EmptyPrompt);
@@ -458,6 +488,19 @@ impl<B: Backend> Llama<B> {
                 c.vocab
             )));
         }
+        Ok(())
+    }
+
+    fn run<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [C],
+        want: Logits,
+        observe: Option<&PrefillOptions>,
+    ) -> Result<(Tensor<B, 2>, Vec<Observed<B>>), ModelError> {
+        let c = &self.config;
+        self.check_step(ids, caches)?;
+        let start = caches[0].len();
         let chunk = observe.map_or(ids.len(), |o| o.chunk.max(1));
         let mut observed: Vec<Observed<B>> = (0..c.layers).map(|_| Observed::default()).collect();
         let mut outs = Vec::new();

@@ -70,6 +70,11 @@ impl<B: Backend> Rope<B> {
         }
     }
 
+    /// The cosine and sine tables `[context, head_dim / 2]`.
+    pub(crate) fn tables(&self) -> (&Tensor<B, 2>, &Tensor<B, 2>) {
+        (&self.cos, &self.sin)
+    }
+
     /// Maximum position + 1.
     pub fn context(&self) -> usize {
         self.cos.dims()[0]
