@@ -341,7 +341,9 @@ mod avx2 {
             }
         }
 
-        /// Accumulators for three rows × 32 channels live in registers across every value row.
+        /// Accumulators for three rows × 16 channels live in registers across every value row
+        /// (six accumulators, two value vectors and three weights: wider tiles spill to the
+        /// stack and chain every row through a store and a load).
         #[inline(always)]
         fn weighted_sum(
             self,
@@ -360,11 +362,11 @@ mod avx2 {
             for r0 in (0..rows).step_by(3) {
                 let mut c = cols.start;
                 while c < cols.end {
-                    let span = if cols.end - c >= 32 { 32 } else { 8 };
+                    let span = if cols.end - c >= 16 { 16 } else { 8 };
                     match ((rows - r0).min(3), span) {
-                        (3, 32) => self.tile::<3, 4>(p, stride, vals, w, acc, r0, c),
-                        (2, 32) => self.tile::<2, 4>(p, stride, vals, w, acc, r0, c),
-                        (1, 32) => self.tile::<1, 4>(p, stride, vals, w, acc, r0, c),
+                        (3, 16) => self.tile::<3, 2>(p, stride, vals, w, acc, r0, c),
+                        (2, 16) => self.tile::<2, 2>(p, stride, vals, w, acc, r0, c),
+                        (1, 16) => self.tile::<1, 2>(p, stride, vals, w, acc, r0, c),
                         (3, _) => self.tile::<3, 1>(p, stride, vals, w, acc, r0, c),
                         (2, _) => self.tile::<2, 1>(p, stride, vals, w, acc, r0, c),
                         _ => self.tile::<1, 1>(p, stride, vals, w, acc, r0, c),
