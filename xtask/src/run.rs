@@ -111,8 +111,18 @@ fn plan_caches(
 
 /// Peak resident memory of this process so far (`VmHWM`), where the system reports it.
 pub fn peak_rss() -> Option<u64> {
+    proc_status("VmHWM:")
+}
+
+/// Resident memory of this process now (`VmRSS`), where the system reports it.
+fn rss_now() -> Option<u64> {
+    proc_status("VmRSS:")
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn proc_status(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -123,7 +133,7 @@ pub fn peak_rss() -> Option<u64> {
 /// `compress_at_end`), so peak memory follows the plan's budget rather than the prompt.
 pub fn generate(a: &GenerateArgs<'_>) -> Result<()> {
     let m = load(a.model)?;
-    let after_load = peak_rss();
+    let after_load = peak_rss().zip(rss_now());
     let ids = prompt_ids(&m, a.prompt, false)?;
     let PlanCaches {
         mut caches,
@@ -176,7 +186,7 @@ fn report(
     g: &models::Generation,
     caches: &[Box<dyn LayerCache<B>>],
     predicted: Option<u64>,
-    after_load: Option<u64>,
+    after_load: Option<(u64, u64)>,
 ) {
     let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
     let layout = m.model.config.kv_layout();
@@ -205,11 +215,13 @@ fn report(
         fp16(tokens) / now.max(1) as f64,
         mb(resident),
     );
-    if let (Some(peak), Some(base)) = (peak_rss(), after_load) {
+    if let (Some(peak), Some((load_peak, weights))) = (peak_rss(), after_load) {
         eprintln!(
-            "peak RSS {} (after loading the model: {}; the rest is the KV cache and activations)",
+            "peak RSS {} (loading the model peaked at {}, then held {}: the weights; \
+             above that, the KV cache and activations)",
             mb(peak),
-            mb(base)
+            mb(load_peak),
+            mb(weights)
         );
     }
 }

@@ -71,15 +71,31 @@ impl HeadRows {
         }
     }
 
-    /// Removes the first `n` elements of every head, returned as f32 `[heads][n]`.
+    /// Removes the first `n` elements of every head, returned as f32 `[heads][n]`. A head left
+    /// with less than half of its capacity gives the rest back: a prompt prefilled whole and then
+    /// compressed would otherwise keep the whole prompt's allocation behind a short window.
     fn take_front(&mut self, n: usize) -> Vec<f32> {
-        match self {
-            HeadRows::F32(hs) => hs.iter_mut().flat_map(|h| h.drain(..n)).collect(),
-            HeadRows::F16(hs) => hs
-                .iter_mut()
-                .flat_map(|h| h.drain(..n).map(f16_to_f32))
-                .collect(),
+        fn trim<T>(h: &mut Vec<T>) {
+            if h.capacity() > 2 * h.len() {
+                h.shrink_to(h.len() + h.len() / 2);
+            }
         }
+        let mut out = Vec::new();
+        match self {
+            HeadRows::F32(hs) => {
+                for h in hs {
+                    out.extend(h.drain(..n));
+                    trim(h);
+                }
+            }
+            HeadRows::F16(hs) => {
+                for h in hs {
+                    out.extend(h.drain(..n).map(f16_to_f32));
+                    trim(h);
+                }
+            }
+        }
+        out
     }
 
     fn to_vec(&self) -> Vec<f32> {
@@ -345,6 +361,23 @@ mod tests {
 
     /// A fork shares nothing observable with its origin: appending to one leaves the other's
     /// keys and length as they were.
+    #[test]
+    fn taking_most_rows_gives_their_memory_back() {
+        let (h, d) = (3, 64);
+        let mut w = super::HostWindow::new(1, h, d, super::DensePrecision::F16);
+        let rows = vec![0.5f32; h * 4096 * d];
+        w.append(&rows, &rows, 4096);
+        assert!(w.resident() >= w.bytes());
+        w.take_front(4096 - 128);
+        assert_eq!(w.len(), 128);
+        assert!(
+            w.resident() <= 2 * w.bytes(),
+            "{} bytes allocated for {} held",
+            w.resident(),
+            w.bytes()
+        );
+    }
+
     #[test]
     fn fork_is_independent() {
         let mut a = FullCache::<B>::new();
