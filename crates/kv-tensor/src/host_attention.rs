@@ -115,6 +115,20 @@ impl<'a> QuantRows<'a> {
         }
     }
 
+    /// Rows `first..` as raw code floats, one `w`-wide row of `out` each, asking for the row
+    /// eight ahead while converting one.
+    #[inline(always)]
+    fn codes_run<K: RowKernel>(&self, k: K, pf: Prefetch, first: usize, w: usize, out: &mut [f32]) {
+        for (j, row) in out.chunks_exact_mut(w).enumerate() {
+            let jj = first + j;
+            pf.line(
+                self.bytes,
+                (self.first + (jj + 8) * w) * self.bits.get() as usize / 8,
+            );
+            self.codes(k, jj, w, row);
+        }
+    }
+
     /// Row `j`'s codes as floats, in channel order.
     #[inline(always)]
     fn codes<K: RowKernel>(&self, k: K, j: usize, w: usize, out: &mut [f32]) {
@@ -376,14 +390,7 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
     let mut cache = GroupCache::new();
     match k.rows {
         Rows::Quant(q) if q.along == GroupAxis::Tokens => {
-            for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
-                let jj = t.range.start + j;
-                pf.line(
-                    q.bytes,
-                    (q.first + (jj + 8) * w) * q.bits.get() as usize / 8,
-                );
-                q.codes(kern, jj, w, row);
-            }
+            q.codes_run(kern, pf, t.range.start, w, &mut scratch);
             // Fold each token group's scale into the queries and its minimum into a constant.
             let mut folded = vec![0f32; rows * w];
             let mut j = 0;
@@ -455,14 +462,7 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
         // Per-token scales: the codes are summed as they are, each group's scale folded into
         // the row weights and its minimum into one sum per row and group.
         Rows::Quant(q) if q.along == GroupAxis::Channels => {
-            for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
-                let jj = t.range.start + j;
-                pf.line(
-                    q.bytes,
-                    (q.first + (jj + 8) * w) * q.bits.get() as usize / 8,
-                );
-                q.codes(kern, jj, w, row);
-            }
+            q.codes_run(kern, pf, t.range.start, w, &mut scratch);
             let groups = w / q.group;
             // Every visible row's scales and minimums, `[j][group]`, widened once.
             let span = t.range.start * groups..(t.range.start + seen) * groups;
