@@ -120,9 +120,10 @@ enum Cmd {
         /// Budget: a fraction of the fp16 cache (1/14, 0.25) or bytes (3MiB).
         #[arg(long)]
         budget: String,
-        /// 1d, 2d_uniform, 2d, hetero or hetero+rank.
+        /// hetero, hetero+rank, 2d, 1d, 2d_uniform, a scorer's uniform keep (snapkv, h2o,
+        /// expected_attention, …), adakv(<scorer>) or pyramid(<scorer>).
         #[arg(long, default_value = "hetero")]
-        method: String,
+        method: solver::Method,
         /// greedy or exact.
         #[arg(long, default_value = "exact")]
         solver: String,
@@ -267,7 +268,7 @@ fn main() -> Result<()> {
                 "greedy" => false,
                 other => anyhow::bail!("unknown solver {other:?}: greedy or exact"),
             };
-            plan_cmd::solve(table.as_deref(), &budget, &method, exact, &out, json)?
+            plan_cmd::solve(table.as_deref(), &budget, method, exact, &out, json)?
         }
         Cmd::Bench => plan_cmd::bench()?,
         Cmd::ValidateProxy {

@@ -19,7 +19,7 @@ pub fn calibrate(context: usize, passages: usize, out: Option<PathBuf>) -> Resul
 pub fn solve(
     table: Option<&Path>,
     budget: &str,
-    method: &str,
+    method: Method,
     exact: bool,
     out: &Path,
     json: bool,
@@ -31,7 +31,6 @@ pub fn solve(
         .with_context(|| format!("{} is not a calibration table", p.display()))?,
         None => crate::eval::Calibrated::default_model()?.table(2048, 1, None)?,
     };
-    let method: Method = method.parse().map_err(anyhow::Error::msg)?;
     let layers = table.loss.len();
     // SmolLM2-135M geometry (3 KV heads × 64); the table's token count is the planning length.
     let layout = kv_tensor::KvLayout::new(layers, 3, 9, 64)?;
@@ -39,8 +38,17 @@ pub fn solve(
     let fp16 = layout.fp16_bytes(1, table.tokens);
     let budget_bytes = budget.parse::<Budget>()?.bytes(fp16).get();
     let loss = |l: usize, e: usize| table.loss[l][e];
-    let (plan, sol) = method.plan(&table.menu, &loss, &geo, budget_bytes, exact)?;
+    let solver::Planned {
+        plan,
+        bytes,
+        predicted_loss,
+    } = method.plan(&table.menu, &loss, &geo, budget_bytes, exact)?;
     std::fs::write(out, plan.to_toml()?).with_context(|| format!("writing {}", out.display()))?;
+    let loss_at = |l: usize, e: &router::Expert| {
+        let i = table.menu.iter().position(|m| m == e)?;
+        Some(table.loss[l][i])
+    };
+    let show = |x: Option<f64>| x.map_or_else(|| "-".into(), |x| format!("{x:.4}"));
     if json {
         let layers: Vec<_> = plan
             .layers
@@ -49,26 +57,26 @@ pub fn solve(
             .collect();
         println!(
             "{}",
-            serde_json::json!({"budget_bytes": budget_bytes, "plan_bytes": sol.bytes.get(), "full_bytes": fp16.get(), "predicted_loss": sol.loss, "layers": layers})
+            serde_json::json!({"method": method.name(), "budget_bytes": budget_bytes, "plan_bytes": bytes.get(), "full_bytes": fp16.get(), "predicted_loss": predicted_loss, "layers": layers})
         );
     } else {
         println!("layer | expert                              | bytes      | predicted loss");
         for (l, e) in plan.layers.iter().enumerate() {
-            let i = table.menu.iter().position(|m| m == e).unwrap_or(0);
             println!(
-                "{l:5} | {:35} | {:>10} | {:.4}",
+                "{l:5} | {:35} | {:>10} | {}",
                 e.to_string(),
                 kv_tensor::Bytes(e.footprint(&geo.shape, geo.tokens).total().get()).to_string(),
-                table.loss[l][i]
+                show(loss_at(l, e))
             );
         }
         println!(
-            "plan {} of budget {} (fp16 cache {}: {:.1}x), predicted loss {:.4}; written to {}",
-            sol.bytes,
+            "{} plan {} of budget {} (fp16 cache {}: {:.1}x), predicted loss {}; written to {}",
+            method.name(),
+            bytes,
             kv_tensor::Bytes(budget_bytes),
             fp16,
-            fp16.get() as f64 / sol.bytes.get().max(1) as f64,
-            sol.loss,
+            fp16.get() as f64 / bytes.get().max(1) as f64,
+            show(predicted_loss),
             out.display()
         );
     }
@@ -89,7 +97,7 @@ pub fn bench() -> Result<()> {
     std::fs::create_dir_all(&plans)?;
     for (budget, name) in [("1/4", "1_4"), ("1/8", "1_8"), ("1/14", "1_14")] {
         let out = plans.join(format!("hetero-{name}.toml"));
-        solve(None, budget, "hetero", false, &out, true)?;
+        solve(None, budget, Method::Hetero, false, &out, true)?;
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for (pkg, bench) in [

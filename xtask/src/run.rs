@@ -77,11 +77,8 @@ fn plan_caches(
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     let plan = router::RoutingPlan::from_toml(&text, layers, m.model.config.head_dim)
         .with_context(|| format!("loading {}", p.display()))?;
-    let uses_trig = plan.layers.iter().any(|e| {
-        e.evict
-            .is_some_and(|s| s.scorer == axis_evict::ScorerKind::Trig)
-    });
-    let axes = if plan.needs_bases() || uses_trig {
+    let needs = plan.needs();
+    let axes = if needs.bases || needs.trig_stats {
         let model_path = match model {
             Some(p) => p.to_path_buf(),
             None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
@@ -148,11 +145,7 @@ pub fn generate(a: &GenerateArgs<'_>) -> Result<()> {
     } else {
         Sampling::Greedy
     };
-    let needs_mass = plan.as_ref().is_some_and(|p| {
-        p.layers
-            .iter()
-            .any(|e| e.evict.is_some_and(|s| s.scorer.needs_attention_mass()))
-    });
+    let needs_mass = plan.as_ref().is_some_and(|p| p.needs().attention_mass);
     let opts = models::GenerateOptions {
         max_new: a.max_new,
         sampling,

@@ -77,6 +77,39 @@ impl ScorerKind {
     pub fn needs_attention_mass(self) -> bool {
         self == ScorerKind::H2o
     }
+
+    /// The name plans and method names use (`expected_attention`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ScorerKind::Streaming => "streaming",
+            ScorerKind::Knorm => "knorm",
+            ScorerKind::Snapkv => "snapkv",
+            ScorerKind::H2o => "h2o",
+            ScorerKind::Tova => "tova",
+            ScorerKind::ExpectedAttention => "expected_attention",
+            ScorerKind::Random => "random",
+            ScorerKind::Trig => "trig",
+        }
+    }
+}
+
+impl std::fmt::Display for ScorerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ScorerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown scorer {s:?}; one of {}", names.join(", "))
+            })
+    }
 }
 
 /// The eviction axis: score, protect sinks and the recent window, select per the setting.
@@ -218,5 +251,21 @@ impl<B: Backend> CompressionAxis<B> for Evict {
             indices: Bytes(indices as u64),
             ..Footprint::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ScorerKind;
+
+    /// Method names (`adakv(snapkv)`) and plans (`scorer = "snapkv"`) spell scorers alike.
+    #[test]
+    fn names_are_the_plan_spelling_and_parse_back() {
+        for k in ScorerKind::ALL {
+            let serde = serde_json::to_string(&k).unwrap_or_default();
+            assert_eq!(serde, format!("\"{}\"", k.name()));
+            assert_eq!(k.name().parse::<ScorerKind>(), Ok(k));
+        }
+        assert!("snap_kv".parse::<ScorerKind>().is_err());
     }
 }

@@ -134,14 +134,11 @@ impl BudgetedRouter {
         layers: usize,
         budget: Bytes,
     ) -> Option<Self> {
-        (0..=100).rev().find_map(|p| {
-            let r = Self {
-                high,
-                low,
-                share: Ratio::new(p as f64 / 100.0).ok()?,
-            };
-            (r.footprint(shape, chunk).total().get() * layers as u64 <= budget.get()).then_some(r)
-        })
+        Ratio::largest_fitting(
+            budget,
+            |share| Some(Self { high, low, share }),
+            |r| Bytes(r.footprint(shape, chunk).total().get() * layers as u64),
+        )
     }
 }
 

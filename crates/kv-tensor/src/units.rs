@@ -86,6 +86,26 @@ impl Ratio {
         // The epsilon keeps 0.25 × 100 at 25 despite binary rounding.
         ((self.0 * n as f64) - 1e-9).ceil().max(0.0) as usize
     }
+
+    /// 100 %, 99 %, …, 1 %: the candidates of a budget search, largest first.
+    pub fn percents_down() -> impl Iterator<Item = Ratio> {
+        (1..=100u32).rev().map(|p| Ratio(f64::from(p) / 100.0))
+    }
+
+    /// The budget search every budgeted baseline shares (uniform keep, pyramid, MoQAE's
+    /// high-precision share): the candidate at the largest ratio in 1 % steps whose bytes fit
+    /// `budget`. `build(r)` makes the candidate at `r` (`None`: no candidate there) and `bytes`
+    /// counts it. Callers' bytes grow with the ratio, so the first fit from the top is the
+    /// largest; `None` when not even 1 % fits.
+    pub fn largest_fitting<T>(
+        budget: Bytes,
+        mut build: impl FnMut(Ratio) -> Option<T>,
+        bytes: impl Fn(&T) -> Bytes,
+    ) -> Option<T> {
+        Self::percents_down()
+            .filter_map(&mut build)
+            .find(|c| bytes(c) <= budget)
+    }
 }
 
 impl TryFrom<f64> for Ratio {
@@ -207,6 +227,34 @@ mod tests {
         assert_eq!(r.of(100), 25);
         assert_eq!(r.of(101), 26);
         assert_eq!(Ratio::ONE.of(7), 7);
+    }
+
+    #[test]
+    fn percent_steps_are_valid_ratios_largest_first() {
+        let all: Vec<f64> = Ratio::percents_down().map(Ratio::get).collect();
+        assert_eq!(all.len(), 100);
+        assert_eq!(all[0], 1.0);
+        assert_eq!(all[99], 0.01);
+        assert!(all.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    proptest::proptest! {
+        /// With bytes growing in the ratio, the search returns the largest step that fits: it
+        /// fits, and the next step up does not (or there is none).
+        #[test]
+        fn largest_fitting_is_the_largest_step_that_fits(per in 1u64..10_000, budget in 0u64..2_000_000) {
+            let bytes = |r: &Ratio| Bytes((r.get() * 100.0).round() as u64 * per);
+            let found = Ratio::largest_fitting(Bytes(budget), Some, bytes);
+            match found {
+                Some(r) => {
+                    proptest::prop_assert!(bytes(&r).get() <= budget);
+                    if let Ok(up) = Ratio::new(r.get() + 0.01) {
+                        proptest::prop_assert!(bytes(&up).get() > budget);
+                    }
+                }
+                None => proptest::prop_assert!(per > budget),
+            }
+        }
     }
 
     #[test]

@@ -14,4 +14,4 @@ mod plan;
 
 pub use cache::{Axes, RoutedCache};
 pub use expert::{Expert, RESIDUAL};
-pub use plan::{RouterError, RoutingPlan};
+pub use plan::{Needs, RouterError, RoutingPlan};

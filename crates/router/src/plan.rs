@@ -31,6 +31,34 @@ pub enum RouterError {
     Serialise(String),
 }
 
+/// What a set of experts needs beyond the keys and values: what the prefill must observe and
+/// what must be calibrated. One scan, so a caller cannot forget a need (a plan with H2O
+/// layers needs the prefill's attention mass).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// The attention every key received during the prefill (H2O).
+    pub attention_mass: bool,
+    /// Calibrated low-rank bases (a layer projects).
+    pub bases: bool,
+    /// Calibrated TriAttention statistics (a layer evicts with `trig`).
+    pub trig_stats: bool,
+}
+
+impl Needs {
+    /// The union of what `experts` need.
+    pub fn of<'a>(experts: impl IntoIterator<Item = &'a Expert>) -> Self {
+        experts.into_iter().fold(Needs::default(), |n, e| {
+            let scorer = e.evict.map(|s| s.scorer);
+            Needs {
+                attention_mass: n.attention_mass
+                    || scorer.is_some_and(|s| s.needs_attention_mass()),
+                bases: n.bases || e.lowrank.is_some(),
+                trig_stats: n.trig_stats || scorer == Some(axis_evict::ScorerKind::Trig),
+            }
+        })
+    }
+}
+
 /// One expert per layer, in layer order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,9 +100,9 @@ impl RoutingPlan {
         Ok(())
     }
 
-    /// Whether any layer projects (the plan then needs calibrated low-rank bases).
-    pub fn needs_bases(&self) -> bool {
-        self.layers.iter().any(|e| e.lowrank.is_some())
+    /// What a prefill and the calibrated axes must provide for this plan's experts.
+    pub fn needs(&self) -> Needs {
+        Needs::of(&self.layers)
     }
 
     /// The plan as TOML.

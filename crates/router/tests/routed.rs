@@ -246,3 +246,26 @@ fn fork_is_an_independent_copy() {
     assert_eq!(f.len(), 400);
     assert!(f.footprint().total().get() > c.footprint().total().get());
 }
+
+proptest! {
+    /// A plan needs the prefill's attention mass exactly when a layer evicts with H2O, bases
+    /// exactly when a layer projects, and trig statistics exactly when a layer uses TriAttention.
+    #[test]
+    fn needs_follow_the_layers(
+        drawn in proptest::collection::vec((expert(), prop::sample::select(ScorerKind::ALL.to_vec())), 1..12),
+    ) {
+        let layers: Vec<Expert> = drawn
+            .into_iter()
+            .map(|(mut e, s)| {
+                e.evict = e.evict.map(|ev| EvictSetting { scorer: s, ..ev });
+                e
+            })
+            .collect();
+        let plan = RoutingPlan { layers: layers.clone() };
+        let n = plan.needs();
+        let scorer = |k| layers.iter().any(|e| e.evict.is_some_and(|s| s.scorer == k));
+        prop_assert_eq!(n.attention_mass, scorer(ScorerKind::H2o));
+        prop_assert_eq!(n.trig_stats, scorer(ScorerKind::Trig));
+        prop_assert_eq!(n.bases, layers.iter().any(|e| e.lowrank.is_some()));
+    }
+}

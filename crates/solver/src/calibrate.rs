@@ -48,9 +48,7 @@ pub fn calibrate<B: Backend>(
 ) -> Result<Vec<Vec<f64>>, ModelError> {
     let layers = model.config.layers;
     let (c, f) = (opts.context, opts.future);
-    let needs_mass = menu
-        .iter()
-        .any(|e| e.evict.is_some_and(|s| s.scorer.needs_attention_mass()));
+    let needs_mass = router::Needs::of(menu).attention_mass;
     let mut loss = vec![vec![0f64; menu.len()]; layers];
     let total = passages.len() * layers;
     for (pi, ids) in passages.iter().enumerate() {

@@ -7,9 +7,12 @@
 //! - [`Budget`]: bytes, or a fraction of the fp16 cache (`1/14`).
 //! - [`greedy`] (the paper's rule) and [`exact`] (multiple-choice knapsack by dynamic
 //!   programming) over a [`Problem`]: per layer, each expert's bytes and predicted loss.
-//! - [`Method`]: the named baselines (`1d`, `2d_uniform`, `2d`, `hetero`) as menu restrictions.
+//! - [`Method`]: every named method: `2d`, `hetero` and `hetero+rank` as menu restrictions
+//!   solved against the predictor, and the budgeted baselines (`1d`, `2d_uniform`, one scorer's
+//!   uniform keep, AdaKV, PyramidKV) matched to the budget by one shared search ([`baselines`]).
 #![warn(missing_docs)]
 
+pub mod baselines;
 mod budget;
 pub mod calibrate;
 pub mod exact;
@@ -24,6 +27,6 @@ pub use budget::Budget;
 pub use calibrate::{CalibrationOptions, calibrate, fit_axes};
 pub use measured::{MeasuredKl, spearman};
 pub use menu::{KEY_RANK, default_menu, rank_menu};
-pub use method::{Geometry, Method};
+pub use method::{Geometry, Method, Planned};
 pub use problem::{Problem, Solution, SolverError};
 pub use table::{LossPredictor, SensitivityTable};

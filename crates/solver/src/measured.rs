@@ -41,9 +41,7 @@ impl MeasuredKl {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
         let layers = model.config.layers;
-        let needs_mass = pairs
-            .iter()
-            .any(|(_, e)| e.evict.is_some_and(|s| s.scorer.needs_attention_mass()));
+        let needs_mass = router::Needs::of(pairs.iter().map(|(_, e)| e)).attention_mass;
         let mut rec: Vec<RecordingCache<B>> = (0..layers).map(|_| RecordingCache::new()).collect();
         model.prefill(
             context,

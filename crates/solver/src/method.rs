@@ -1,6 +1,8 @@
 //! The named routing methods, as restrictions of one menu solved against one predictor.
-use crate::{Problem, Solution, SolverError, exact, greedy};
-use kv_tensor::LayerShape;
+use crate::{Problem, Solution, SolverError, baselines, exact, greedy};
+use axis_evict::{ScorerKind, Selection};
+use axis_quant::QuantSetting;
+use kv_tensor::{Bits, Bytes, LayerShape};
 use router::{Expert, RoutingPlan};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -16,48 +18,63 @@ pub struct Geometry {
     pub tokens: usize,
 }
 
-/// How a plan is chosen.
+/// How a plan is chosen. Every named method in `solve`, `generate --plan` and `eval` is one of
+/// these, so a name means the same plan everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Method {
-    /// One keep ratio for every layer, 16-bit.
-    #[serde(rename = "1d")]
+    /// One keep for every layer, 16-bit, with the menu's scorer; keep matched to the budget at
+    /// 1 % resolution.
     OneD,
-    /// One keep ratio for every layer, K8/V4 everywhere.
-    #[serde(rename = "2d_uniform")]
+    /// One keep for every layer, K8/V4 everywhere, with the menu's scorer; keep matched to the
+    /// budget at 1 % resolution.
     TwoDUniform,
-    /// One keep ratio for every layer, per-layer K/V bits from the solver.
-    #[serde(rename = "2d")]
+    /// One keep for every layer (from the menu), per-layer K/V bits from the solver.
     TwoD,
     /// Per-layer keep, K bits and V bits jointly from the solver (MoE-nD).
-    #[serde(rename = "hetero")]
     Hetero,
     /// `hetero` plus the low-rank axis (experts that project keys).
-    #[serde(rename = "hetero+rank")]
     HeteroRank,
+    /// One scorer's uniform keep, 16-bit, matched to the budget (a kvpress press).
+    Single(ScorerKind),
+    /// AdaKV over a scorer: a uniform layer budget shared across heads by score.
+    AdaKv(ScorerKind),
+    /// PyramidKV over a scorer: keeps fall linearly with depth, their mean matched.
+    Pyramid(ScorerKind),
+}
+
+/// A method's plan under a budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// One expert per layer.
+    pub plan: RoutingPlan,
+    /// Its bytes for the planning geometry.
+    pub bytes: Bytes,
+    /// The predicted loss, for methods solved over the menu (a baseline's experts need not be
+    /// in it).
+    pub predicted_loss: Option<f64>,
 }
 
 impl Method {
-    /// Every method.
-    pub const ALL: [Method; 5] = [
-        Method::OneD,
-        Method::TwoDUniform,
-        Method::TwoD,
-        Method::Hetero,
-        Method::HeteroRank,
-    ];
+    /// The methods solved over the calibrated menu.
+    pub const SOLVED: [Method; 3] = [Method::TwoD, Method::Hetero, Method::HeteroRank];
 
-    /// The CLI / report name.
-    pub fn name(self) -> &'static str {
+    /// The CLI / report name: `hetero`, `snapkv`, `adakv(snapkv)`, `pyramid(snapkv)`.
+    pub fn name(self) -> String {
         match self {
-            Method::OneD => "1d",
-            Method::TwoDUniform => "2d_uniform",
-            Method::TwoD => "2d",
-            Method::Hetero => "hetero",
-            Method::HeteroRank => "hetero+rank",
+            Method::OneD => "1d".into(),
+            Method::TwoDUniform => "2d_uniform".into(),
+            Method::TwoD => "2d".into(),
+            Method::Hetero => "hetero".into(),
+            Method::HeteroRank => "hetero+rank".into(),
+            Method::Single(s) => s.name().into(),
+            Method::AdaKv(s) => format!("adakv({s})"),
+            Method::Pyramid(s) => format!("pyramid({s})"),
         }
     }
 
-    /// The least-loss plan of this method under `budget` bytes. `loss(l, e)` indexes `menu`.
+    /// The least-loss plan of this method under `budget` bytes. `loss(l, e)` indexes `menu`;
+    /// `1d` and `2d_uniform` evict with the menu's scorer.
     pub fn plan(
         self,
         menu: &[Expert],
@@ -65,7 +82,54 @@ impl Method {
         geometry: &Geometry,
         budget: u64,
         use_exact: bool,
-    ) -> Result<(RoutingPlan, Solution), SolverError> {
+    ) -> Result<Planned, SolverError> {
+        let menu_scorer = menu
+            .iter()
+            .find_map(|e| e.evict.map(|s| s.scorer))
+            .unwrap_or(ScorerKind::ExpectedAttention);
+        let k8v4 = Bits::try_from(8)
+            .and_then(|k| Bits::try_from(4).map(|v| QuantSetting::new(k, v)))
+            .ok();
+        let b = Bytes(budget);
+        let baseline = match self {
+            Method::TwoD | Method::Hetero | Method::HeteroRank => {
+                return self.solve(menu, loss, geometry, budget, use_exact);
+            }
+            Method::OneD => {
+                baselines::matched_keep(menu_scorer, Selection::TopK, None, geometry, b)
+            }
+            Method::TwoDUniform => {
+                baselines::matched_keep(menu_scorer, Selection::TopK, k8v4, geometry, b)
+            }
+            Method::Single(s) => baselines::matched_keep(s, Selection::TopK, None, geometry, b),
+            Method::AdaKv(s) => baselines::matched_keep(s, baselines::adakv(), None, geometry, b),
+            Method::Pyramid(s) => baselines::pyramid(s, geometry, b),
+        };
+        let plan = baseline.ok_or(SolverError::NoKeepFits { budget })?;
+        // A baseline's loss is predicted only when every expert it uses is in the menu.
+        let predicted_loss = plan
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, e)| menu.iter().position(|m| m == e).map(|i| loss(l, i)))
+            .sum::<Option<f64>>();
+        Ok(Planned {
+            bytes: baselines::plan_bytes(&plan, geometry),
+            plan,
+            predicted_loss,
+        })
+    }
+
+    /// The menu-solved methods: each candidate group of allowed experts is a knapsack over
+    /// layers; the best group wins.
+    fn solve(
+        self,
+        menu: &[Expert],
+        loss: &dyn Fn(usize, usize) -> f64,
+        geometry: &Geometry,
+        budget: u64,
+        use_exact: bool,
+    ) -> Result<Planned, SolverError> {
         let Geometry {
             layers,
             shape,
@@ -76,17 +140,11 @@ impl Method {
             .map(|e| e.footprint(&shape, tokens).total().get())
             .collect();
         let keep = |e: &Expert| e.evict.map_or(1.0, |s| s.keep.get());
-        let bits = |e: &Expert| {
-            e.quant
-                .map_or((16, 16), |q| (q.k_bits.get(), q.v_bits.get()))
-        };
         // Only hetero+rank may use experts that project.
         let plain: Vec<usize> = (0..menu.len())
             .filter(|&i| self == Method::HeteroRank || menu[i].lowrank.is_none())
             .collect();
-        // Candidate groups: each group is a set of allowed experts; the best group wins.
         let groups: Vec<Vec<usize>> = match self {
-            Method::Hetero | Method::HeteroRank => vec![plain],
             Method::TwoD => distinct(plain.iter().map(|&i| keep(&menu[i])))
                 .into_iter()
                 .map(|k| {
@@ -97,16 +155,7 @@ impl Method {
                         .collect()
                 })
                 .collect(),
-            Method::OneD => plain
-                .into_iter()
-                .filter(|&i| bits(&menu[i]) == (16, 16))
-                .map(|i| vec![i])
-                .collect(),
-            Method::TwoDUniform => plain
-                .into_iter()
-                .filter(|&i| bits(&menu[i]) == (8, 4))
-                .map(|i| vec![i])
-                .collect(),
+            _ => vec![plain],
         };
         let mut best: Option<(Vec<usize>, Solution)> = None;
         let mut min_bytes = u64::MAX;
@@ -129,10 +178,13 @@ impl Method {
             }
         }
         let (g, s) = best.ok_or(SolverError::Infeasible { budget, min_bytes })?;
-        let plan = RoutingPlan {
-            layers: s.choice.iter().map(|&c| menu[g[c]]).collect(),
-        };
-        Ok((plan, s))
+        Ok(Planned {
+            plan: RoutingPlan {
+                layers: s.choice.iter().map(|&c| menu[g[c]]).collect(),
+            },
+            bytes: s.bytes,
+            predicted_loss: Some(s.loss),
+        })
     }
 }
 
@@ -148,12 +200,80 @@ fn distinct(it: impl Iterator<Item = f64>) -> Vec<f64> {
 
 impl FromStr for Method {
     type Err = String;
+    /// `1d`, `2d_uniform`, `2d`, `hetero`, `hetero+rank`, a scorer (`snapkv`), `adakv(<scorer>)`
+    /// or `pyramid(<scorer>)`.
     fn from_str(s: &str) -> Result<Self, String> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                format!("unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank")
-            })
+        let named = [
+            Method::OneD,
+            Method::TwoDUniform,
+            Method::TwoD,
+            Method::Hetero,
+            Method::HeteroRank,
+        ];
+        if let Some(m) = named.into_iter().find(|m| m.name() == s) {
+            return Ok(m);
+        }
+        let wrapped = |prefix: &str| {
+            s.strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix('('))
+                .and_then(|r| r.strip_suffix(')'))
+        };
+        let scorer = |name: &str| name.parse::<ScorerKind>();
+        if let Some(inner) = wrapped("adakv") {
+            return scorer(inner).map(Method::AdaKv);
+        }
+        if let Some(inner) = wrapped("pyramid") {
+            return scorer(inner).map(Method::Pyramid);
+        }
+        scorer(s).map(Method::Single).map_err(|_| {
+            format!(
+                "unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank, a scorer \
+                 (snapkv, h2o, …), adakv(<scorer>), pyramid(<scorer>)"
+            )
+        })
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Method> for String {
+    fn from(m: Method) -> String {
+        m.name()
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_back_to_its_method() {
+        let mut all = vec![
+            Method::OneD,
+            Method::TwoDUniform,
+            Method::TwoD,
+            Method::Hetero,
+            Method::HeteroRank,
+        ];
+        for s in ScorerKind::ALL {
+            all.extend([Method::Single(s), Method::AdaKv(s), Method::Pyramid(s)]);
+        }
+        for m in all {
+            assert_eq!(m.name().parse::<Method>(), Ok(m), "{m}");
+        }
+        for bad in ["", "adakv", "adakv()", "pyramid(x)", "hetero+", "snapkv)"] {
+            assert!(bad.parse::<Method>().is_err(), "{bad:?} parsed");
+        }
     }
 }

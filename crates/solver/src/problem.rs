@@ -13,6 +13,14 @@ pub enum SolverError {
         /// The cheapest plan's bytes.
         min_bytes: u64,
     },
+    /// A budgeted baseline cannot keep even 1 % of the tokens within the budget.
+    #[error(
+        "budget of {budget} bytes is infeasible: not even a 1 % keep fits (sinks and the recent window are always kept)"
+    )]
+    NoKeepFits {
+        /// The budget asked for.
+        budget: u64,
+    },
     /// A budget string that does not parse.
     #[error("invalid budget {0:?}: use bytes (12345, 3MiB) or a fraction of fp16 (1/14, 0.25)")]
     BadBudget(String),

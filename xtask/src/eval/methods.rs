@@ -1,10 +1,10 @@
 //! The methods compared by `eval`, each turned into per-layer caches.
 use crate::backend::B;
 use anyhow::Result;
-use axis_evict::{EvictSetting, ScorerKind, Selection};
+use axis_evict::ScorerKind;
 use axis_quant::QuantSetting;
 use axis_quant::moqae::{BudgetedRouter, ChunkRouter, MoqaeCache};
-use kv_tensor::{Bits, FullCache, LayerCache, LayerShape, Ratio};
+use kv_tensor::{Bits, FullCache, LayerCache, LayerShape};
 use router::{Axes, Expert, RoutingPlan};
 use solver::{Geometry, Method, SensitivityTable};
 use std::sync::Arc;
@@ -81,63 +81,48 @@ fn bits(b: u8) -> Bits {
     Bits::try_from(b).unwrap_or(Bits::Full)
 }
 
-/// Largest uniform keep (1% steps) whose bytes fit the budget, with `quant` on every layer.
-fn matched_keep(
-    scorer: ScorerKind,
-    selection: Selection,
-    quant: Option<QuantSetting>,
-    geo: &Geometry,
-    budget: u64,
-) -> Option<Expert> {
-    (1..=100).rev().find_map(|p| {
-        let e = Expert {
-            evict: Some(
-                EvictSetting::new(scorer, Ratio::new(p as f64 / 100.0).ok()?)
-                    .with_selection(selection),
-            ),
-            lowrank: None,
-            quant,
-        };
-        (e.footprint(&geo.shape, geo.tokens).total().get() * geo.layers as u64 <= budget)
-            .then_some(e)
-    })
+/// The budgeted methods the eval compares, in report order (MoQAE, not a routing plan, is
+/// added after the menu-solved ones unless `quick`).
+pub fn default_methods(quick: bool) -> Vec<Method> {
+    use ScorerKind::*;
+    if quick {
+        return vec![
+            Method::OneD,
+            Method::Hetero,
+            Method::HeteroRank,
+            Method::Single(Streaming),
+            Method::Single(Snapkv),
+        ];
+    }
+    let mut m = vec![
+        Method::OneD,
+        Method::TwoDUniform,
+        Method::TwoD,
+        Method::Hetero,
+        Method::HeteroRank,
+        Method::Pyramid(Snapkv),
+    ];
+    // The redundancy-aware selection is left out: its greedy pass costs ~0.3 s per layer at 4k
+    // tokens (a quarter of the default run) and it lost to plain top-k on every real-model
+    // measurement (`tests/tests/real_model/evict.rs`).
+    m.extend(
+        [Streaming, Snapkv, Knorm, Tova, H2o, ExpectedAttention, Trig]
+            .into_iter()
+            .map(Method::Single),
+    );
+    m.push(Method::AdaKv(Snapkv));
+    m
 }
 
-/// PyramidKV-shaped budgets: keep falls linearly with depth from `(1 + s)·k` at the first
-/// layer to `(1 − s)·k` at the last (s = 0.5, clamped to (0, 1]), `k` the largest mean keep
-/// (1% steps) whose total bytes fit the budget.
-fn pyramid(scorer: ScorerKind, geo: &Geometry, budget: u64) -> Option<RoutingPlan> {
-    const SLOPE: f64 = 0.5;
-    let n = geo.layers.max(2);
-    (1..=100).rev().find_map(|p| {
-        let k = p as f64 / 100.0;
-        let layers: Option<Vec<Expert>> = (0..geo.layers)
-            .map(|l| {
-                let f = 1.0 + SLOPE - 2.0 * SLOPE * l as f64 / (n - 1) as f64;
-                let keep = Ratio::new((k * f).clamp(0.01, 1.0)).ok()?;
-                Some(Expert {
-                    evict: Some(EvictSetting::new(scorer, keep)),
-                    ..Expert::FULL
-                })
-            })
-            .collect();
-        let plan = RoutingPlan { layers: layers? };
-        let bytes: u64 = plan
-            .layers
-            .iter()
-            .map(|e| e.footprint(&geo.shape, geo.tokens).total().get())
-            .sum();
-        (bytes <= budget).then_some(plan)
-    })
-}
-
-/// Every method at every budget.
+/// Every method at every budget: the budget-free references (full, KIVI-4, KIVI-2), then per
+/// budget each of `methods` planned by the solver crate (so a name is the plan `solve` writes)
+/// and, unless `quick`, MoQAE.
 pub fn entries(
     table: &SensitivityTable,
     geo: &Geometry,
     budgets: &[(String, u64)],
     quick: bool,
-    scorers: &[ScorerKind],
+    methods: &[Method],
     skips: &mut Skips,
 ) -> Result<Vec<Entry>> {
     let mut out = vec![Entry {
@@ -149,106 +134,46 @@ pub fn entries(
         ("kivi-4", QuantSetting::new(bits(4), bits(4))),
         ("kivi-2", QuantSetting::new(bits(2), bits(2))),
     ] {
+        let kivi = Expert {
+            quant: Some(q),
+            ..Expert::FULL
+        };
         out.push(Entry::plan(
             name,
             "-",
-            RoutingPlan::uniform(
-                Expert {
-                    quant: Some(q),
-                    ..Expert::FULL
-                },
-                geo.layers,
-            ),
+            RoutingPlan::uniform(kivi, geo.layers),
         ));
     }
-    // 1d and 2d_uniform are uniform by definition: their keep is matched to the budget at 1%
-    // resolution (the menu's six keeps are too coarse for a uniform plan), with the same scorer
-    // as the calibrated menu. 2d and hetero are solved over the calibrated menu.
-    let menu_scorer = table
-        .menu
-        .iter()
-        .find_map(|e| e.evict.map(|s| s.scorer))
-        .unwrap_or(ScorerKind::ExpectedAttention);
-    let methods: &[Method] = if quick {
-        &[Method::Hetero, Method::HeteroRank]
-    } else {
-        &[Method::TwoD, Method::Hetero, Method::HeteroRank]
-    };
+    let loss = |l: usize, e: usize| table.loss[l][e];
     for (label, bytes) in budgets {
-        let loss = |l: usize, e: usize| table.loss[l][e];
-        let uniform: &[(&str, Option<QuantSetting>)] = if quick {
-            &[("1d", None)]
-        } else {
-            &[
-                ("1d", None),
-                ("2d_uniform", Some(QuantSetting::new(bits(8), bits(4)))),
-            ]
-        };
-        for (name, q) in uniform {
-            match matched_keep(menu_scorer, Selection::TopK, *q, geo, *bytes) {
-                Some(e) => out.push(Entry::plan(
-                    name,
-                    label,
-                    RoutingPlan::uniform(e, geo.layers),
-                )),
-                None => skips.add(name, label, "no uniform keep fits"),
-            }
-        }
         for m in methods {
             match m.plan(&table.menu, &loss, geo, *bytes, true) {
-                Ok((plan, _)) => out.push(Entry::plan(m.name(), label, plan)),
-                Err(e) => skips.add(m.name(), label, e),
+                Ok(p) => out.push(Entry::plan(&m.name(), label, p.plan)),
+                Err(e) => skips.add(&m.name(), label, e),
             }
         }
-        let mut single: Vec<(String, ScorerKind, Selection)> = scorers
-            .iter()
-            .map(|&s| (format!("{s:?}").to_lowercase(), s, Selection::TopK))
-            .collect();
         if !quick {
-            single.push((
-                "adakv(snapkv)".into(),
-                ScorerKind::Snapkv,
-                Selection::HeadWise {
-                    min_share: Ratio::new(0.2).expect("ratio"),
-                },
-            ));
-            // The redundancy-aware selection is left out: its greedy pass costs ~0.3 s per layer
-            // at 4k tokens (a quarter of the default run) and it lost to plain top-k on every
-            // real-model measurement (`tests/tests/real_model/evict.rs`).
             // MoQAE: 4-bit for the chunks with the most attention, 2-bit for the rest (its
             // expert set {16, 4, 2} with the first chunk at 16), shared to fit the budget.
             let shape = LayerShape {
                 tokens: geo.tokens,
                 ..geo.shape
             };
-            match BudgetedRouter::fit(
+            let fit = BudgetedRouter::fit(
                 bits(4),
                 bits(2),
                 &shape,
                 MOQAE_CHUNK,
                 geo.layers,
                 kv_tensor::Bytes(*bytes),
-            ) {
+            );
+            match fit {
                 Some(r) => out.push(Entry {
                     name: "moqae".into(),
                     budget: label.clone(),
                     build: Build::Moqae(r),
                 }),
                 None => skips.add("moqae", label, "quantization alone cannot reach the budget"),
-            }
-            match pyramid(ScorerKind::Snapkv, geo, *bytes) {
-                Some(plan) => out.push(Entry::plan("pyramid(snapkv)", label, plan)),
-                None => skips.add("pyramid(snapkv)", label, "no keep fits"),
-            }
-        }
-        for (name, s, selection) in single {
-            match matched_keep(s, selection, None, geo, *bytes) {
-                Some(e) => out.push(Entry::plan(
-                    &name,
-                    label,
-                    RoutingPlan::uniform(e, geo.layers),
-                )),
-                None => skips.add(&name, label, "no uniform keep fits"),
             }
         }
     }

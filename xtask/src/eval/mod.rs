@@ -375,19 +375,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         );
     }
     let table = calibration(&m, &sha, &text, &axes, opts.calibration_context, 1, None)?;
-    let scorers: Vec<ScorerKind> = if opts.quick {
-        vec![ScorerKind::Streaming, ScorerKind::Snapkv]
-    } else {
-        vec![
-            ScorerKind::Streaming,
-            ScorerKind::Snapkv,
-            ScorerKind::Knorm,
-            ScorerKind::Tova,
-            ScorerKind::H2o,
-            ScorerKind::ExpectedAttention,
-            ScorerKind::Trig,
-        ]
-    };
+    let methods = methods::default_methods(opts.quick);
 
     // Inputs: every task at every length, and the prose samples.
     let (squad, hotpot) = qa_sets(&opts.tasks)?;
@@ -454,7 +442,7 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
                 .map(|b| Ok((b.clone(), b.parse::<Budget>()?.bytes(fp16).get())))
                 .collect::<Result<_, solver::SolverError>>()?;
             per.push(methods::entries(
-                &table, &geo, &budgets, opts.quick, &scorers, &mut skips,
+                &table, &geo, &budgets, opts.quick, &methods, &mut skips,
             )?);
         }
         plans.push(per);
@@ -464,7 +452,13 @@ pub fn run(opts: &EvalOptions) -> Result<()> {
         eprintln!("{line}");
     }
     let t0 = std::time::Instant::now();
-    let needs_mass = scorers.contains(&ScorerKind::H2o);
+    let needs_mass = router::Needs::of(plans.iter().flatten().flatten().flat_map(
+        |e| match &e.build {
+            methods::Build::Plan(p) => p.layers.as_slice(),
+            _ => &[],
+        },
+    ))
+    .attention_mass;
     // One full prefill per sample, shared by every method: all of them first, on every core
     // (longest first, so no core is left with a long one at the end).
     let popts = PrefillOptions {
