@@ -158,6 +158,9 @@ impl ChunkRouter for BudgetedRouter {
     }
 }
 
+/// MoQAE's default chunk size (tokens), for callers without a backend at hand.
+pub const DEFAULT_CHUNK: usize = 32;
+
 /// One router per layer.
 pub struct PerLayer(pub Vec<Arc<dyn ChunkRouter>>);
 
@@ -187,7 +190,7 @@ pub struct MoqaeCache<B: Backend> {
 
 impl<B: Backend> MoqaeCache<B> {
     /// MoQAE's default chunk size.
-    pub const DEFAULT_CHUNK: usize = 32;
+    pub const DEFAULT_CHUNK: usize = DEFAULT_CHUNK;
 
     /// An empty cache for layer `layer_idx`; `chunk` must be a multiple of the KIVI group (32).
     pub fn new(router: Arc<dyn ChunkRouter>, layer_idx: usize, chunk: usize) -> Self {

@@ -1,9 +1,10 @@
-//! The methods compared by `eval`, each turned into per-layer caches.
-use crate::backend::B;
-use anyhow::Result;
+//! The methods registry: what `eval` compares, each turned into per-layer caches. Every
+//! budgeted routing method is a [`solver::Method`], so a name is the same plan here, in
+//! `solve` and in `generate --plan`.
 use axis_evict::ScorerKind;
 use axis_quant::QuantSetting;
 use axis_quant::moqae::{BudgetedRouter, ChunkRouter, MoqaeCache};
+use burn::tensor::backend::Backend;
 use kv_tensor::{Bits, FullCache, LayerCache, LayerShape};
 use router::{Axes, Expert, RoutingPlan};
 use solver::{Geometry, Method, SensitivityTable};
@@ -50,8 +51,16 @@ impl Entry {
         }
     }
 
+    /// The plan's experts (none for the full cache and MoQAE).
+    pub fn plan_layers(&self) -> &[Expert] {
+        match &self.build {
+            Build::Plan(p) => &p.layers,
+            _ => &[],
+        }
+    }
+
     /// Fresh caches, one per layer, sharing the calibrated `axes`.
-    pub fn caches(&self, layers: usize, axes: &Axes<B>) -> Vec<Box<dyn LayerCache<B>>> {
+    pub fn caches<B: Backend>(&self, layers: usize, axes: &Axes<B>) -> Vec<Box<dyn LayerCache<B>>> {
         match &self.build {
             Build::Full => (0..layers)
                 .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
@@ -75,7 +84,7 @@ impl Entry {
 }
 
 /// MoQAE's chunk size (tokens).
-const MOQAE_CHUNK: usize = MoqaeCache::<B>::DEFAULT_CHUNK;
+const MOQAE_CHUNK: usize = axis_quant::moqae::DEFAULT_CHUNK;
 
 fn bits(b: u8) -> Bits {
     Bits::try_from(b).unwrap_or(Bits::Full)
@@ -124,7 +133,7 @@ pub fn entries(
     quick: bool,
     methods: &[Method],
     skips: &mut Skips,
-) -> Result<Vec<Entry>> {
+) -> Vec<Entry> {
     let mut out = vec![Entry {
         name: "full".into(),
         budget: "-".into(),
@@ -177,7 +186,7 @@ pub fn entries(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Methods that could not be planned for some samples, reported once per method and budget
@@ -216,5 +225,83 @@ pub fn geometry(layout: kv_tensor::KvLayout, tokens: usize) -> Geometry {
             head_dim: layout.head_dim,
         },
         tokens,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_tensor::KvLayout;
+
+    /// A table over the default menu with losses that fall with kept bytes, as calibration's do.
+    fn table(tokens: usize) -> SensitivityTable {
+        let menu = solver::default_menu(ScorerKind::ExpectedAttention);
+        let geo = geometry(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
+        let loss = (0..30)
+            .map(|l| {
+                menu.iter()
+                    .map(|e| {
+                        let b = e.footprint(&geo.shape, tokens).total().get() as f64;
+                        (1.0 + l as f64 / 30.0) / b.max(1.0)
+                    })
+                    .collect()
+            })
+            .collect();
+        SensitivityTable {
+            model_sha256: "0".repeat(64),
+            tokens,
+            menu,
+            loss,
+        }
+    }
+
+    /// Every planned entry fits its budget at the sample's length, names are unique per
+    /// budget, and what could not be planned is reported, not dropped silently.
+    #[test]
+    fn entries_fit_their_budgets_and_skips_are_reported() {
+        for tokens in [700usize, 2000] {
+            let t = table(tokens);
+            let geo = geometry(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
+            let fp16 = KvLayout::new(30, 3, 9, 64)
+                .expect("layout")
+                .fp16_bytes(1, tokens)
+                .get();
+            let budgets: Vec<(String, u64)> = [("1/4", 4), ("1/8", 8), ("1/30", 30)]
+                .map(|(n, d)| (n.to_string(), fp16 / d))
+                .to_vec();
+            let mut skips = Skips::default();
+            let methods = default_methods(false);
+            let entries = entries(&t, &geo, &budgets, false, &methods, &mut skips);
+            for (label, cap) in &budgets {
+                let here: Vec<&Entry> = entries.iter().filter(|e| &e.budget == label).collect();
+                for e in &here {
+                    let bytes: u64 = e
+                        .plan_layers()
+                        .iter()
+                        .map(|x| x.footprint(&geo.shape, tokens).total().get())
+                        .sum();
+                    assert!(bytes <= *cap, "{} at {label}: {bytes} > {cap}", e.name);
+                }
+                let mut names: Vec<&str> = here.iter().map(|e| e.name.as_str()).collect();
+                let n = names.len();
+                names.sort_unstable();
+                names.dedup();
+                assert_eq!(names.len(), n, "duplicate names at {label}");
+                // Every method either planned or reported as skipped at this budget.
+                for m in &methods {
+                    let planned = here.iter().any(|e| e.name == m.name());
+                    let skipped = skips
+                        .lines(1)
+                        .iter()
+                        .any(|l| l.starts_with(&format!("{} at {label}:", m.name())));
+                    assert!(
+                        planned ^ skipped,
+                        "{} at {label}: planned {planned}, skipped {skipped}",
+                        m.name()
+                    );
+                }
+            }
+            assert_eq!(entries[0].name, "full");
+        }
     }
 }

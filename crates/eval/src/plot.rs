@@ -1,7 +1,7 @@
 //! The Pareto plot of an eval run: quality vs compression ratio, one line per method (its
 //! budgets joined in ratio order), as SVG (always) and PNG (when a TrueType font is found:
 //! plotters' pure-Rust ab_glyph text needs the font's bytes).
-use anyhow::{Result, anyhow};
+use crate::error::{EvalError, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
@@ -29,8 +29,8 @@ const FONTS: [&str; 3] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-/// Writes `pareto.svg` and, if a font is available, `pareto.png` into `dir`. Returns the paths
-/// written.
+/// Writes `pareto.svg` and, if a TrueType font is available, `pareto.png` into `dir`. Returns
+/// the paths written (without a font only the SVG).
 pub fn pareto(points: &[Point], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let size = (1500, 480);
     let mut written = Vec::new();
@@ -40,22 +40,27 @@ pub fn pareto(points: &[Point], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
         let png = dir.join("pareto.png");
-        draw(BitMapBackend::new(&png, size).into_drawing_area(), points)?;
+        draw(BitMapBackend::new(&png, size).into_drawing_area(), points).map_err(|why| {
+            EvalError::Plot {
+                path: png.clone(),
+                why,
+            }
+        })?;
         written.push(png);
-    } else {
-        eprintln!(
-            "no TrueType font found ({}): writing the SVG plot only",
-            FONTS[0]
-        );
     }
     let svg = dir.join("pareto.svg");
-    draw(SVGBackend::new(&svg, size).into_drawing_area(), points)?;
+    draw(SVGBackend::new(&svg, size).into_drawing_area(), points).map_err(|why| {
+        EvalError::Plot {
+            path: svg.clone(),
+            why,
+        }
+    })?;
     written.push(svg);
     Ok(written)
 }
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, points: &[Point]) -> Result<()> {
-    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plot: {x:?}");
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, points: &[Point]) -> Result<(), String> {
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| format!("{x:?}");
     root.fill(&WHITE).map_err(e)?;
     let mut methods: Vec<&str> = Vec::new();
     for p in points {

@@ -1,24 +1,12 @@
-//! `generate` and `logits`: run the model on a prompt.
+//! `generate`: answer a chat prompt, through a plan's compressed caches or the full cache,
+//! and report speed, cache bytes and peak memory.
 use crate::backend::{B, device};
 use anyhow::{Context, Result};
+use clap::Args;
 use kv_tensor::{FullCache, LayerCache};
 use models::{LoadedModel, PrefillOptions, Sampling};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// Loads `path`, or the default model (fetched if needed).
-pub fn load(path: Option<&Path>) -> Result<LoadedModel<B>> {
-    let p: PathBuf = match path {
-        Some(p) => p.to_path_buf(),
-        None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
-    };
-    eprint!("loading {}… ", p.display());
-    let t = std::time::Instant::now();
-    let m = models::load_gguf::<B>(&p, &device())
-        .with_context(|| format!("loading {}", p.display()))?;
-    eprintln!("{:.1}s", t.elapsed().as_secs_f64());
-    Ok(m)
-}
 
 /// Token ids of the prompt: raw, or wrapped in the model's chat template.
 pub fn prompt_ids(m: &LoadedModel<B>, prompt: &str, raw: bool) -> Result<Vec<u32>> {
@@ -29,22 +17,32 @@ pub fn prompt_ids(m: &LoadedModel<B>, prompt: &str, raw: bool) -> Result<Vec<u32
     Ok(m.tokenizer.encode(&text)?)
 }
 
-/// How `generate` runs: what to generate and how the prompt is prefilled.
-pub struct GenerateArgs<'a> {
-    /// A GGUF file (default: the embedded model).
-    pub model: Option<&'a Path>,
-    /// A routing plan (default: the full fp16 cache).
-    pub plan: Option<&'a Path>,
+/// Arguments of `generate`.
+#[derive(Args)]
+pub struct Generate {
     /// The user message.
-    pub prompt: &'a str,
+    #[arg(long)]
+    prompt: String,
+    /// A GGUF file (default: the embedded SmolLM2-135M-Instruct, fetched if needed).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Most new tokens.
-    pub max_new: usize,
+    #[arg(long, default_value_t = 128)]
+    max_new: usize,
     /// Sampling temperature (0 = greedy).
-    pub temperature: f32,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Sampling seed.
-    pub seed: u64,
-    /// Compress once at the end of the prefill instead of after every chunk.
-    pub compress_at_end: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Answer through a compressed cache routed by this plan (from `cargo xtask solve`).
+    #[arg(long)]
+    plan: Option<PathBuf>,
+    /// With a plan: prefill the whole prompt into a dense cache and compress it once at
+    /// the end (the default compresses after every 512-token chunk, so peak memory follows
+    /// the plan's budget).
+    #[arg(long)]
+    compress_at_end: bool,
 }
 
 /// The caches `generate` runs with, and where they came from.
@@ -79,12 +77,12 @@ fn plan_caches(
         .with_context(|| format!("loading {}", p.display()))?;
     let needs = plan.needs();
     let axes = if needs.bases || needs.trig_stats {
-        let model_path = match model {
-            Some(p) => p.to_path_buf(),
-            None => crate::fetch::model(crate::fetch::DEFAULT_MODEL, None)?,
-        };
-        let sha = crate::fetch::sha256_file(&model_path)?;
-        crate::eval::axes(m, &sha, &crate::eval::corpus_text()?)?
+        let model_path = crate::session::model_path(model)?;
+        let sha = eval::sha256_file(&model_path)?;
+        let text = eval::data::corpus(&crate::fetch::data(None)?)?;
+        let dir = crate::session::calibration_dir()?;
+        let bars = crate::progress::Bars::default();
+        eval::calibrated_axes(m, &sha, &text, &dir, &device(), &bars)?
     } else {
         router::Axes::default()
     };
@@ -107,7 +105,7 @@ fn plan_caches(
 }
 
 /// Peak resident memory of this process so far (`VmHWM`), where the system reports it.
-pub fn peak_rss() -> Option<u64> {
+fn peak_rss() -> Option<u64> {
     proc_status("VmHWM:")
 }
 
@@ -124,19 +122,26 @@ fn proc_status(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+impl Generate {
+    /// Generates and reports.
+    pub fn run(self) -> Result<()> {
+        generate(&self)
+    }
+}
+
 /// Prints the chat answer as it is generated, then timings, the cache's bytes (counted,
 /// allocated, and the plan's prediction) and the process's peak memory. With a plan, the
 /// prompt is prefilled in chunks that every layer compresses as it goes (unless
 /// `compress_at_end`), so peak memory follows the plan's budget rather than the prompt.
-pub fn generate(a: &GenerateArgs<'_>) -> Result<()> {
-    let m = load(a.model)?;
+fn generate(a: &Generate) -> Result<()> {
+    let m = crate::session::load(a.model.as_deref())?;
     let after_load = peak_rss().zip(rss_now());
-    let ids = prompt_ids(&m, a.prompt, false)?;
+    let ids = prompt_ids(&m, &a.prompt, false)?;
     let PlanCaches {
         mut caches,
         plan,
         predicted,
-    } = plan_caches(&m, a.model, a.plan, ids.len())?;
+    } = plan_caches(&m, a.model.as_deref(), a.plan.as_deref(), ids.len())?;
     let sampling = if a.temperature > 0.0 {
         Sampling::Temperature {
             t: a.temperature,
@@ -217,30 +222,4 @@ fn report(
             mb(weights)
         );
     }
-}
-
-/// Prints `{"ids": [...], "top": [{"id", "logit"}, ...]}` for the next token.
-pub fn logits(model: Option<&Path>, prompt: &str, raw: bool, top: usize) -> Result<()> {
-    let m = load(model)?;
-    let ids = prompt_ids(&m, prompt, raw)?;
-    let mut caches: Vec<FullCache<B>> = (0..m.model.config.layers)
-        .map(|_| FullCache::new())
-        .collect();
-    let logits = m
-        .model
-        .prefill(&ids, &mut caches, &PrefillOptions::default())?;
-    let v: Vec<f32> = logits
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
-    let top: Vec<_> = order
-        .iter()
-        .take(top)
-        .map(|&i| serde_json::json!({"id": i, "logit": v[i]}))
-        .collect();
-    println!("{}", serde_json::json!({"ids": ids, "top": top}));
-    Ok(())
 }

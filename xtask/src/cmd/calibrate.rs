@@ -1,0 +1,35 @@
+//! `calibrate`: the per-layer loss of every expert of the menu (cached).
+use crate::progress::Bars;
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+/// Arguments of `calibrate`.
+#[derive(Args)]
+pub struct Calibrate {
+    /// Context tokens of the calibration passages.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Calibration passages.
+    #[arg(long, default_value_t = 1)]
+    passages: usize,
+    /// Where to write the table (default: the cache).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl Calibrate {
+    /// Measures (or reuses) the table and prints its size and mean loss.
+    pub fn run(self) -> Result<()> {
+        let s = crate::session::open()?;
+        let t = s.table(self.context, self.passages, self.out, &Bars::default())?;
+        let cells = (t.loss.len() * t.menu.len()).max(1);
+        let mean: f64 = t.loss.iter().flatten().sum::<f64>() / cells as f64;
+        println!(
+            "{} layers × {} experts, mean proxy loss {mean:.4}",
+            t.loss.len(),
+            t.menu.len()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! `cargo xtask eval`: the main job on the embedded default model.
+use crate::progress::Bars;
+use anyhow::Result;
+use clap::Args;
+use eval::{EvalOptions, Task};
+use std::path::PathBuf;
+
+/// Arguments of `eval`; anything left out takes the library's defaults
+/// (`EvalOptions::default_run`, or `EvalOptions::quick` with `--quick`).
+#[derive(Args)]
+pub struct Eval {
+    /// A few samples, one short context, one budget (CI-sized).
+    #[arg(long)]
+    quick: bool,
+    /// Budgets as fractions of fp16 bytes [default: 1/4,1/8,1/14; 1/4 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    budgets: Option<Vec<String>>,
+    /// Budgeted methods compared besides full, KIVI and MoQAE [default: every one]:
+    /// hetero, hetero+rank, 2d, 1d, 2d_uniform, a scorer (snapkv, …), adakv(<scorer>),
+    /// pyramid(<scorer>).
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<solver::Method>>,
+    /// Context lengths of the task samples, in tokens (up to the model's 8k less 512).
+    #[arg(long, value_delimiter = ',')]
+    lengths: Option<Vec<usize>>,
+    /// RULER tasks (default: every task).
+    #[arg(long, value_delimiter = ',')]
+    tasks: Option<Vec<Task>>,
+    /// Run every task at every length (default: task i at length i mod the number of
+    /// lengths, so each task and each length appears once and the run stays under 30 min).
+    #[arg(long)]
+    grid: bool,
+    /// Samples per task and length.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Prose-continuation samples (NLL and KL to the full cache).
+    #[arg(long)]
+    prose_samples: Option<usize>,
+    /// Context tokens of the prose samples.
+    #[arg(long)]
+    prose_context: Option<usize>,
+    /// Plain-text task prompts instead of the model's chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Seed of the task generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output directory (default: $KVND_HOME/eval, or $KVND_HOME/eval-quick with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Every method prefills each sample itself, compressing after every 512-token chunk
+    /// (what `generate --plan` does), instead of compressing once at the end of one shared
+    /// full-attention prefill (the kvpress protocol). Slower: one prefill per method.
+    #[arg(long)]
+    chunked_prefill: bool,
+}
+
+impl Eval {
+    /// The library's options with this command line's changes.
+    fn options(self) -> Result<(EvalOptions, bool)> {
+        let out = match self.out {
+            Some(o) => o,
+            // A quick run never overwrites the main job's results.
+            None => crate::paths::home()?.join(if self.quick { "eval-quick" } else { "eval" }),
+        };
+        let mut o = if self.quick {
+            EvalOptions::quick(out)
+        } else {
+            EvalOptions::default_run(out)
+        };
+        if let Some(b) = self.budgets {
+            o.budgets = if self.quick {
+                b.into_iter().take(1).collect()
+            } else {
+                b
+            };
+        }
+        o.methods = self.methods.unwrap_or(o.methods);
+        o.lengths = self.lengths.unwrap_or(o.lengths);
+        o.tasks = self.tasks.unwrap_or(o.tasks);
+        o.grid |= self.grid;
+        o.samples = self.samples.unwrap_or(o.samples);
+        o.prose_samples = self.prose_samples.unwrap_or(o.prose_samples);
+        o.prose_context = self.prose_context.unwrap_or(o.prose_context);
+        o.raw = self.raw;
+        o.seed = self.seed;
+        o.chunked_prefill = self.chunked_prefill;
+        if o.tasks.iter().any(|t| t.needs_qa()) {
+            o.qa_dir = Some(crate::fetch::qa_data(None)?);
+        }
+        Ok((o, self.json))
+    }
+
+    /// Runs the comparison and prints the markdown (or the JSON summary).
+    pub fn run(self) -> Result<()> {
+        let (opts, json) = self.options()?;
+        let session = crate::session::open()?;
+        let outcome = eval::run(&session, &opts, &Bars::default())?;
+        if json {
+            println!("{}", outcome.report.summary);
+        } else {
+            println!("{}", outcome.report.markdown);
+        }
+        let files: Vec<String> = outcome
+            .report
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        eprintln!("wrote {}", files.join(", "));
+        Ok(())
+    }
+}
