@@ -39,7 +39,7 @@ fn trig_stats() -> TrigStats {
 
 type Layer = (Tensor<B, 4>, Tensor<B, 4>, ObservationCtx<B>);
 
-fn run(axis: &Evict, s: &EvictSetting, layers: &[Layer]) {
+fn run(axis: &Evict<B>, s: &EvictSetting, layers: &[Layer]) {
     for (k, v, ctx) in layers {
         let seg = Segment::dense(k.clone(), v.clone(), 0).expect("segment");
         let out = axis.compress(seg, s, ctx).expect("evict");

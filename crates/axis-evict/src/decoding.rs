@@ -66,7 +66,7 @@ impl DecodingSetting {
 #[derive(Debug)]
 pub struct DecodingEvictCache<B: Backend> {
     layer: CompressedLayer<B>,
-    axis: Evict,
+    axis: Evict<B>,
     setting: DecodingSetting,
     queries: Mutex<Option<Tensor<B, 4>>>,
     since: usize,
@@ -76,7 +76,7 @@ pub struct DecodingEvictCache<B: Backend> {
 
 impl<B: Backend> DecodingEvictCache<B> {
     /// An empty cache; the setting is validated here.
-    pub fn new(axis: Evict, setting: DecodingSetting) -> Result<Self, AxisError> {
+    pub fn new(axis: Evict<B>, setting: DecodingSetting) -> Result<Self, AxisError> {
         setting.validate()?;
         Ok(Self {
             layer: CompressedLayer::new(),

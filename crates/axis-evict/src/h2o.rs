@@ -29,3 +29,29 @@ pub fn score<B: Backend>(
     // Early tokens receive attention from more queries; H2O keeps that bias on purpose.
     Ok(mass)
 }
+
+/// The H2O scorer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct H2o;
+
+impl crate::ScorerType for H2o {
+    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
+        window_queries: false,
+        attention_mass: true,
+        calibration: false,
+    };
+
+    fn builtin() -> Option<Self> {
+        Some(Self)
+    }
+}
+
+impl<B: Backend> crate::Scorer<B> for H2o {
+    fn needs(&self) -> crate::ScorerNeeds {
+        <Self as crate::ScorerType>::NEEDS
+    }
+
+    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
+        score(i.k, i.ctx)
+    }
+}

@@ -7,9 +7,9 @@
 //!
 //! Heads end up with different lengths. The kept tokens are stored ragged (one tensor per head,
 //! [`kv_tensor::Encoded::Ragged`]), so memory really shrinks; kvpress only masks evicted entries.
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use kv_tensor::AxisError;
+use burn::tensor::{Int, Tensor, TensorData};
+use kv_tensor::{AxisError, Encoded, Positions, Segment};
 
 /// Per KV head, the kept token indices (ascending) from `scores` `[1, h, t]` (protected = +∞),
 /// `n` tokens per head on average, `min_share` of `n` guaranteed per head.
@@ -34,6 +34,40 @@ pub fn select<B: Backend>(
             source: format!("{e:?}").into(),
         })?;
     Ok(allocate(&s, h, t, n, min_share))
+}
+
+/// The ragged segment of the `kept` rows of every head (batch 1): each head's keys, values and
+/// positions gathered on their own, so heads hold different token counts.
+pub fn assemble<B: Backend>(
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    positions: Tensor<B, 3, Int>,
+    kept: Vec<Vec<usize>>,
+) -> Segment<B> {
+    let device = k.device();
+    let b = k.dims()[0];
+    let (mut ks, mut vs, mut ps) = (Vec::new(), Vec::new(), Vec::new());
+    for (head, rows) in kept.into_iter().enumerate() {
+        let m = rows.len();
+        let rows: Vec<i32> = rows.into_iter().map(|i| i as i32).collect();
+        let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(rows, [b, 1, m]), &device);
+        let kh = k.clone().slice_dim(1, head..head + 1);
+        let vh = v.clone().slice_dim(1, head..head + 1);
+        let (kh, vh) = crate::select::gather(kh, vh, idx.clone());
+        ks.push(Encoded::Dense(kh));
+        vs.push(Encoded::Dense(vh));
+        ps.push(
+            positions
+                .clone()
+                .slice_dim(1, head..head + 1)
+                .gather(2, idx),
+        );
+    }
+    Segment {
+        positions: Positions::Ragged(ps),
+        k: Encoded::Ragged(ks),
+        v: Encoded::Ragged(vs),
+    }
 }
 
 /// The allocation on host scores `[h × t]`; see [`select`].

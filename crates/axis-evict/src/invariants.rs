@@ -268,23 +268,55 @@ fn missing_observations_are_typed_errors() {
         Distribution::Normal(0.0, 1.0),
         &Default::default(),
     );
-    for scorer in [
-        ScorerKind::Snapkv,
-        ScorerKind::H2o,
-        ScorerKind::Tova,
-        ScorerKind::ExpectedAttention,
-        ScorerKind::Trig,
-    ] {
+    // Exactly the scorers that declare a need fail without observations or calibration, and
+    // every scorer that declares none scores a bare context.
+    for scorer in ScorerKind::ALL {
+        let n = scorer.needs();
         let seg = Segment::dense(k.clone(), k.clone(), 0).expect("segment");
-        let e = Evict::new()
-            .compress(
-                seg,
-                &EvictSetting::new(scorer, Ratio::new(0.5).expect("r")),
-                &ObservationCtx::bare(0),
-            )
-            .expect_err("needs observations");
-        assert!(e.to_string().contains("needs"), "{e}");
+        let r = Evict::new().compress(
+            seg,
+            &EvictSetting::new(scorer, Ratio::new(0.5).expect("r")),
+            &ObservationCtx::bare(0),
+        );
+        if n.window_queries || n.attention_mass || n.calibration {
+            let e = r.expect_err("needs observations");
+            assert!(e.to_string().contains("needs"), "{scorer}: {e}");
+        } else {
+            assert!(r.is_ok(), "{scorer}: {:?}", r.err());
+        }
     }
+}
+
+/// A user's scorer, written against the public trait, replaces a built-in one: the axis keeps
+/// the tokens it ranks highest.
+#[test]
+fn a_user_scorer_plugs_into_the_axis() {
+    #[derive(Debug)]
+    struct Oldest;
+    impl crate::Scorer<B> for Oldest {
+        fn needs(&self) -> crate::ScorerNeeds {
+            crate::ScorerNeeds::default()
+        }
+        fn score(
+            &self,
+            i: &crate::ScoreInput<'_, B>,
+        ) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
+            Ok(crate::streaming::score(i.k).neg())
+        }
+    }
+    let k = Tensor::<B, 4>::random([1, 1, 40, 16], Distribution::Default, &Default::default());
+    let axis = Evict::new().with_scorer(ScorerKind::Random, std::sync::Arc::new(Oldest));
+    let mut s = EvictSetting::new(ScorerKind::Random, Ratio::new(0.5).expect("r"));
+    s.sinks = 0;
+    s.window = 0;
+    let seg = Segment::dense(k.clone(), k, 0).expect("segment");
+    let out = axis
+        .compress(seg, &s, &ObservationCtx::bare(0))
+        .expect("compress");
+    assert_eq!(
+        positions(&out.positions),
+        vec![(0..20).collect::<Vec<i64>>()]
+    );
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The token axis: evict the cached tokens that matter least.
 //!
-//! As in NVIDIA's kvpress, a method is a *scorer* (one file each: [`streaming`], [`knorm`],
-//! [`snapkv`], [`h2o`], [`tova`], [`expected_attention`], [`random`], [`trig`]) that gives every
-//! cached token an importance per KV head, and a *selection* (one file each: [`select`] keeps
+//! As in NVIDIA's kvpress, a method is a *scorer* (one [`Scorer`] per file: [`streaming`],
+//! [`knorm`], [`snapkv`], [`h2o`], [`tova`], [`expected_attention`], [`random`], [`trig`],
+//! registered by one line in `scorer.rs`) that gives every cached token an importance per KV
+//! head and declares what it reads ([`ScorerNeeds`]), and a *selection* (one file each: [`select`] keeps
 //! the best `ceil(keep × tokens)` of every head, [`headwise`] shares the layer's budget across
 //! heads AdaKV-style and stores them ragged, [`redundancy`] penalises near-duplicate values).
 //! [`decoding`] compresses again during long generations. The first `sinks` tokens and the most recent `window`
@@ -12,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod decoding;
+mod evict;
 pub mod expected_attention;
 pub mod h2o;
 pub mod headwise;
@@ -26,11 +28,12 @@ pub mod streaming;
 pub mod tova;
 pub mod trig;
 // Tests of the eviction invariants (proptest), kept in the unit-test binary: a separate integration
-// binary would compile burn's CPU backend once more (~100 s of CI each).
+// binary would compile burn's CPU backend once more.
 #[cfg(test)]
 mod invariants;
 
 pub use decoding::{DecodingEvictCache, DecodingSetting};
-pub use scorer::{Evict, ScorerKind};
+pub use evict::Evict;
+pub use scorer::{ScoreInput, Scorer, ScorerKind, ScorerNeeds, ScorerType};
 pub use setting::{EvictSetting, Lambda, Selection};
 pub use trig::{TrigAccumulator, TrigStats};

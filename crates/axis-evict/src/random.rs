@@ -13,3 +13,29 @@ pub fn score<B: Backend>(k: &Tensor<B, 4>, seed: u64) -> Tensor<B, 3> {
         .remainder_scalar(65536);
     (x.float() / 65536.0).reshape([b, h, t])
 }
+
+/// The random (control) scorer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Random;
+
+impl crate::ScorerType for Random {
+    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
+        window_queries: false,
+        attention_mass: false,
+        calibration: false,
+    };
+
+    fn builtin() -> Option<Self> {
+        Some(Self)
+    }
+}
+
+impl<B: Backend> crate::Scorer<B> for Random {
+    fn needs(&self) -> crate::ScorerNeeds {
+        <Self as crate::ScorerType>::NEEDS
+    }
+
+    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
+        Ok(score(i.k, i.ctx.layer as u64))
+    }
+}

@@ -1,95 +1,124 @@
-//! The scorer enum (what plans name) and the eviction axis that runs scorer + selection.
-use crate::trig::{self, TrigStats};
-use crate::{
-    EvictSetting, Selection, expected_attention, h2o, headwise, knorm, random, redundancy, select,
-    snapkv, streaming, tova,
-};
+//! One scorer trait (kvpress's `ScorerPress.score`) and the registry of the scorers this crate
+//! ships. Adding a scorer is one file (a type implementing [`ScorerType`] and [`Scorer`]) and
+//! one line in [`scorers!`]'s invocation below.
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-use kv_tensor::{
-    AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Positions,
-    Segment,
-};
+use kv_tensor::{AxisError, ObservationCtx};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Every scorer this crate ships, by the name plans use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScorerKind {
+/// What a scorer reads besides the keys and values. The prefill must be asked for attention
+/// mass and the calibrated axes must carry statistics; window queries always come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScorerNeeds {
+    /// The observation window's queries (`ObservationCtx::window_queries`).
+    pub window_queries: bool,
+    /// The attention every key received during the prefill (`ObservationCtx::attention_mass`).
+    pub attention_mass: bool,
+    /// Statistics calibrated offline on the model (the scorer is built from them).
+    pub calibration: bool,
+}
+
+/// What a scorer is given: the cached keys (after RoPE) and values `[b, h, t, d]`, the
+/// position of the next query, and what the prefill observed.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreInput<'a, B: Backend> {
+    /// Keys, after RoPE.
+    pub k: &'a Tensor<B, 4>,
+    /// Values.
+    pub v: &'a Tensor<B, 4>,
+    /// Position of the next query (one past the newest cached token).
+    pub next: usize,
+    /// The layer index and the observations.
+    pub ctx: &'a ObservationCtx<B>,
+}
+
+/// A scorer: the importance `[b, h, t]` of every cached token per KV head, higher = keep.
+/// Selections ([`crate::select`], [`crate::headwise`], [`crate::redundancy`]) turn scores
+/// into kept tokens.
+pub trait Scorer<B: Backend>: Send + Sync + std::fmt::Debug {
+    /// What the scorer reads besides keys and values.
+    fn needs(&self) -> ScorerNeeds;
+
+    /// The scores.
+    fn score(&self, input: &ScoreInput<'_, B>) -> Result<Tensor<B, 3>, AxisError>;
+}
+
+/// What the registry knows about a scorer's type without a backend: its needs, and the
+/// instance to use when nothing was calibrated (`None` for scorers built from calibration).
+pub trait ScorerType: Sized {
+    /// What every instance needs.
+    const NEEDS: ScorerNeeds;
+
+    /// The uncalibrated instance, if the scorer has one.
+    fn builtin() -> Option<Self>;
+}
+
+/// The registry: one line per scorer (`Variant => "plan name", file::Type;`) generates
+/// [`ScorerKind`], its names and its dispatch.
+macro_rules! scorers {
+    ($($(#[$doc:meta])* $kind:ident => $name:literal, $ty:ty;)*) => {
+        /// Every scorer this crate ships, by the name plans use.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ScorerKind {
+            $($(#[$doc])* $kind,)*
+        }
+
+        impl ScorerKind {
+            /// Every scorer.
+            pub const ALL: [ScorerKind; [$($name),*].len()] = [$(ScorerKind::$kind),*];
+
+            /// The name plans and method names use (`expected_attention`).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ScorerKind::$kind => $name,)*
+                }
+            }
+
+            /// What the scorer reads besides keys and values.
+            pub fn needs(self) -> ScorerNeeds {
+                match self {
+                    $(ScorerKind::$kind => <$ty as ScorerType>::NEEDS,)*
+                }
+            }
+
+            /// The uncalibrated scorer (`None` for one built from calibration statistics).
+            pub fn builtin<B: Backend>(self) -> Option<Arc<dyn Scorer<B>>> {
+                match self {
+                    $(ScorerKind::$kind => <$ty as ScorerType>::builtin()
+                        .map(|s| Arc::new(s) as Arc<dyn Scorer<B>>),)*
+                }
+            }
+        }
+    };
+}
+
+scorers! {
     /// StreamingLLM: sinks + most recent tokens.
-    Streaming,
+    Streaming => "streaming", crate::streaming::Streaming;
     /// Negative key norm.
-    Knorm,
+    Knorm => "knorm", crate::knorm::Knorm;
     /// SnapKV: observation-window attention, max-pooled.
-    Snapkv,
+    Snapkv => "snapkv", crate::snapkv::Snapkv;
     /// H2O: attention accumulated over the whole prefill.
-    H2o,
+    H2o => "h2o", crate::h2o::H2o;
     /// TOVA: attention of the last query.
-    Tova,
+    Tova => "tova", crate::tova::Tova;
     /// Expected attention of future queries under Gaussian query statistics.
-    ExpectedAttention,
+    ExpectedAttention => "expected_attention", crate::expected_attention::ExpectedAttention;
     /// Uniformly random (a control).
-    Random,
+    Random => "random", crate::random::Random;
     /// TriAttention: calibrated pre-RoPE query centres give each head a distance preference
     /// (a trigonometric series over the RoPE frequencies) plus a key-norm term.
-    Trig,
+    Trig => "trig", crate::trig::Trig;
 }
 
 impl ScorerKind {
-    /// Every scorer.
-    pub const ALL: [ScorerKind; 8] = [
-        ScorerKind::Streaming,
-        ScorerKind::Knorm,
-        ScorerKind::Snapkv,
-        ScorerKind::H2o,
-        ScorerKind::Tova,
-        ScorerKind::ExpectedAttention,
-        ScorerKind::Random,
-        ScorerKind::Trig,
-    ];
-
-    /// Importance of each cached token `[b, h, t]` (higher = keep). [`ScorerKind::Trig`] needs
-    /// calibration statistics: score it through [`Evict::score`].
-    pub fn score<B: Backend>(
-        self,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
-        ctx: &ObservationCtx<B>,
-    ) -> Result<Tensor<B, 3>, AxisError> {
-        match self {
-            ScorerKind::Streaming => Ok(streaming::score(k)),
-            ScorerKind::Knorm => Ok(knorm::score(k)),
-            ScorerKind::Snapkv => snapkv::score(k, ctx),
-            ScorerKind::H2o => h2o::score(k, ctx),
-            ScorerKind::Tova => tova::score(k, ctx),
-            ScorerKind::ExpectedAttention => expected_attention::score(k, v, ctx),
-            ScorerKind::Random => Ok(random::score(k, ctx.layer as u64)),
-            ScorerKind::Trig => Err(AxisError::MissingObservation {
-                method: "trig",
-                what: "calibrated query statistics (build the axis with Evict::with_trig)",
-            }),
-        }
-    }
-
     /// Whether the scorer reads the accumulated prefill attention (the model must be asked to
     /// compute it).
     pub fn needs_attention_mass(self) -> bool {
-        self == ScorerKind::H2o
-    }
-
-    /// The name plans and method names use (`expected_attention`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ScorerKind::Streaming => "streaming",
-            ScorerKind::Knorm => "knorm",
-            ScorerKind::Snapkv => "snapkv",
-            ScorerKind::H2o => "h2o",
-            ScorerKind::Tova => "tova",
-            ScorerKind::ExpectedAttention => "expected_attention",
-            ScorerKind::Random => "random",
-            ScorerKind::Trig => "trig",
-        }
+        self.needs().attention_mass
     }
 }
 
@@ -109,148 +138,6 @@ impl std::str::FromStr for ScorerKind {
                 let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
                 format!("unknown scorer {s:?}; one of {}", names.join(", "))
             })
-    }
-}
-
-/// The eviction axis: score, protect sinks and the recent window, select per the setting.
-///
-/// Carries what scorers calibrated offline need ([`TrigStats`] for [`ScorerKind::Trig`]).
-#[derive(Debug, Clone, Default)]
-pub struct Evict {
-    trig: Option<Arc<TrigStats>>,
-    horizon: usize,
-}
-
-impl Evict {
-    /// The axis without calibrated statistics (every scorer but `trig`).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The axis with TriAttention statistics, averaging over the next
-    /// [`trig::DEFAULT_HORIZON`] query positions.
-    pub fn with_trig(stats: Arc<TrigStats>) -> Self {
-        Self {
-            trig: Some(stats),
-            horizon: trig::DEFAULT_HORIZON,
-        }
-    }
-
-    /// Scores `[b, h, t]` of keys `k` (post-RoPE) and values `v` whose next query sits at
-    /// position `next`.
-    pub fn score<B: Backend>(
-        &self,
-        scorer: ScorerKind,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
-        next: usize,
-        ctx: &ObservationCtx<B>,
-    ) -> Result<Tensor<B, 3>, AxisError> {
-        match (scorer, &self.trig) {
-            (ScorerKind::Trig, Some(stats)) => trig::score(k, stats, ctx.layer, next, self.horizon),
-            _ => scorer.score(k, v, ctx),
-        }
-    }
-}
-
-impl<B: Backend> CompressionAxis<B> for Evict {
-    type Setting = EvictSetting;
-
-    fn name(&self) -> &'static str {
-        "evict"
-    }
-
-    /// Evicts a dense segment. Its positions may be contiguous (a prompt) or explicit (a cache
-    /// evicted before and compressed again during decoding); ragged segments are final.
-    fn compress(
-        &self,
-        segment: Segment<B>,
-        s: &EvictSetting,
-        ctx: &ObservationCtx<B>,
-    ) -> Result<Segment<B>, AxisError> {
-        let k = segment.k.decode()?;
-        let v = segment.v.decode()?;
-        let [b, h, t, _] = k.dims();
-        let n = s.kept(t);
-        if n >= t {
-            return Ok(segment);
-        }
-        let device = k.device();
-        let next = match &segment.positions {
-            Positions::Contiguous { start, len } => start + len,
-            Positions::Explicit(p) => {
-                let last: Vec<i64> = p
-                    .clone()
-                    .slice_dim(2, t - 1..t)
-                    .into_data()
-                    .convert::<i64>()
-                    .into_vec()
-                    .unwrap_or_default();
-                last.into_iter().max().unwrap_or(0) as usize + 1
-            }
-            Positions::Ragged(_) => {
-                return Err(AxisError::Method {
-                    method: "evict",
-                    source: "a ragged (head-wise) segment cannot be evicted again".into(),
-                });
-            }
-        };
-        // Every token's position `[b, h, t]`: kept positions are gathered from it.
-        let positions = segment.positions.to_tensor(b, h, &device);
-        let scores = self.score(s.scorer, &k, &v, next, ctx)?;
-        let scores = select::protect(scores, s.sinks, s.window);
-        let idx = match s.selection {
-            Selection::TopK => select::top_k(scores, n),
-            Selection::Redundancy { lambda } => redundancy::select(scores, &v, n, lambda.get())?,
-            Selection::HeadWise { min_share } => {
-                let kept = headwise::select(scores, n, min_share.get())?;
-                let mut ks = Vec::with_capacity(h);
-                let mut vs = Vec::with_capacity(h);
-                let mut ps = Vec::with_capacity(h);
-                for (head, rows) in kept.into_iter().enumerate() {
-                    let m = rows.len();
-                    let rows: Vec<i32> = rows.into_iter().map(|i| i as i32).collect();
-                    let idx =
-                        Tensor::<B, 3, Int>::from_data(TensorData::new(rows, [b, 1, m]), &device);
-                    let kh = k.clone().slice_dim(1, head..head + 1);
-                    let vh = v.clone().slice_dim(1, head..head + 1);
-                    let (kh, vh) = select::gather(kh, vh, idx.clone());
-                    ks.push(Encoded::Dense(kh));
-                    vs.push(Encoded::Dense(vh));
-                    ps.push(
-                        positions
-                            .clone()
-                            .slice_dim(1, head..head + 1)
-                            .gather(2, idx),
-                    );
-                }
-                return Ok(Segment {
-                    positions: Positions::Ragged(ps),
-                    k: Encoded::Ragged(ks),
-                    v: Encoded::Ragged(vs),
-                });
-            }
-        };
-        let (k, v) = select::gather(k, v, idx.clone());
-        Ok(Segment {
-            positions: Positions::Explicit(positions.gather(2, idx)),
-            k: Encoded::Dense(k),
-            v: Encoded::Dense(v),
-        })
-    }
-
-    /// Head-wise selection moves slots between heads but keeps the layer's total, so every
-    /// selection allocates the same bytes.
-    fn footprint(&self, shape: &LayerShape, s: &EvictSetting) -> Footprint {
-        let n = s.kept(shape.tokens);
-        let kept = shape.batch * shape.kv_heads * n;
-        let dense = 2 * kept * shape.head_dim * std::mem::size_of::<B::FloatElem>();
-        let indices = if n < shape.tokens { kept * 4 } else { 0 };
-        Footprint {
-            dense: Bytes(dense as u64),
-            indices: Bytes(indices as u64),
-            ..Footprint::default()
-        }
     }
 }
 

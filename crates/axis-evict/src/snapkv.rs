@@ -21,3 +21,29 @@ pub fn score<B: Backend>(
     let pooled = max_pool1d(att.reshape([b * h, 1, t]), KERNEL, 1, KERNEL / 2, 1, false);
     Ok(pooled.reshape([b, h, t]))
 }
+
+/// The SnapKV scorer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapkv;
+
+impl crate::ScorerType for Snapkv {
+    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
+        window_queries: true,
+        attention_mass: false,
+        calibration: false,
+    };
+
+    fn builtin() -> Option<Self> {
+        Some(Self)
+    }
+}
+
+impl<B: Backend> crate::Scorer<B> for Snapkv {
+    fn needs(&self) -> crate::ScorerNeeds {
+        <Self as crate::ScorerType>::NEEDS
+    }
+
+    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
+        score(i.k, i.ctx)
+    }
+}

@@ -12,3 +12,29 @@ pub fn score<B: Backend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
         .reshape([1, 1, t])
         .expand([b, h, t])
 }
+
+/// The StreamingLLM scorer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Streaming;
+
+impl crate::ScorerType for Streaming {
+    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
+        window_queries: false,
+        attention_mass: false,
+        calibration: false,
+    };
+
+    fn builtin() -> Option<Self> {
+        Some(Self)
+    }
+}
+
+impl<B: Backend> crate::Scorer<B> for Streaming {
+    fn needs(&self) -> crate::ScorerNeeds {
+        <Self as crate::ScorerType>::NEEDS
+    }
+
+    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
+        Ok(score(i.k))
+    }
+}

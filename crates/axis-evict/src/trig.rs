@@ -335,6 +335,46 @@ pub fn score<B: Backend>(
         .reshape([b, kvh, t]))
 }
 
+/// The TriAttention scorer, built from calibrated statistics.
+#[derive(Debug, Clone)]
+pub struct Trig {
+    stats: std::sync::Arc<TrigStats>,
+    horizon: usize,
+}
+
+impl Trig {
+    /// TriAttention averaging over the next [`DEFAULT_HORIZON`] query positions.
+    pub fn new(stats: std::sync::Arc<TrigStats>) -> Self {
+        Self {
+            stats,
+            horizon: DEFAULT_HORIZON,
+        }
+    }
+}
+
+impl crate::ScorerType for Trig {
+    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
+        window_queries: false,
+        attention_mass: false,
+        calibration: true,
+    };
+
+    /// Nothing without statistics: the registry reports them missing.
+    fn builtin() -> Option<Self> {
+        None
+    }
+}
+
+impl<B: Backend> crate::Scorer<B> for Trig {
+    fn needs(&self) -> crate::ScorerNeeds {
+        <Self as crate::ScorerType>::NEEDS
+    }
+
+    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, AxisError> {
+        score(i.k, &self.stats, i.ctx.layer, i.next, self.horizon)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,10 +79,6 @@ impl<B: Backend> LowRank<B> {
 impl<B: Backend> CompressionAxis<B> for LowRank<B> {
     type Setting = LowRankSetting;
 
-    fn name(&self) -> &'static str {
-        "lowrank"
-    }
-
     fn compress(
         &self,
         segment: Segment<B>,
@@ -109,29 +105,4 @@ impl<B: Backend> CompressionAxis<B> for LowRank<B> {
         };
         Footprint::dense(Bytes((per(s.k_rank) + per(s.v_rank)) as u64))
     }
-}
-
-/// Attention logits `[b, q_heads, tq, t]` scored in the reduced space: each query is projected
-/// onto its KV head's basis and dotted with the stored coefficients, never decoding the keys.
-pub fn reduced_scores<B: Backend>(
-    q: Tensor<B, 4>,
-    coeffs: Tensor<B, 4>,
-    basis: Tensor<B, 3>,
-) -> Tensor<B, 4> {
-    let [b, qh, tq, d] = q.dims();
-    let [_, kvh, t, r] = coeffs.dims();
-    let g = qh / kvh;
-    let qr = q
-        .reshape([b, kvh, g * tq, d])
-        .swap_dims(0, 1)
-        .reshape([kvh, b * g * tq, d])
-        .matmul(basis);
-    let qr = qr
-        .reshape([kvh, b, g * tq, r])
-        .swap_dims(0, 1)
-        .reshape([b * kvh, g * tq, r]);
-    let c = coeffs.reshape([b * kvh, t, r]);
-    qr.matmul(c.swap_dims(1, 2))
-        .reshape([b, qh, tq, t])
-        .mul_scalar(1.0 / (d as f64).sqrt())
 }

@@ -11,6 +11,10 @@
 
 mod axis;
 mod pca;
+// The crate's invariants (proptest), in the unit-test binary like every crate's tests: a
+// separate integration binary would compile burn's CPU backend once more.
+#[cfg(test)]
+mod invariants;
 
-pub use axis::{LowRank, LowRankSetting, reduced_scores};
+pub use axis::{LowRank, LowRankSetting};
 pub use pca::{LowRankError, PcaAccumulator, PcaBases};

@@ -138,10 +138,6 @@ impl Kivi {
 impl<B: Backend> CompressionAxis<B> for Kivi {
     type Setting = QuantSetting;
 
-    fn name(&self) -> &'static str {
-        "kivi"
-    }
-
     fn compress(
         &self,
         segment: Segment<B>,

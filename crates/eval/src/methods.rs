@@ -111,9 +111,9 @@ pub fn default_methods(quick: bool) -> Vec<Method> {
         Method::HeteroRank,
         Method::Pyramid(Snapkv),
     ];
-    // The redundancy-aware selection is left out: its greedy pass costs ~0.3 s per layer at 4k
-    // tokens (a quarter of the default run) and it lost to plain top-k on every real-model
-    // measurement (`tests/tests/real_model/evict.rs`).
+    // The redundancy-aware selection is left out: its greedy pass is quadratic in the kept
+    // tokens (it would take a quarter of the default run) and it lost to plain top-k on every
+    // real-model measurement (`tests/tests/real_model/evict.rs`).
     m.extend(
         [Streaming, Snapkv, Knorm, Tova, H2o, ExpectedAttention, Trig]
             .into_iter()

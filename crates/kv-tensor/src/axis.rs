@@ -56,9 +56,6 @@ pub trait CompressionAxis<B: Backend>: Send + Sync {
     /// The per-layer knob of this axis (a keep ratio, bit widths, ranks…).
     type Setting: Clone + Send + Sync + Debug + PartialEq + Serialize + DeserializeOwned;
 
-    /// Short name for reports.
-    fn name(&self) -> &'static str;
-
     /// Compresses `segment` along this axis.
     fn compress(
         &self,

@@ -26,7 +26,7 @@ mod partial_attention;
 mod segment;
 mod units;
 // Tests of the host attention against a naive loop-by-loop softmax, kept in the unit-test binary: a
-// separate integration binary would compile burn's CPU backend once more (~100 s of CI each).
+// separate integration binary would compile burn's CPU backend once more.
 #[cfg(test)]
 mod attention_reference;
 #[cfg(test)]
@@ -36,7 +36,7 @@ pub use attention::{
     ATTENTION_QUERY_CHUNK, attention, attention_padded, attention_with_mass, window_attention,
 };
 pub use axis::{CompressionAxis, ObservationCtx};
-pub use cache::{FullCache, LayerCache, PrefillCompressedCache, RecordingCache};
+pub use cache::{FullCache, LayerCache, RecordingCache};
 pub use encoded::{Encoded, GroupAxis, Quantized};
 pub use error::{AxisError, KvError};
 pub use footprint::Footprint;
@@ -46,4 +46,4 @@ pub use layer::CompressedLayer;
 pub use layout::{KvLayout, LayerShape};
 pub use packing::{CodeBits, PackedCodes};
 pub use segment::{Positions, Segment};
-pub use units::{Bits, Bytes, LayerIdx, Ratio};
+pub use units::{Bits, Bytes, Ratio};

@@ -1,5 +1,4 @@
-//! Validated newtypes for the quantities every plan talks about: bit widths, ratios, bytes and
-//! layer indices. They are checked once at construction, so inner code never re-checks ranges.
+//! Validated newtypes for the quantities every plan talks about: bit widths, ratios and bytes. They are checked once at construction, so inner code never re-checks ranges.
 use crate::KvError;
 use crate::packing::CodeBits;
 use serde::{Deserialize, Serialize};
@@ -170,37 +169,6 @@ impl fmt::Display for Bytes {
         } else {
             write!(f, "{} B", self.0)
         }
-    }
-}
-
-/// Index of a decoder layer, checked against a layer count when built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct LayerIdx(usize);
-
-impl LayerIdx {
-    /// Validates `i < layers`.
-    pub fn new(i: usize, layers: usize) -> Result<Self, KvError> {
-        if i < layers {
-            Ok(LayerIdx(i))
-        } else {
-            Err(KvError::InvalidValue {
-                what: "layer index",
-                value: format!("{i} (model has {layers} layers)"),
-                allowed: "an index below the layer count",
-            })
-        }
-    }
-
-    /// The index as a plain integer.
-    pub fn get(self) -> usize {
-        self.0
-    }
-}
-
-impl fmt::Display for LayerIdx {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
     }
 }
 

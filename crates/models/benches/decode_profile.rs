@@ -1,7 +1,7 @@
 //! Times decode steps at a given context on the embedded model (profiling aid, release build):
 //! `cargo bench -p models --bench decode_profile -- [context 2047] [steps 20] [f32]`, `f32` to
 //! decode from f32 rows rather than the file's blocks. A bench target, not an example, so that
-//! `cargo test` does not compile it (each binary costs ~100 s of CI compile).
+//! `cargo test` does not compile it (each binary compiles burn's CPU backend once more).
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
 use models::{Logits, PrefillOptions};

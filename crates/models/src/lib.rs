@@ -17,6 +17,10 @@ mod quant_rows;
 mod rope;
 mod tokenizer;
 mod weights;
+// The crate's tests on tiny model files the tests write themselves, in the unit-test binary
+// like every crate's tests.
+#[cfg(test)]
+mod tests;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{LlamaConfig, RopeLayout};

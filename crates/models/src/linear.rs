@@ -224,8 +224,7 @@ fn matvec(rows: &HostRows, x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f
 
 /// Dot products of a run of weight rows with every input row (`ys` is `[rows][t]`), as a
 /// [`pulp::WithSimd`] so that the loops are compiled for the widest vector unit the CPU has
-/// (AVX2/FMA here; with the attention kernel dispatched the same way, a release decode step at
-/// 2048 tokens went from 48 to 45 ms).
+/// (AVX2/FMA where the CPU has them).
 struct RowDots<'a> {
     rows: &'a [f32],
     x: &'a [f32],

@@ -1,8 +1,8 @@
 //! Decode-time matrix–vector products straight from ggml's 32-value blocks (Q4_1 and Q8_0).
 //!
 //! Why: a decode step reads every weight once, so on a CPU its speed is the weights' bytes over
-//! memory bandwidth. Dequantised to f32 the 135M SmolLM2 streams 0.54 GB per token (27 ms at
-//! the ~20 GB/s both cores reach here); its Q4_1/Q8_0 blocks are 0.1 GB. Dequantising inside
+//! memory bandwidth. Dequantised to f32 the 135M SmolLM2 streams 0.54 GB per token; its
+//! Q4_1/Q8_0 blocks are 0.1 GB, five times fewer bytes. Dequantising inside
 //! the dot product loses nothing: `Σ (d·q_i + m)·x_i = d·Σ q_i·x_i + m·Σ x_i`, the same weights
 //! as the f32 copy, summed in another order. Plain Rust loops over nibbles vectorise poorly
 //! (compute-bound, no faster than streaming f32), so x86-64 CPUs with AVX2/FMA get an explicit

@@ -22,7 +22,7 @@ use std::sync::Arc;
 pub struct RoutedCache<B: Backend> {
     layer: CompressedLayer<B>,
     expert: Expert,
-    evict: Evict,
+    evict: Evict<B>,
     lowrank: Option<Arc<LowRank<B>>>,
     layer_idx: usize,
     prefilled: bool,
@@ -44,7 +44,7 @@ struct Chunked {
 #[derive(Clone, Default)]
 pub struct Axes<B: Backend> {
     /// The eviction axis.
-    pub evict: Evict,
+    pub evict: Evict<B>,
     /// Low-rank bases, needed by experts that project.
     pub lowrank: Option<Arc<LowRank<B>>>,
 }
@@ -73,7 +73,7 @@ impl<B: Backend> RoutedCache<B> {
 
     /// An empty cache for `expert` whose axes carry calibration: the eviction axis (trig
     /// statistics) and the low-rank bases of every layer.
-    pub fn with_axes(expert: Expert, evict: Evict, lowrank: Option<Arc<LowRank<B>>>) -> Self {
+    pub fn with_axes(expert: Expert, evict: Evict<B>, lowrank: Option<Arc<LowRank<B>>>) -> Self {
         Self {
             layer: CompressedLayer::new(),
             expert,

@@ -11,6 +11,10 @@
 mod cache;
 mod expert;
 mod plan;
+// The crate's invariants (proptest), in the unit-test binary like every crate's tests: a
+// separate integration binary would compile burn's CPU backend once more.
+#[cfg(test)]
+mod invariants;
 
 pub use cache::{Axes, RoutedCache};
 pub use expert::{Expert, RESIDUAL};

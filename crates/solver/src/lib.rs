@@ -22,6 +22,10 @@ mod menu;
 mod method;
 mod problem;
 mod table;
+// The crate's invariants (proptest), in the unit-test binary like every crate's tests: a
+// separate integration binary would compile burn's CPU backend once more.
+#[cfg(test)]
+mod invariants;
 
 pub use budget::Budget;
 pub use calibrate::{CalibrationOptions, calibrate, fit_axes};

@@ -1,7 +1,7 @@
 //! Solver properties on random tables: never over budget, exact ≤ greedy, loss non-increasing
 //! as the budget grows, infeasible budgets name the smallest feasible bytes.
+use crate::{Problem, SolverError, exact, greedy};
 use proptest::prelude::*;
-use solver::{Problem, SolverError, exact, greedy};
 
 fn problem() -> impl Strategy<Value = Problem> {
     let cand = (1u64..40, 0.0f64..10.0).prop_map(|(b, l)| (b * 8, l));

@@ -2,12 +2,12 @@
 //! f32 rows where blocks cannot be used, and computes the same logits as burn's matmul over the
 //! dequantised weights.
 
-use crate::support::*;
+use super::support::*;
+use crate::gguf::Gguf;
+use crate::{Llama, LlamaConfig, Logits, PrefillOptions};
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
-use models::gguf::Gguf;
-use models::{Llama, LlamaConfig, Logits, PrefillOptions};
 
 type B = NdArray<f32>;
 

@@ -1,12 +1,12 @@
 //! `decode_batch` steps several sequences (caches of different lengths) at once and gives, row
 //! for row, the logits of decoding each alone.
 
-use crate::support::*;
+use super::support::*;
+use crate::gguf::Gguf;
+use crate::{Llama, LlamaConfig, Logits};
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
-use models::gguf::Gguf;
-use models::{Llama, LlamaConfig, Logits};
 
 type B = NdArray<f32>;
 

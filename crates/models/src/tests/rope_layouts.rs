@@ -1,12 +1,12 @@
 //! The same tiny model saved as GGUF (llama.cpp's permuted Q/K, interleaved-pair RoPE) and as
 //! HF safetensors (rotate-half RoPE) gives the same logits: both pair layouts are right.
 
-use crate::support::*;
+use super::support::*;
+use crate::gguf::Gguf;
+use crate::{Llama, LlamaConfig, Logits, PrefillOptions, RopeLayout, SafetensorsWeights};
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
-use models::gguf::Gguf;
-use models::{Llama, LlamaConfig, Logits, PrefillOptions, RopeLayout, SafetensorsWeights};
 
 type B = NdArray<f32>;
 
@@ -115,7 +115,7 @@ fn over_long_prompt_is_an_error() {
     assert!(
         matches!(
             e,
-            models::ModelError::PromptTooLong {
+            crate::ModelError::PromptTooLong {
                 tokens: 300,
                 context: 256
             }

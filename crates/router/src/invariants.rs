@@ -1,5 +1,6 @@
 //! Routed caches: footprint == prediction for random experts; plans round-trip and are
 //! validated on load with errors that name the line.
+use crate::{Expert, RoutedCache, RouterError, RoutingPlan};
 use axis_evict::{Evict, EvictSetting, ScorerKind, Selection};
 use axis_lowrank::{LowRank, LowRankSetting};
 use axis_quant::QuantSetting;
@@ -7,7 +8,6 @@ use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
 use kv_tensor::{Bits, LayerCache, LayerShape, ObservationCtx, Ratio};
 use proptest::prelude::*;
-use router::{Expert, RoutedCache, RouterError, RoutingPlan};
 use std::sync::Arc;
 
 type B = NdArray<f32>;

@@ -1,16 +1,16 @@
 //! Thousands of random truncations and byte flips of small GGUF files: every one is either
 //! parsed or rejected with a typed error, never a panic; and a parsed file dequantises safely.
 
-use crate::support::{Rng, tiny_gguf};
-use models::ModelError;
-use models::gguf::Gguf;
+use super::support::{Rng, tiny_gguf};
+use crate::ModelError;
+use crate::gguf::Gguf;
 
 fn parse_and_read(bytes: Vec<u8>) -> Result<(), ModelError> {
     let g = Gguf::parse(bytes)?;
     for name in g.tensors.keys() {
         g.tensor_f32(name)?;
     }
-    models::LlamaConfig::from_gguf(&g)?;
+    crate::LlamaConfig::from_gguf(&g)?;
     Ok(())
 }
 
