@@ -5,8 +5,8 @@
 //! was asked to attend with), so SnapKV, TOVA and expected attention work during decoding; H2O
 //! (prefill attention mass) and head-wise ragged selection are refused at construction.
 use crate::{Evict, EvictSetting, ScorerKind, Selection};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
+use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache, ObservationCtx,
     Positions, Ratio, Segment,
@@ -64,7 +64,7 @@ impl DecodingSetting {
 
 /// A cache that evicts at the end of prefill and again during decoding (see the module doc).
 #[derive(Debug)]
-pub struct DecodingEvictCache<B: Backend> {
+pub struct DecodingEvictCache<B: KvBackend> {
     layer: CompressedLayer<B>,
     axis: Evict<B>,
     setting: DecodingSetting,
@@ -74,7 +74,7 @@ pub struct DecodingEvictCache<B: Backend> {
     layer_idx: usize,
 }
 
-impl<B: Backend> DecodingEvictCache<B> {
+impl<B: KvBackend> DecodingEvictCache<B> {
     /// An empty cache; the setting is validated here.
     pub fn new(axis: Evict<B>, setting: DecodingSetting) -> Result<Self, AxisError> {
         setting.validate()?;
@@ -117,7 +117,7 @@ impl<B: Backend> DecodingEvictCache<B> {
     }
 }
 
-impl<B: Backend> LayerCache<B> for DecodingEvictCache<B> {
+impl<B: KvBackend> LayerCache<B> for DecodingEvictCache<B> {
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
         let t = k.dims()[2];
         self.layer.push(k, v)?;

@@ -4,7 +4,7 @@ use crate::scorer::{ScoreInput, Scorer};
 use crate::trig::TrigStats;
 use crate::{EvictSetting, ScorerKind, Selection, headwise, redundancy, select};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Positions,
     Segment,
@@ -14,11 +14,11 @@ use std::sync::Arc;
 /// The eviction axis. Holds the scorers built from calibration (TriAttention's statistics);
 /// every other scorer is the registry's uncalibrated one.
 #[derive(Debug, Clone)]
-pub struct Evict<B: Backend> {
+pub struct Evict<B: KvBackend> {
     calibrated: Vec<(ScorerKind, Arc<dyn Scorer<B>>)>,
 }
 
-impl<B: Backend> Default for Evict<B> {
+impl<B: KvBackend> Default for Evict<B> {
     fn default() -> Self {
         Self {
             calibrated: Vec::new(),
@@ -26,7 +26,7 @@ impl<B: Backend> Default for Evict<B> {
     }
 }
 
-impl<B: Backend> Evict<B> {
+impl<B: KvBackend> Evict<B> {
     /// The axis with the uncalibrated scorers (every scorer but `trig`).
     pub fn new() -> Self {
         Self::default()
@@ -73,7 +73,7 @@ impl<B: Backend> Evict<B> {
 }
 
 /// Position of the query after a segment's newest token.
-fn next_position<B: Backend>(positions: &Positions<B>, t: usize) -> Result<usize, AxisError> {
+fn next_position<B: KvBackend>(positions: &Positions<B>, t: usize) -> Result<usize, AxisError> {
     match positions {
         Positions::Contiguous { start, len } => Ok(start + len),
         Positions::Explicit(p) => {
@@ -93,7 +93,7 @@ fn next_position<B: Backend>(positions: &Positions<B>, t: usize) -> Result<usize
     }
 }
 
-impl<B: Backend> CompressionAxis<B> for Evict<B> {
+impl<B: KvBackend> CompressionAxis<B> for Evict<B> {
     type Setting = EvictSetting;
 
     /// Evicts a dense segment. Its positions may be contiguous (a prompt) or explicit (a cache

@@ -5,11 +5,11 @@
 //! softmax weights times the value norm, as in kvpress.
 use burn::tensor::Tensor;
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, ObservationCtx};
 
 /// `[b, h, t]` scores.
-pub fn score<B: Backend>(
+pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
@@ -52,7 +52,7 @@ impl crate::ScorerType for ExpectedAttention {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for ExpectedAttention {
+impl<B: KvBackend> crate::Scorer<B> for ExpectedAttention {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

@@ -2,11 +2,11 @@
 //! Language Models", 2023): the attention each key accumulated over every prefill query. The
 //! model computes it when asked (`PrefillOptions::attention_mass`).
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, ObservationCtx};
 
 /// `[b, h, t]` scores: accumulated attention.
-pub fn score<B: Backend>(
+pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
@@ -46,7 +46,7 @@ impl crate::ScorerType for H2o {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for H2o {
+impl<B: KvBackend> crate::Scorer<B> for H2o {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

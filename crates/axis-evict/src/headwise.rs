@@ -7,13 +7,13 @@
 //!
 //! Heads end up with different lengths. The kept tokens are stored ragged (one tensor per head,
 //! [`kv_tensor::Encoded::Ragged`]), so memory really shrinks; kvpress only masks evicted entries.
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, Encoded, Positions, Segment};
 
 /// Per KV head, the kept token indices (ascending) from `scores` `[1, h, t]` (protected = +∞),
 /// `n` tokens per head on average, `min_share` of `n` guaranteed per head.
-pub fn select<B: Backend>(
+pub fn select<B: KvBackend>(
     scores: Tensor<B, 3>,
     n: usize,
     min_share: f64,
@@ -38,7 +38,7 @@ pub fn select<B: Backend>(
 
 /// The ragged segment of the `kept` rows of every head (batch 1): each head's keys, values and
 /// positions gathered on their own, so heads hold different token counts.
-pub fn assemble<B: Backend>(
+pub fn assemble<B: KvBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     positions: Tensor<B, 3, Int>,

@@ -2,10 +2,10 @@
 //! Compression", 2024): keys with a small norm attract more attention, so the score is the
 //! negative key norm.
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 
 /// `[b, h, t]` scores: `−‖k‖`.
-pub fn score<B: Backend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
+pub fn score<B: KvBackend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, h, t, _] = k.dims();
     k.clone()
         .square()
@@ -31,7 +31,7 @@ impl crate::ScorerType for Knorm {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for Knorm {
+impl<B: KvBackend> crate::Scorer<B> for Knorm {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

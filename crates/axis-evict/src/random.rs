@@ -1,10 +1,10 @@
 //! Random scores: the control every real scorer must beat.
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use kv_tensor::KvBackend;
 
 /// `[b, h, t]` pseudo-random scores in [0, 1), reproducible from `seed`: an LCG step of the
 /// flat index in integer arithmetic (exact on every backend, no RNG state).
-pub fn score<B: Backend>(k: &Tensor<B, 4>, seed: u64) -> Tensor<B, 3> {
+pub fn score<B: KvBackend>(k: &Tensor<B, 4>, seed: u64) -> Tensor<B, 3> {
     let [b, h, t, _] = k.dims();
     let n = b * h * t;
     let i = Tensor::<B, 1, Int>::arange(0..n as i64, &k.device());
@@ -30,7 +30,7 @@ impl crate::ScorerType for Random {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for Random {
+impl<B: KvBackend> crate::Scorer<B> for Random {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

@@ -6,13 +6,13 @@
 //! measured between value vectors, what attention actually returns. Dissimilar tokens are not
 //! rewarded (the similarity is clamped at 0). Protected tokens (infinite scores) are kept first.
 //! With λ = 0 this is exactly top-k.
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kv_tensor::AxisError;
+use kv_tensor::KvBackend;
 
 /// Indices `[b, h, n]` (ascending) chosen from `scores` `[b, h, t]` (protected = +∞) with
 /// values `v` `[b, h, t, d]`.
-pub fn select<B: Backend>(
+pub fn select<B: KvBackend>(
     scores: Tensor<B, 3>,
     v: &Tensor<B, 4>,
     n: usize,
@@ -101,7 +101,7 @@ pub fn greedy(scores: &[f32], unit_values: &[f32], d: usize, n: usize, lambda: f
     order
 }
 
-fn host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Vec<f32>, AxisError> {
+fn host<B: KvBackend, const D: usize>(x: Tensor<B, D>) -> Result<Vec<f32>, AxisError> {
     x.into_data()
         .convert::<f32>()
         .into_vec()

@@ -2,7 +2,7 @@
 //! ships. Adding a scorer is one file (a type implementing [`ScorerType`] and [`Scorer`]) and
 //! one line in [`scorers!`]'s invocation below.
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, ObservationCtx};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ pub struct ScorerNeeds {
 /// What a scorer is given: the cached keys (after RoPE) and values `[b, h, t, d]`, the
 /// position of the next query, and what the prefill observed.
 #[derive(Debug, Clone, Copy)]
-pub struct ScoreInput<'a, B: Backend> {
+pub struct ScoreInput<'a, B: KvBackend> {
     /// Keys, after RoPE.
     pub k: &'a Tensor<B, 4>,
     /// Values.
@@ -36,7 +36,7 @@ pub struct ScoreInput<'a, B: Backend> {
 /// A scorer: the importance `[b, h, t]` of every cached token per KV head, higher = keep.
 /// Selections ([`crate::select`], [`crate::headwise`], [`crate::redundancy`]) turn scores
 /// into kept tokens.
-pub trait Scorer<B: Backend>: Send + Sync + std::fmt::Debug {
+pub trait Scorer<B: KvBackend>: Send + Sync + std::fmt::Debug {
     /// What the scorer reads besides keys and values.
     fn needs(&self) -> ScorerNeeds;
 
@@ -84,7 +84,7 @@ macro_rules! scorers {
             }
 
             /// The uncalibrated scorer (`None` for one built from calibration statistics).
-            pub fn builtin<B: Backend>(self) -> Option<Arc<dyn Scorer<B>>> {
+            pub fn builtin<B: KvBackend>(self) -> Option<Arc<dyn Scorer<B>>> {
                 match self {
                     $(ScorerKind::$kind => <$ty as ScorerType>::builtin()
                         .map(|s| Arc::new(s) as Arc<dyn Scorer<B>>),)*

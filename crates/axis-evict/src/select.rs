@@ -1,10 +1,10 @@
 //! Selection: protect sinks and the recent window, keep the top-k tokens of each KV head, and
 //! gather them in position order.
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, IntDType, Tensor};
+use kv_tensor::KvBackend;
 
 /// Raises the scores of the first `sinks` and last `window` tokens above every other score.
-pub fn protect<B: Backend>(scores: Tensor<B, 3>, sinks: usize, window: usize) -> Tensor<B, 3> {
+pub fn protect<B: KvBackend>(scores: Tensor<B, 3>, sinks: usize, window: usize) -> Tensor<B, 3> {
     let [b, h, t] = scores.dims();
     let device = scores.device();
     let pos = Tensor::<B, 1, Int>::arange(0..t as i64, &device);
@@ -17,13 +17,13 @@ pub fn protect<B: Backend>(scores: Tensor<B, 3>, sinks: usize, window: usize) ->
 }
 
 /// Indices `[b, h, n]` of the `n` highest scores per head, ascending (position order).
-pub fn top_k<B: Backend>(scores: Tensor<B, 3>, n: usize) -> Tensor<B, 3, Int> {
+pub fn top_k<B: KvBackend>(scores: Tensor<B, 3>, n: usize) -> Tensor<B, 3, Int> {
     let (_, idx) = scores.topk_with_indices(n, 2);
     idx.sort(2).cast(IntDType::I32)
 }
 
 /// Keys and values at `idx` `[b, h, n]` along the token axis.
-pub fn gather<B: Backend>(
+pub fn gather<B: KvBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     idx: Tensor<B, 3, Int>,

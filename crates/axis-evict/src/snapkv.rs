@@ -3,15 +3,15 @@
 //! the window and over the query heads sharing a KV head, then max-pooled along tokens (kernel
 //! 7) so that neighbours of important tokens survive together.
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use burn::tensor::module::max_pool1d;
+use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, ObservationCtx, window_attention};
 
 /// Pooling kernel along tokens.
 pub const KERNEL: usize = 7;
 
 /// `[b, h, t]` scores.
-pub fn score<B: Backend>(
+pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
@@ -38,7 +38,7 @@ impl crate::ScorerType for Snapkv {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for Snapkv {
+impl<B: KvBackend> crate::Scorer<B> for Snapkv {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

@@ -1,11 +1,11 @@
 //! StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
 //! 2023): keep the attention sinks and the most recent tokens. The score is the position, so
 //! with any keep ratio the newest tokens win; sinks are protected by the selection.
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
+use kv_tensor::KvBackend;
 
 /// `[b, h, t]` scores: the token index.
-pub fn score<B: Backend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
+pub fn score<B: KvBackend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
     let [b, h, t, _] = k.dims();
     Tensor::<B, 1, Int>::arange(0..t as i64, &k.device())
         .float()
@@ -29,7 +29,7 @@ impl crate::ScorerType for Streaming {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for Streaming {
+impl<B: KvBackend> crate::Scorer<B> for Streaming {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

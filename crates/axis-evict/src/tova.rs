@@ -1,11 +1,11 @@
 //! TOVA (Oren et al., "Transformers are Multi-State RNNs", 2024): keep the tokens the last
 //! query attends to most, averaged over heads.
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, ObservationCtx, window_attention};
 
 /// `[b, h, t]` scores: the last query's attention.
-pub fn score<B: Backend>(
+pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
@@ -34,7 +34,7 @@ impl crate::ScorerType for Tova {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for Tova {
+impl<B: KvBackend> crate::Scorer<B> for Tova {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

@@ -14,9 +14,9 @@
 //! Because keys are scored after RoPE, no key positions are needed: the rotation is already in
 //! `k_f`. The statistics come from calibration ([`TrigAccumulator`]), are saved as JSON with the
 //! model's sha256 and validated on load ([`TrigStats::from_json`]).
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use kv_tensor::AxisError;
+use kv_tensor::KvBackend;
 use serde::{Deserialize, Serialize};
 
 /// Future query positions averaged over by default.
@@ -216,7 +216,7 @@ impl TrigAccumulator {
     }
 
     /// Adds the pre-RoPE queries `[b, q_heads, w, d]` of `layer`.
-    pub fn add<B: Backend>(&mut self, layer: usize, q: &Tensor<B, 4>) -> Result<(), TrigError> {
+    pub fn add<B: KvBackend>(&mut self, layer: usize, q: &Tensor<B, 4>) -> Result<(), TrigError> {
         let [b, qh, w, d] = q.dims();
         if layer >= self.sums.len() || qh != self.q_heads || d != self.head_dim {
             return Err(TrigError::Shape(format!(
@@ -289,7 +289,7 @@ impl TrigAccumulator {
 
 /// `[b, kv_heads, t]` scores of post-RoPE keys `k` `[b, kv_heads, t, d]` of `layer`, for
 /// queries at positions `next..next + horizon`.
-pub fn score<B: Backend>(
+pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     stats: &TrigStats,
     layer: usize,
@@ -365,7 +365,7 @@ impl crate::ScorerType for Trig {
     }
 }
 
-impl<B: Backend> crate::Scorer<B> for Trig {
+impl<B: KvBackend> crate::Scorer<B> for Trig {
     fn needs(&self) -> crate::ScorerNeeds {
         <Self as crate::ScorerType>::NEEDS
     }

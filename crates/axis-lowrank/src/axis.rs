@@ -1,7 +1,7 @@
 //! Low-rank projection as a compression axis.
 use crate::{LowRankError, PcaBases};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Segment,
 };
@@ -21,12 +21,12 @@ pub struct LowRankSetting {
 
 /// The axis: per layer, full bases `[h, d, d]` for keys and values (columns by decreasing
 /// variance); a rank-r setting keeps the first r columns.
-pub struct LowRank<B: Backend> {
+pub struct LowRank<B: KvBackend> {
     bases: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
     head_dim: usize,
 }
 
-impl<B: Backend> LowRank<B> {
+impl<B: KvBackend> LowRank<B> {
     /// Loads every layer's bases onto `device`.
     pub fn new(bases: &PcaBases, device: &B::Device) -> Result<Self, LowRankError> {
         let layers = (0..bases.layers.len())
@@ -76,7 +76,7 @@ impl<B: Backend> LowRank<B> {
     }
 }
 
-impl<B: Backend> CompressionAxis<B> for LowRank<B> {
+impl<B: KvBackend> CompressionAxis<B> for LowRank<B> {
     type Setting = LowRankSetting;
 
     fn compress(

@@ -4,7 +4,7 @@
 //! the best rank-r approximation of the vectors themselves (no mean to store), which is what a
 //! projected cache decodes.
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use nalgebra::{DMatrix, SymmetricEigen};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -62,7 +62,7 @@ impl PcaAccumulator {
     }
 
     /// Adds a layer's keys and values `[1, kv_heads, t, d]`.
-    pub fn add<B: Backend>(
+    pub fn add<B: KvBackend>(
         &mut self,
         layer: usize,
         k: &Tensor<B, 4>,
@@ -204,7 +204,7 @@ impl PcaBases {
     }
 
     /// A layer's full bases as tensors `[h, d, d]` for keys and values.
-    pub fn tensors<B: Backend>(
+    pub fn tensors<B: KvBackend>(
         &self,
         layer: usize,
         device: &B::Device,

@@ -6,14 +6,14 @@
 //! half a stored scale step of its reconstruction.
 use crate::{QuantError, QuantSetting};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, Bits, CodeBits, CompressionAxis, Encoded, Footprint, Fp16Tensor, GroupAxis,
     LayerShape, ObservationCtx, PackedCodes, Quantized, Segment,
 };
 
 /// Quantizes `x` `[b, h, t, d]` to `bits` with groups of `group` along `along`.
-pub fn quantize<B: Backend>(
+pub fn quantize<B: KvBackend>(
     x: Tensor<B, 4>,
     bits: CodeBits,
     group: usize,
@@ -82,7 +82,7 @@ pub fn quantize<B: Backend>(
 pub struct Kivi;
 
 impl Kivi {
-    fn side<B: Backend>(
+    fn side<B: KvBackend>(
         e: Encoded<B>,
         bits: Bits,
         group: usize,
@@ -135,7 +135,7 @@ impl Kivi {
     }
 }
 
-impl<B: Backend> CompressionAxis<B> for Kivi {
+impl<B: KvBackend> CompressionAxis<B> for Kivi {
     type Setting = QuantSetting;
 
     fn compress(

@@ -7,7 +7,7 @@
 //! same trait. One router can be shared by every layer, or [`PerLayer`] holds one per layer.
 use crate::{Kivi, QuantSetting};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, Bits, Bytes, CompressedLayer, CompressionAxis, Footprint, GroupAxis, KvError,
     LayerCache, LayerShape, ObservationCtx, Ratio, window_attention,
@@ -177,7 +177,7 @@ impl ChunkRouter for PerLayer {
 /// (with the observation window's attention) and, during decode, whenever a new chunk is full
 /// (with neutral importance); the incomplete last chunk stays dense.
 #[derive(Clone)]
-pub struct MoqaeCache<B: Backend> {
+pub struct MoqaeCache<B: KvBackend> {
     layer: CompressedLayer<B>,
     router: Arc<dyn ChunkRouter>,
     layer_idx: usize,
@@ -188,7 +188,7 @@ pub struct MoqaeCache<B: Backend> {
     pub routed: Vec<Bits>,
 }
 
-impl<B: Backend> MoqaeCache<B> {
+impl<B: KvBackend> MoqaeCache<B> {
     /// MoQAE's default chunk size.
     pub const DEFAULT_CHUNK: usize = DEFAULT_CHUNK;
 
@@ -273,7 +273,7 @@ impl<B: Backend> MoqaeCache<B> {
     }
 }
 
-impl<B: Backend> LayerCache<B> for MoqaeCache<B> {
+impl<B: KvBackend> LayerCache<B> for MoqaeCache<B> {
     fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
         Some(Box::new(self.clone()))
     }

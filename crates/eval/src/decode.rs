@@ -2,12 +2,12 @@
 //! batched step for all of them (the weights are read once per step).
 use crate::error::Result;
 use crate::tasks::TaskSample;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::LayerCache;
 use models::LoadedModel;
 
 /// A greedy answer under way: caches holding the question and the answer but its last token.
-pub struct Generation<B: Backend> {
+pub struct Generation<B: KvBackend> {
     /// Index of its record.
     pub record: usize,
     /// The caches.
@@ -18,7 +18,7 @@ pub struct Generation<B: Backend> {
 
 /// Greedy decoding of every pending answer in lockstep (one batched step for all methods),
 /// each until the end of the turn, a line break after a non-empty answer, or `max_new` tokens.
-pub fn generate<B: Backend>(
+pub fn generate<B: KvBackend>(
     m: &LoadedModel<B>,
     t: &TaskSample,
     pending: &mut [Generation<B>],

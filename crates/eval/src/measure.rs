@@ -8,7 +8,7 @@ use crate::progress::{Event, Progress};
 use crate::tasks::TaskSample;
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{LayerCache, RecordingCache};
 use models::{LoadedModel, Logits, PrefillOptions};
 use serde::Serialize;
@@ -63,7 +63,7 @@ struct TeacherForced {
 
 /// What every method of one sample shares: the model, the calibrated axes, the recorded full
 /// prefill and the sample.
-pub struct EntryCtx<'a, B: Backend> {
+pub struct EntryCtx<'a, B: KvBackend> {
     /// The model.
     pub m: &'a LoadedModel<B>,
     /// The calibrated axes plans share.
@@ -83,7 +83,7 @@ pub struct EntryCtx<'a, B: Backend> {
 }
 
 /// One method measured on one sample.
-pub struct Measured<B: Backend> {
+pub struct Measured<B: KvBackend> {
     /// The record (prediction and score still empty for an answer to generate).
     pub record: Record,
     /// Log-probabilities of the prose continuation (the full cache's are the KL reference).
@@ -94,7 +94,7 @@ pub struct Measured<B: Backend> {
     pub seconds: [f64; 2],
 }
 
-impl<B: Backend> EntryCtx<'_, B> {
+impl<B: KvBackend> EntryCtx<'_, B> {
     /// `entry`'s caches holding the sample's context, compressed: from the shared recorded
     /// prefill, or by a prefill of the method's own that compresses chunk by chunk.
     fn caches(&self, entry: &Entry) -> Result<Caches<B>> {
@@ -198,7 +198,7 @@ impl<B: Backend> EntryCtx<'_, B> {
 /// pass computes: generation only has to start at the first gold token that is not (and when
 /// there is none, the greedy answer starts with the whole gold answer, which holds every
 /// reference).
-fn teacher_forced<B: Backend>(
+fn teacher_forced<B: KvBackend>(
     m: &LoadedModel<B>,
     t: &TaskSample,
     caches: &mut [Box<dyn LayerCache<B>>],
@@ -240,7 +240,7 @@ fn teacher_forced<B: Backend>(
 
 /// Every layer's cache for `entry`, given the recorded full prefill: appended and compressed at
 /// the end of prefill, as at inference.
-fn compressed<B: Backend>(
+fn compressed<B: KvBackend>(
     entry: &Entry,
     rec: &[RecordingCache<B>],
     axes: &router::Axes<B>,
@@ -263,7 +263,7 @@ pub type Recording<B> = Vec<RecordingCache<B>>;
 
 /// The full prefill of every sample (in `groups` order), recorded for every method to share.
 /// Runs one sample per core, longest first; each prefill's matmuls may still use every core.
-pub fn prefill_all<B: Backend>(
+pub fn prefill_all<B: KvBackend>(
     m: &LoadedModel<B>,
     groups: &[(usize, Vec<Sample>)],
     popts: &PrefillOptions,
@@ -325,7 +325,7 @@ pub fn prefill_all<B: Backend>(
 }
 
 /// Mean negative log-likelihood of `targets` under `logp` (one row per target).
-pub fn nll<B: Backend>(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
+pub fn nll<B: KvBackend>(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
     let v: Vec<f32> = logp.clone().into_data().iter::<f32>().collect();
     let vocab = logp.dims()[1];
     targets

@@ -4,7 +4,7 @@
 use axis_evict::ScorerKind;
 use axis_quant::QuantSetting;
 use axis_quant::moqae::{BudgetedRouter, ChunkRouter, MoqaeCache};
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{Bits, FullCache, LayerCache, LayerShape};
 use router::{Axes, Expert, RoutingPlan};
 use solver::{Geometry, Method, SensitivityTable};
@@ -60,7 +60,11 @@ impl Entry {
     }
 
     /// Fresh caches, one per layer, sharing the calibrated `axes`.
-    pub fn caches<B: Backend>(&self, layers: usize, axes: &Axes<B>) -> Vec<Box<dyn LayerCache<B>>> {
+    pub fn caches<B: KvBackend>(
+        &self,
+        layers: usize,
+        axes: &Axes<B>,
+    ) -> Vec<Box<dyn LayerCache<B>>> {
         match &self.build {
             Build::Full => (0..layers)
                 .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)

@@ -16,7 +16,7 @@ use crate::report::{self, Report};
 use crate::session::Session;
 use crate::stats::{self, Summary};
 use crate::tasks::{self, QaSet, Task};
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use models::PrefillOptions;
 use rayon::prelude::*;
 use solver::Budget;
@@ -42,7 +42,7 @@ pub struct Outcome {
 /// Runs the comparison of `opts` on `session`'s model: calibrates (or reuses the table),
 /// generates the samples, plans every method for every sample, measures, and writes results
 /// to `opts.out`. Fails if any method held more than its budget or scored a non-finite value.
-pub fn run<B: Backend>(
+pub fn run<B: KvBackend>(
     session: &Session<B>,
     opts: &EvalOptions,
     progress: &dyn Progress,
@@ -72,7 +72,7 @@ pub fn run<B: Backend>(
     })
 }
 
-fn check_options<B: Backend>(session: &Session<B>, opts: &EvalOptions) -> Result<()> {
+fn check_options<B: KvBackend>(session: &Session<B>, opts: &EvalOptions) -> Result<()> {
     let max_ctx = session.model.model.config.context;
     for &l in opts.lengths.iter().chain([&opts.prose_context]) {
         if l + 512 > max_ctx {
@@ -111,7 +111,7 @@ fn qa_sets(opts: &EvalOptions) -> Result<(Option<QaSet>, Option<QaSet>)> {
 }
 
 /// Every task sample (each task at its lengths) and the prose samples, grouped by length.
-fn samples<B: Backend>(
+fn samples<B: KvBackend>(
     session: &Session<B>,
     opts: &EvalOptions,
     progress: &dyn Progress,
@@ -167,7 +167,7 @@ fn samples<B: Backend>(
 /// Methods for every sample, planned for its exact context length (budgets are fractions of
 /// its fp16 bytes; a plan made for a longer context can overshoot on a shorter one, because
 /// the quantized/dense split of a residual window moves in whole groups).
-fn plan_all<B: Backend>(
+fn plan_all<B: KvBackend>(
     session: &Session<B>,
     table: &solver::SensitivityTable,
     groups: &[Group],
@@ -207,7 +207,7 @@ fn plan_all<B: Backend>(
 struct Phases([f64; 4]);
 
 /// Prefills every sample once, then measures every method on it.
-fn measure_all<B: Backend>(
+fn measure_all<B: KvBackend>(
     session: &Session<B>,
     groups: &[Group],
     plans: &[Vec<Vec<Entry>>],
@@ -274,7 +274,7 @@ fn measure_all<B: Backend>(
 
 /// Every method on one sample: the distinct plans measured (in parallel), twins copied, the
 /// pending answers generated in lockstep and scored.
-fn measure_sample<B: Backend>(
+fn measure_sample<B: KvBackend>(
     ctx: &EntryCtx<'_, B>,
     entries: &[Entry],
     phases: &mut Phases,
@@ -338,7 +338,7 @@ fn measure_sample<B: Backend>(
 
 /// The entries with distinct caches measured, on every core. On prose the full cache runs
 /// first: its next-token distributions are the KL reference.
-fn measure_unique<B: Backend>(
+fn measure_unique<B: KvBackend>(
     ctx: &EntryCtx<'_, B>,
     entries: &[Entry],
     progress: &dyn Progress,

@@ -5,7 +5,7 @@ use crate::error::{IoContext, Result};
 use crate::progress::{Event, Progress};
 use axis_evict::{Evict, ScorerKind, TrigStats};
 use axis_lowrank::{LowRank, PcaBases};
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use models::LoadedModel;
 use router::Axes;
 use sha2::{Digest, Sha256};
@@ -26,7 +26,7 @@ pub struct SessionPaths {
 }
 
 /// A loaded model, its identity, its prose and its calibrated axes.
-pub struct Session<B: Backend> {
+pub struct Session<B: KvBackend> {
     /// The model, tokenizer and chat template.
     pub model: LoadedModel<B>,
     /// sha256 of the model file (calibration files name and check it).
@@ -67,7 +67,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-impl<B: Backend> Session<B> {
+impl<B: KvBackend> Session<B> {
     /// Loads the model and the corpus, and loads the calibrated axes from `paths.calibration`
     /// (checked against the model's sha256) or fits and caches them.
     pub fn open(paths: &SessionPaths, device: &B::Device, progress: &dyn Progress) -> Result<Self> {
@@ -197,7 +197,7 @@ impl<B: Backend> Session<B> {
 
 /// The model's trig statistics and low-rank bases from `dir` (validated against `sha`), or
 /// fitted on calibration prose and written there.
-pub fn calibrated_axes<B: Backend>(
+pub fn calibrated_axes<B: KvBackend>(
     m: &LoadedModel<B>,
     sha: &str,
     text: &str,

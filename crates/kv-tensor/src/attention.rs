@@ -1,7 +1,7 @@
 //! Softmax attention with grouped KV heads and causal masking of the newest tokens.
+use crate::KvBackend;
 use crate::KvError;
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorData};
 
 /// Queries are processed in chunks of this many tokens so that the score matrix of a long
@@ -24,7 +24,7 @@ pub const ATTENTION_QUERY_CHUNK: usize = 128;
 /// - `q`: `[b, q_heads, tq, d]`
 /// - `k`, `v`: `[b, kv_heads, tk, d]`
 /// - returns `[b, q_heads, tq, d]`
-pub fn attention<B: Backend>(
+pub fn attention<B: KvBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -35,7 +35,7 @@ pub fn attention<B: Backend>(
 /// [`attention`] over a cache whose decoded keys contain padding rows (`padding`
 /// `[b, kv_heads, tk]`, true = not a token: heads of a ragged segment shorter than the longest).
 /// Padding rows get zero weight. The newest `tq` rows must be real tokens.
-pub fn attention_padded<B: Backend>(
+pub fn attention_padded<B: KvBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -48,7 +48,7 @@ pub fn attention_padded<B: Backend>(
 /// `[b, kv_heads, tk]`, the softmax weights summed over the queries and over the query heads of
 /// each KV head (H2O's statistic). It comes from the same softmax as the output, so a prefill
 /// that needs it pays for one attention pass, not two.
-pub fn attention_with_mass<B: Backend>(
+pub fn attention_with_mass<B: KvBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -58,7 +58,7 @@ pub fn attention_with_mass<B: Backend>(
     Ok((out, mass.ok_or(KvError::Empty)?))
 }
 
-fn attention_inner<B: Backend>(
+fn attention_inner<B: KvBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -159,7 +159,7 @@ fn attention_inner<B: Backend>(
 /// `c` keys, so query `i` may not see key column `keys − c + j` for `j > i`. Only that trailing
 /// `c × c` block is touched (an additive 0/−∞ bias, tiled over the group), not the whole
 /// score matrix: at 4k tokens a full-width mask costs more than the matmul it guards.
-fn causal_tail<B: Backend>(
+fn causal_tail<B: KvBackend>(
     scores: Tensor<B, 3>,
     g: usize,
     c: usize,
@@ -189,7 +189,7 @@ fn causal_tail<B: Backend>(
 /// - `window_queries`: `[b, q_heads, w, d]`
 /// - `keys`: `[b, kv_heads, t, d]`
 /// - returns `[b, kv_heads, t]` (each row sums to 1 over `t`)
-pub fn window_attention<B: Backend>(
+pub fn window_attention<B: KvBackend>(
     window_queries: Tensor<B, 4>,
     keys: Tensor<B, 4>,
 ) -> Result<Tensor<B, 3>, KvError> {

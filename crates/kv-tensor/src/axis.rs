@@ -1,7 +1,7 @@
 //! The trait every compression axis implements, and what the model observed for scorers.
+use crate::KvBackend;
 use crate::{AxisError, Footprint, LayerShape, Segment};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -10,7 +10,7 @@ use std::fmt::Debug;
 /// pass. Each field is optional: a scorer that needs a missing one returns
 /// [`AxisError::MissingObservation`].
 #[derive(Debug, Clone)]
-pub struct ObservationCtx<B: Backend> {
+pub struct ObservationCtx<B: KvBackend> {
     /// The layer index.
     pub layer: usize,
     /// Post-RoPE queries of the last observation window `[b, q_heads, w, d]` (SnapKV, TOVA).
@@ -22,7 +22,7 @@ pub struct ObservationCtx<B: Backend> {
     pub pre_rope_queries: Option<Tensor<B, 4>>,
 }
 
-impl<B: Backend> ObservationCtx<B> {
+impl<B: KvBackend> ObservationCtx<B> {
     /// The window queries, or the typed error naming the scorer that needed them.
     pub fn require_window_queries(&self, method: &'static str) -> Result<Tensor<B, 4>, AxisError> {
         self.window_queries
@@ -52,7 +52,7 @@ impl<B: Backend> ObservationCtx<B> {
 /// what `compress` allocates, so that solvers can plan without compressing anything.
 ///
 /// A user's own axis implements this trait in their own crate and plugs into the router.
-pub trait CompressionAxis<B: Backend>: Send + Sync {
+pub trait CompressionAxis<B: KvBackend>: Send + Sync {
     /// The per-layer knob of this axis (a keep ratio, bit widths, ranks…).
     type Setting: Clone + Send + Sync + Debug + PartialEq + Serialize + DeserializeOwned;
 

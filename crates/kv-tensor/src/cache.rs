@@ -1,10 +1,10 @@
 //! The single attention patch point: the model talks to each layer's cache only through
 //! [`LayerCache`]; [`FullCache`] is the uncompressed reference.
+use crate::KvBackend;
 use crate::{
     AxisError, Bytes, CompressedLayer, DensePrecision, Footprint, KvError, ObservationCtx,
     attention_padded, attention_with_mass,
 };
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
 /// One layer's KV cache as the model sees it. Keys arrive after RoPE.
@@ -15,7 +15,7 @@ use burn::tensor::{Bool, Tensor};
 ///
 /// Caches are `Send` so that a harness can evaluate several compressed states on different
 /// threads (burn tensors are shared copy-on-write and thread-safe).
-pub trait LayerCache<B: Backend>: Send {
+pub trait LayerCache<B: KvBackend>: Send {
     /// Appends new tokens. A compressing cache may compress older tokens here (a residual
     /// window that fills up), hence the axis error.
     ///
@@ -106,11 +106,11 @@ pub trait LayerCache<B: Backend>: Send {
 /// backends keep their float type. Decode steps attend on the host without copying the cache
 /// (see [`CompressedLayer::attend`]).
 #[derive(Debug, Clone, Default)]
-pub struct FullCache<B: Backend> {
+pub struct FullCache<B: KvBackend> {
     layer: CompressedLayer<B>,
 }
 
-impl<B: Backend> FullCache<B> {
+impl<B: KvBackend> FullCache<B> {
     /// An empty cache (fp16 on host backends).
     pub fn new() -> Self {
         Self {
@@ -127,7 +127,7 @@ impl<B: Backend> FullCache<B> {
     }
 }
 
-impl<B: Backend> LayerCache<B> for FullCache<B> {
+impl<B: KvBackend> LayerCache<B> for FullCache<B> {
     fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
         Some(Box::new(self.clone()))
     }
@@ -168,12 +168,12 @@ impl<B: Backend> LayerCache<B> for FullCache<B> {
 /// A full cache that also keeps what the model observed at the end of prefill: the capture
 /// pass of calibration and of the real-model measurements (post-RoPE K/V plus window queries).
 #[derive(Debug, Clone, Default)]
-pub struct RecordingCache<B: Backend> {
+pub struct RecordingCache<B: KvBackend> {
     inner: FullCache<B>,
     observed: Option<ObservationCtx<B>>,
 }
 
-impl<B: Backend> RecordingCache<B> {
+impl<B: KvBackend> RecordingCache<B> {
     /// An empty cache.
     pub fn new() -> Self {
         Self {
@@ -188,7 +188,7 @@ impl<B: Backend> RecordingCache<B> {
     }
 }
 
-impl<B: Backend> LayerCache<B> for RecordingCache<B> {
+impl<B: KvBackend> LayerCache<B> for RecordingCache<B> {
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
         self.inner.append(k, v)
     }
@@ -224,7 +224,7 @@ impl<B: Backend> LayerCache<B> for RecordingCache<B> {
 }
 
 /// Boxed caches are caches: lets one run mix cache types (`Vec<Box<dyn LayerCache<B>>>`).
-impl<B: Backend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
+impl<B: KvBackend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
         (**self).append(k, v)
     }

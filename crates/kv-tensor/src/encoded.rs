@@ -1,8 +1,8 @@
 //! How one side (K or V) of a cache segment is stored: dense floats, low-rank coefficients with
 //! a basis, or packed integer codes with fp16 scales and zero-points.
+use crate::KvBackend;
 use crate::{Bytes, Footprint, Fp16Tensor, KvError, PackedCodes};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 
 /// Which axis a quantization group runs along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub enum GroupAxis {
 /// codes unpack to `[b, h, t, d]`; scales and mins are `[b, h, t/g, d]` for
 /// [`GroupAxis::Tokens`] and `[b, h, t, d/g]` for [`GroupAxis::Channels`].
 #[derive(Debug, Clone)]
-pub struct Quantized<B: Backend> {
+pub struct Quantized<B: KvBackend> {
     codes: PackedCodes<B>,
     scales: Fp16Tensor<B, 4>,
     mins: Fp16Tensor<B, 4>,
@@ -27,7 +27,7 @@ pub struct Quantized<B: Backend> {
     along: GroupAxis,
 }
 
-impl<B: Backend> Quantized<B> {
+impl<B: KvBackend> Quantized<B> {
     /// Assembles a quantized tensor, checking that codes, scales and mins agree on the grouping.
     pub fn new(
         codes: PackedCodes<B>,
@@ -141,7 +141,7 @@ impl<B: Backend> Quantized<B> {
 
 /// One side of a segment as stored.
 #[derive(Debug, Clone)]
-pub enum Encoded<B: Backend> {
+pub enum Encoded<B: KvBackend> {
     /// Plain floats `[b, h, t, d]`.
     Dense(Tensor<B, 4>),
     /// Low-rank coefficients `[b, h, t, r]` (themselves dense or quantized) and the layer's
@@ -164,7 +164,7 @@ pub enum Encoded<B: Backend> {
     Ragged(Vec<Encoded<B>>),
 }
 
-impl<B: Backend> Encoded<B> {
+impl<B: KvBackend> Encoded<B> {
     /// Decodes to floats `[b, h, t, d]`.
     pub fn decode(&self) -> Result<Tensor<B, 4>, KvError> {
         match self {
@@ -272,6 +272,6 @@ impl<B: Backend> Encoded<B> {
 }
 
 /// Bytes allocated by a dense float tensor.
-pub(crate) fn dense_bytes<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Bytes {
+pub(crate) fn dense_bytes<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> Bytes {
     Bytes((t.shape().num_elements() * t.dtype().size()) as u64)
 }

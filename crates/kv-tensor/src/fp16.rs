@@ -5,7 +5,7 @@
 //! value on every backend, as the footprint says. Encoding and decoding are tensor ops; powers of
 //! two come from a 32-entry table so decoding is exact.
 use crate::Bytes;
-use burn::tensor::backend::Backend;
+use crate::KvBackend;
 use burn::tensor::{Int, IntDType, Tensor, TensorData};
 
 const MIN_NORMAL: f32 = 6.103_515_6e-5; // 2^-14
@@ -13,11 +13,11 @@ const MAX_HALF: f32 = 65504.0;
 
 /// A float tensor stored as binary16 bit patterns (`u16`).
 #[derive(Debug, Clone)]
-pub struct Fp16Tensor<B: Backend, const D: usize> {
+pub struct Fp16Tensor<B: KvBackend, const D: usize> {
     bits: Tensor<B, D, Int>,
 }
 
-impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
+impl<B: KvBackend, const D: usize> Fp16Tensor<B, D> {
     /// The device holding the bits.
     pub fn device(&self) -> B::Device {
         self.bits.device()
@@ -146,7 +146,7 @@ impl<B: Backend, const D: usize> Fp16Tensor<B, D> {
 }
 
 /// `2^e` for integer-valued float exponents in [-14, 16], exact via a table lookup.
-fn pow2<B: Backend, const D: usize>(
+fn pow2<B: KvBackend, const D: usize>(
     e: Tensor<B, D>,
     device: &B::Device,
     dims: [usize; D],

@@ -7,9 +7,9 @@
 //! in place (amortised growth, copy-on-write between forks) and the attention kernels
 //! ([`host_attention`](crate::host_attention)) read each row once. Prefill chunks still take
 //! burn's matmul path, which is faster for many queries.
+use crate::KvBackend;
 use crate::host_attention::{Part, Rows, SideView};
 use crate::host_segment::{f16_to_f32, f32_to_f16};
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use std::sync::Arc;
 
@@ -17,17 +17,17 @@ use std::sync::Arc;
 /// longer chunks decode the cache into tensors and use burn's matmuls.
 pub(crate) const HOST_MAX_QUERIES: usize = 8;
 
-/// True when tensors of this backend live in host memory as f32, where copying them out costs
-/// one read (burn-ndarray); GPU backends keep the tensor path.
-pub(crate) fn is_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+/// True when tensors of this backend live in host memory as f32 ([`KvBackend::host_memory`]),
+/// where copying them out costs one read; GPU backends keep the tensor path.
+pub(crate) fn is_host<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> bool {
     t.dtype() == DType::F32 && host_backend::<B>(&t.device())
 }
 
 /// True when this backend keeps f32 tensors in host memory (see [`is_host`]), judged from the
 /// backend alone (for segments whose tensors are integer codes).
-pub(crate) fn host_backend<B: Backend>(device: &B::Device) -> bool {
+pub(crate) fn host_backend<B: KvBackend>(device: &B::Device) -> bool {
     use burn::tensor::Element;
-    <B::FloatElem as Element>::dtype() == DType::F32 && B::name(device) == "ndarray"
+    <B::FloatElem as Element>::dtype() == DType::F32 && B::host_memory(device)
 }
 
 /// How dense rows are stored: the ratio's reference and llama.cpp's default are fp16, so that

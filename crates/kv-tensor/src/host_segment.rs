@@ -6,9 +6,9 @@
 //! binary16 bits, low-rank bases as the `r` columns in use. Nothing is widened: the bytes held
 //! are the bytes the footprint counts, and the attention kernels
 //! ([`host_attention`](crate::host_attention)) read them in place every decode step.
+use crate::KvBackend;
 use crate::encoded::Encoded;
 use crate::{Bytes, CodeBits, Footprint, GroupAxis, KvError, Positions, Segment};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, IntDType, Tensor, TensorData};
 use std::sync::Arc;
 
@@ -32,7 +32,7 @@ pub(crate) fn f32_to_f16(x: f32) -> u16 {
 }
 
 /// Host copy of a tensor's values (`f32` backends hand theirs over directly).
-pub(crate) fn floats<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Result<Vec<f32>, KvError> {
+pub(crate) fn floats<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> Result<Vec<f32>, KvError> {
     t.clone()
         .into_data()
         .convert::<f32>()
@@ -41,7 +41,7 @@ pub(crate) fn floats<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Result<Vec
 }
 
 /// Host copy of an integer tensor's values as `i64`.
-fn ints<B: Backend, const D: usize>(t: &Tensor<B, D, Int>) -> Result<Vec<i64>, KvError> {
+fn ints<B: KvBackend, const D: usize>(t: &Tensor<B, D, Int>) -> Result<Vec<i64>, KvError> {
     t.clone()
         .into_data()
         .convert::<i64>()
@@ -111,7 +111,7 @@ pub(crate) struct HostSegment {
 impl HostSide {
     /// Moves one side to the host. `heads` is `b·h`; a projected side's basis is shared with
     /// `basis` when that already holds the same values (the layer's basis, counted once).
-    fn from_encoded<B: Backend>(
+    fn from_encoded<B: KvBackend>(
         e: &Encoded<B>,
         basis: &mut Option<Arc<Vec<f32>>>,
     ) -> Result<Self, KvError> {
@@ -211,7 +211,7 @@ impl HostSide {
 
 impl HostSegment {
     /// Moves `s` to host memory; `bases` holds the layer's key and value bases (shared).
-    pub(crate) fn from_segment<B: Backend>(
+    pub(crate) fn from_segment<B: KvBackend>(
         s: &Segment<B>,
         bases: &mut [Option<Arc<Vec<f32>>>; 2],
     ) -> Result<Self, KvError> {
@@ -319,7 +319,7 @@ impl HostSegment {
 
     /// The segment back as dense burn tensors (f32 values; positions explicit unless
     /// contiguous), for an axis to compress again. Ragged segments cannot be re-compressed.
-    pub(crate) fn to_dense<B: Backend>(&self, device: &B::Device) -> Result<Segment<B>, KvError> {
+    pub(crate) fn to_dense<B: KvBackend>(&self, device: &B::Device) -> Result<Segment<B>, KvError> {
         let [b, h, t, d] = self.dims;
         let positions = match &self.positions {
             HostPositions::Contiguous { start, len } => Positions::Contiguous {

@@ -1,5 +1,6 @@
 //! A layer's cache as stored: compressed segments followed by a dense residual window, and the
 //! attention that reads them where they are.
+use crate::KvBackend;
 use crate::encoded::dense_bytes;
 use crate::host::{HOST_MAX_QUERIES, HostWindow, host_backend, is_host};
 use crate::host_attention::{Part, side_view};
@@ -9,19 +10,18 @@ use crate::{
     Bytes, DensePrecision, Encoded, Footprint, KvError, Positions, Segment, attention_padded,
     attention_with_mass,
 };
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, IntDType, Tensor, TensorData};
 use std::sync::Arc;
 
 /// A stored segment: as burn tensors (device backends), or moved to host memory in the form the
 /// host kernels read (host backends; see [`HostSegment`]).
 #[derive(Debug, Clone)]
-enum Stored<B: Backend> {
+enum Stored<B: KvBackend> {
     Tensors(Segment<B>),
     Host(Arc<HostSegment>),
 }
 
-impl<B: Backend> Stored<B> {
+impl<B: KvBackend> Stored<B> {
     fn len(&self) -> usize {
         match self {
             Stored::Tensors(s) => s.len(),
@@ -66,7 +66,7 @@ impl<B: Backend> Stored<B> {
 
 /// The residual window: nothing yet, burn tensors, or a host store.
 #[derive(Debug, Clone)]
-enum Window<B: Backend> {
+enum Window<B: KvBackend> {
     Empty,
     Tensors(Tensor<B, 4>, Tensor<B, 4>),
     Host(HostWindow, B::Device),
@@ -83,7 +83,7 @@ enum Window<B: Backend> {
 /// layer is never held dense as a whole: [`CompressedLayer::decode`] builds a dense copy only for
 /// callers that ask for one.
 #[derive(Debug, Clone)]
-pub struct CompressedLayer<B: Backend> {
+pub struct CompressedLayer<B: KvBackend> {
     segments: Vec<Stored<B>>,
     window: Window<B>,
     window_start: usize,
@@ -95,13 +95,13 @@ pub struct CompressedLayer<B: Backend> {
     device: Option<B::Device>,
 }
 
-impl<B: Backend> Default for CompressedLayer<B> {
+impl<B: KvBackend> Default for CompressedLayer<B> {
     fn default() -> Self {
         Self::with_precision(DensePrecision::default())
     }
 }
 
-impl<B: Backend> CompressedLayer<B> {
+impl<B: KvBackend> CompressedLayer<B> {
     /// An empty layer whose host window stores fp16.
     pub fn new() -> Self {
         Self::default()

@@ -10,6 +10,7 @@
 
 mod attention;
 mod axis;
+mod backend;
 mod cache;
 mod encoded;
 mod error;
@@ -36,6 +37,7 @@ pub use attention::{
     ATTENTION_QUERY_CHUNK, attention, attention_padded, attention_with_mass, window_attention,
 };
 pub use axis::{CompressionAxis, ObservationCtx};
+pub use backend::KvBackend;
 pub use cache::{FullCache, LayerCache, RecordingCache};
 pub use encoded::{Encoded, GroupAxis, Quantized};
 pub use error::{AxisError, KvError};

@@ -4,8 +4,8 @@
 //! a word, leaving the top two bits unused (3.2 bits per code in the footprint). Packing and
 //! unpacking are tensor ops (multiply by powers of two and sum / divide and take the remainder
 //! in `u32`), so the packed words stay on the device: nothing goes through a host `Vec`.
+use crate::KvBackend;
 use crate::{Bytes, KvError};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, IntDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -83,13 +83,13 @@ impl From<CodeBits> for u8 {
 
 /// Integer codes of one width, packed into a device tensor of `u32` words.
 #[derive(Debug, Clone)]
-pub struct PackedCodes<B: Backend> {
+pub struct PackedCodes<B: KvBackend> {
     words: Tensor<B, 1, Int>,
     bits: CodeBits,
     shape: Vec<usize>,
 }
 
-impl<B: Backend> PackedCodes<B> {
+impl<B: KvBackend> PackedCodes<B> {
     /// Packs `codes` (any shape, every value in `0..=bits.max_code()`; larger values are
     /// masked to their low bits) into 32-bit words.
     pub fn pack<const D: usize>(codes: Tensor<B, D, Int>, bits: CodeBits) -> Self {

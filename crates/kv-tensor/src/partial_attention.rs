@@ -4,13 +4,13 @@
 //! Each part (a segment, or the window) is decoded on its own, scored against every query
 //! chunk, and folded into a running softmax per query row (flash-decoding's merge): the layer is
 //! never dense as a whole, only one part at a time.
+use crate::KvBackend;
 use crate::{ATTENTION_QUERY_CHUNK, KvError};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorData};
 
 /// One decoded part: keys and values `[b, h, n, d]`, and the rows each of the `b·h` heads
 /// really holds (fewer than `n` for the short heads of a ragged segment; the rest is padding).
-pub(crate) struct TensorPart<B: Backend> {
+pub(crate) struct TensorPart<B: KvBackend> {
     pub(crate) k: Tensor<B, 4>,
     pub(crate) v: Tensor<B, 4>,
     pub(crate) rows: Vec<usize>,
@@ -23,7 +23,7 @@ type Running<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
 /// parts that `part(i)` decodes, oldest first. `lens[bh]` is head `bh`'s total rows; query `i`
 /// sees rows `0 ..= len − tq + i`. With `want_mass`, also the attention mass every row
 /// received (`[b, kv_heads, Σ n]`, padding rows 0), from a second pass over the parts.
-pub(crate) fn attend_parts<B: Backend>(
+pub(crate) fn attend_parts<B: KvBackend>(
     q: Tensor<B, 4>,
     kv_heads: usize,
     lens: &[usize],
@@ -107,13 +107,13 @@ pub(crate) fn attend_parts<B: Backend>(
 
 /// `x` with −∞ replaced by 0: the shift of rows that saw no key (their exponentials are 0
 /// either way, and 0 keeps `−∞ − (−∞)` out of the arithmetic).
-fn finite<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+fn finite<B: KvBackend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let inf = x.clone().equal_elem(f32::NEG_INFINITY);
     x.mask_fill(inf, 0.0)
 }
 
 /// Two running softmaxes of the same rows over disjoint keys, combined exactly.
-fn merge<B: Backend>(a: Running<B>, b: Running<B>) -> Running<B> {
+fn merge<B: KvBackend>(a: Running<B>, b: Running<B>) -> Running<B> {
     let m = a.0.clone().max_pair(b.0.clone());
     let shift = finite(m.clone());
     let wa = (a.0 - shift.clone()).exp();
@@ -124,7 +124,7 @@ fn merge<B: Backend>(a: Running<B>, b: Running<B>) -> Running<B> {
 /// Scores `[bh, g·c, n]` of one query chunk against one part's keys, with −∞ where a query may
 /// not look: padding rows of short heads, and keys after the query (causality).
 #[allow(clippy::too_many_arguments)]
-fn masked_scores<B: Backend>(
+fn masked_scores<B: KvBackend>(
     qc: Tensor<B, 3>,
     k3: &Tensor<B, 3>,
     rows: &[usize],

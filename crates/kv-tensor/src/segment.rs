@@ -1,11 +1,11 @@
 //! A run of cached tokens stored one way, and where its tokens came from.
+use crate::KvBackend;
 use crate::{Bytes, Encoded, Footprint, KvError};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, IntDType, Tensor};
 
 /// Original sequence positions of the tokens a segment holds.
 #[derive(Debug, Clone)]
-pub enum Positions<B: Backend> {
+pub enum Positions<B: KvBackend> {
     /// Tokens `start..start + len`, implicit: costs no bytes.
     Contiguous {
         /// First position.
@@ -21,7 +21,7 @@ pub enum Positions<B: Backend> {
     Ragged(Vec<Tensor<B, 3, Int>>),
 }
 
-impl<B: Backend> Positions<B> {
+impl<B: KvBackend> Positions<B> {
     /// Tokens per head.
     pub fn len(&self) -> usize {
         match self {
@@ -85,7 +85,7 @@ impl<B: Backend> Positions<B> {
 /// A run of cached tokens stored one way. Keys are cached after RoPE, so a segment never needs
 /// re-rotation: evicting tokens only drops rows, and the kept rows keep their original positions.
 #[derive(Debug, Clone)]
-pub struct Segment<B: Backend> {
+pub struct Segment<B: KvBackend> {
     /// Where the tokens came from.
     pub positions: Positions<B>,
     /// Keys `[b, h, t, d]` as stored.
@@ -94,7 +94,7 @@ pub struct Segment<B: Backend> {
     pub v: Encoded<B>,
 }
 
-impl<B: Backend> Segment<B> {
+impl<B: KvBackend> Segment<B> {
     /// A dense segment of contiguous tokens starting at `start`, checking K/V shapes agree.
     pub fn dense(k: Tensor<B, 4>, v: Tensor<B, 4>, start: usize) -> Result<Self, KvError> {
         if k.dims() != v.dims() {

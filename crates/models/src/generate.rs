@@ -2,7 +2,7 @@
 //! compression), then one token at a time, greedy or with temperature sampling.
 use crate::{Llama, Logits, ModelError, PrefillOptions, Tokenizer};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{Bytes, Footprint, LayerCache};
 use std::time::Instant;
 
@@ -75,7 +75,7 @@ impl Generation {
 
 /// Generates up to `opts.max_new` tokens after `prompt`, stopping at an end-of-sequence token.
 /// `on_token` sees each new token as it is produced (for streaming output).
-pub fn generate<B: Backend, C: LayerCache<B>>(
+pub fn generate<B: KvBackend, C: LayerCache<B>>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
@@ -129,7 +129,7 @@ fn sampling_seed(s: Sampling) -> u64 {
 }
 
 /// Picks a token from `[1, vocab]` logits.
-pub fn pick<B: Backend>(
+pub fn pick<B: KvBackend>(
     logits: Tensor<B, 2>,
     sampling: Sampling,
     rng: &mut u64,

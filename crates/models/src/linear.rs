@@ -13,8 +13,8 @@
 //! Where the model file stores a matrix as Q4_1 or Q8_0 blocks, the host copy is those blocks
 //! ([`QuantRows`]) instead of f32: a fifth of the bytes to stream, the same weights.
 use crate::quant_rows::QuantRows;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use kv_tensor::KvBackend;
 use kv_tensor::{Prefetch, dot};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ const TASK_BYTES: usize = 1 << 17;
 
 /// A weight applied as `x · W`, `W` of shape `[in, out]`.
 #[derive(Debug, Clone)]
-pub(crate) struct Linear<B: Backend> {
+pub(crate) struct Linear<B: KvBackend> {
     /// `W` for burn's matmul, split into contiguous column blocks (one block unless the matrix
     /// is very wide: the 49k-column output head multiplies ~2× faster in blocks of ~3k columns,
     /// because matrixmultiply's packing working set then stays in cache).
@@ -41,7 +41,7 @@ pub(crate) struct Linear<B: Backend> {
     out: usize,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: KvBackend> Linear<B> {
     /// Builds the weight from GGUF row order (`rows_out[o * inp + i]` = `W[i][o]`, one row per
     /// output), split into column blocks of at most `block` columns.
     pub(crate) fn from_rows(
@@ -258,7 +258,7 @@ impl pulp::WithSimd for RowDots<'_> {
 
 /// A GGUF-order `rows_out` (`[out][in]`) as an `[in, out]` tensor, transposed once on the host
 /// so every matmul reads it contiguously.
-fn transposed<B: Backend>(
+fn transposed<B: KvBackend>(
     rows_out: &[f32],
     inp: usize,
     out: usize,

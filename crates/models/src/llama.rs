@@ -11,14 +11,14 @@ use crate::quant_rows::QuantRows;
 use crate::rope::Rope;
 use crate::weights::WeightSource;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use kv_tensor::KvBackend;
 use kv_tensor::{LayerCache, ObservationCtx};
 
 /// One decoder block's weights. Matrices are stored `[in, out]` so that `x.matmul(w)` applies
 /// them; q, k, v are fused into one matrix and gate, up into another (fewer, larger matmuls).
 #[derive(Debug, Clone)]
-struct Block<B: Backend> {
+struct Block<B: KvBackend> {
     attn_norm: Tensor<B, 1>,
     wqkv: Linear<B>,
     bqkv: Option<Tensor<B, 1>>,
@@ -72,7 +72,7 @@ pub enum Logits {
 
 /// A loaded Llama-family model.
 #[derive(Debug, Clone)]
-pub struct Llama<B: Backend> {
+pub struct Llama<B: KvBackend> {
     /// Hyper-parameters.
     pub config: LlamaConfig,
     embed: Tensor<B, 2>,
@@ -93,13 +93,13 @@ const HEAD_BLOCK: usize = 3072;
 
 /// Per-layer observations gathered during prefill.
 #[derive(Default)]
-struct Observed<B: Backend> {
+struct Observed<B: KvBackend> {
     queries: Option<Tensor<B, 4>>,
     pre_q: Option<Tensor<B, 4>>,
     mass: Option<Tensor<B, 3>>,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: KvBackend> Llama<B> {
     /// Builds the model from weights named as in GGUF.
     pub fn load(
         config: LlamaConfig,
@@ -109,7 +109,7 @@ impl<B: Backend> Llama<B> {
         let c = &config;
         let (qd, kvd) = (c.q_heads * c.head_dim, c.kv_heads * c.head_dim);
         // Host-side matrix–vector products pay off where tensors live in host memory.
-        let host = B::name(device) == "ndarray";
+        let host = B::host_memory(device);
         let (edims, evals) = w.require("token_embd.weight")?;
         expect(&edims, &[c.hidden, c.vocab], "token_embd.weight")?;
         let embed = Tensor::from_data(TensorData::new(evals.clone(), [c.vocab, c.hidden]), device);
@@ -599,7 +599,7 @@ impl<B: Backend> Llama<B> {
 /// Lets `cache` (layer `layer`) compress after a prefill chunk with what was observed so far.
 /// The accumulated attention mass follows the rows the cache holds, so it restarts whenever
 /// the cache changed them.
-fn compress_chunk<B: Backend, C: LayerCache<B>>(
+fn compress_chunk<B: KvBackend, C: LayerCache<B>>(
     cache: &mut C,
     layer: usize,
     ob: &mut Observed<B>,
@@ -624,7 +624,11 @@ fn compress_chunk<B: Backend, C: LayerCache<B>>(
 }
 
 /// The last `w` tokens of `prev ++ new` along the token axis (dim 2).
-fn keep_last<B: Backend>(prev: Option<Tensor<B, 4>>, new: Tensor<B, 4>, w: usize) -> Tensor<B, 4> {
+fn keep_last<B: KvBackend>(
+    prev: Option<Tensor<B, 4>>,
+    new: Tensor<B, 4>,
+    w: usize,
+) -> Tensor<B, 4> {
     let all = match prev {
         Some(p) => Tensor::cat(vec![p, new], 2),
         None => new,
@@ -638,7 +642,7 @@ fn keep_last<B: Backend>(prev: Option<Tensor<B, 4>>, new: Tensor<B, 4>, w: usize
 }
 
 /// RMSNorm over the last dimension, scaled by `w`.
-fn rms_norm<B: Backend, const D: usize>(
+fn rms_norm<B: KvBackend, const D: usize>(
     x: Tensor<B, D>,
     w: &Tensor<B, 1>,
     eps: f64,

@@ -1,11 +1,11 @@
 //! One call from a GGUF path to a runnable model with its tokenizer and chat template.
 use crate::gguf::Gguf;
 use crate::{ChatTemplate, Llama, LlamaConfig, ModelError, Tokenizer};
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use std::path::Path;
 
 /// A model ready to run.
-pub struct LoadedModel<B: Backend> {
+pub struct LoadedModel<B: KvBackend> {
     /// The network.
     pub model: Llama<B>,
     /// Its tokenizer.
@@ -15,7 +15,7 @@ pub struct LoadedModel<B: Backend> {
 }
 
 /// Loads a GGUF file: config from metadata, weights dequantised to f32, tokenizer, template.
-pub fn load_gguf<B: Backend>(
+pub fn load_gguf<B: KvBackend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>, ModelError> {

@@ -1,17 +1,17 @@
 //! Rotary position embeddings with either pair layout (see [`RopeLayout`]).
 use crate::config::RopeLayout;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use kv_tensor::KvBackend;
 
 /// Precomputed cos/sin tables `[context, head_dim/2]`.
 #[derive(Debug, Clone)]
-pub struct Rope<B: Backend> {
+pub struct Rope<B: KvBackend> {
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
     layout: RopeLayout,
 }
 
-impl<B: Backend> Rope<B> {
+impl<B: KvBackend> Rope<B> {
     /// Tables for positions `0..context` with base `theta` (angles in f64, then f32).
     pub fn new(
         head_dim: usize,

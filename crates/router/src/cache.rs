@@ -3,8 +3,8 @@ use crate::{Expert, RESIDUAL};
 use axis_evict::Evict;
 use axis_lowrank::LowRank;
 use axis_quant::Kivi;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
+use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache, ObservationCtx,
 };
@@ -19,7 +19,7 @@ use std::sync::Arc;
 /// appended (never re-compressing history). Its footprint equals [`Expert::footprint`] after
 /// prefill.
 #[derive(Clone)]
-pub struct RoutedCache<B: Backend> {
+pub struct RoutedCache<B: KvBackend> {
     layer: CompressedLayer<B>,
     expert: Expert,
     evict: Evict<B>,
@@ -42,21 +42,21 @@ struct Chunked {
 /// The calibrated axes a plan's caches share: the eviction axis (with trig statistics) and
 /// every layer's low-rank bases. Cheap to clone (the bases are shared).
 #[derive(Clone, Default)]
-pub struct Axes<B: Backend> {
+pub struct Axes<B: KvBackend> {
     /// The eviction axis.
     pub evict: Evict<B>,
     /// Low-rank bases, needed by experts that project.
     pub lowrank: Option<Arc<LowRank<B>>>,
 }
 
-impl<B: Backend> Axes<B> {
+impl<B: KvBackend> Axes<B> {
     /// A cache applying `expert` with these axes.
     pub fn cache(&self, expert: Expert) -> RoutedCache<B> {
         RoutedCache::with_axes(expert, self.evict.clone(), self.lowrank.clone())
     }
 }
 
-impl<B: Backend> std::fmt::Debug for RoutedCache<B> {
+impl<B: KvBackend> std::fmt::Debug for RoutedCache<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RoutedCache")
             .field("expert", &self.expert)
@@ -65,7 +65,7 @@ impl<B: Backend> std::fmt::Debug for RoutedCache<B> {
     }
 }
 
-impl<B: Backend> RoutedCache<B> {
+impl<B: KvBackend> RoutedCache<B> {
     /// An empty cache for `expert` with uncalibrated axes (no `trig` scorer, no projection).
     pub fn new(expert: Expert) -> Self {
         Self::with_axes(expert, Evict::new(), None)
@@ -187,7 +187,7 @@ impl<B: Backend> RoutedCache<B> {
     }
 }
 
-impl<B: Backend> LayerCache<B> for RoutedCache<B> {
+impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
     fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
         Some(Box::new(self.clone()))
     }

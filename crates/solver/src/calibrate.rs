@@ -8,7 +8,7 @@
 use axis_evict::trig::{RopePairing, TrigAccumulator, TrigStats};
 use axis_lowrank::{PcaAccumulator, PcaBases};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{LayerCache, RecordingCache, attention};
 use models::RopeLayout;
 use models::{Llama, ModelError, PrefillOptions};
@@ -38,7 +38,7 @@ impl Default for CalibrationOptions {
 
 /// `loss[layer][expert]`, averaged over `passages` (each at least `context + future` tokens).
 /// `progress(done, total)` is called after every (passage, layer).
-pub fn calibrate<B: Backend>(
+pub fn calibrate<B: KvBackend>(
     model: &Llama<B>,
     passages: &[Vec<u32>],
     menu: &[Expert],
@@ -139,7 +139,7 @@ pub const TRIG_WINDOW: usize = 256;
 /// Fits the calibrated axes on `passages` in one capture pass each: every layer's per-head PCA
 /// bases of post-RoPE keys and of values (low-rank axis), and the pre-RoPE query centres of the
 /// last [`TRIG_WINDOW`] tokens (trig scorer). Both record `model_sha256`.
-pub fn fit_axes<B: Backend>(
+pub fn fit_axes<B: KvBackend>(
     model: &Llama<B>,
     passages: &[Vec<u32>],
     model_sha256: &str,
@@ -189,7 +189,7 @@ pub fn fit_axes<B: Backend>(
 }
 
 /// Adds one captured passage to the PCA and trig accumulators.
-fn accumulate<B: Backend>(
+fn accumulate<B: KvBackend>(
     caches: &[RecordingCache<B>],
     pca: &mut PcaAccumulator,
     trig: &mut TrigAccumulator,
@@ -209,7 +209,7 @@ fn accumulate<B: Backend>(
     Ok(())
 }
 
-fn capture<B: Backend>(
+fn capture<B: KvBackend>(
     model: &Llama<B>,
     ids: &[u32],
     opts: PrefillOptions,
@@ -222,7 +222,7 @@ fn capture<B: Backend>(
 }
 
 /// `‖a − b‖ / ‖b‖` (Frobenius).
-pub fn relative_error<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+pub fn relative_error<B: KvBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
     let num: f64 = (a - b.clone())
         .square()
         .sum()

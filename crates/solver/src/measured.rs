@@ -8,7 +8,7 @@
 use crate::LossPredictor;
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
+use kv_tensor::KvBackend;
 use kv_tensor::{FullCache, LayerCache, RecordingCache};
 use models::{Llama, Logits, ModelError, PrefillOptions};
 use router::{Axes, Expert};
@@ -32,7 +32,7 @@ impl LossPredictor for MeasuredKl {
 impl MeasuredKl {
     /// Measures every pair on `context` (compressed) followed by `continuation` (read through
     /// the caches). `progress(done, total)` after each pair.
-    pub fn measure<B: Backend>(
+    pub fn measure<B: KvBackend>(
         model: &Llama<B>,
         context: &[u32],
         continuation: &[u32],
@@ -91,7 +91,7 @@ impl MeasuredKl {
 }
 
 /// Mean over rows of KL(p ‖ q), both log-probabilities `[rows, vocab]`.
-pub fn kl<B: Backend>(p: &Tensor<B, 2>, q: &Tensor<B, 2>) -> f64 {
+pub fn kl<B: KvBackend>(p: &Tensor<B, 2>, q: &Tensor<B, 2>) -> f64 {
     let rows = p.dims()[0].max(1) as f64;
     let s: f64 = (p.clone().exp() * (p.clone() - q.clone()))
         .sum()

@@ -8,8 +8,8 @@
 use super::{Block, Llama};
 use crate::ModelError;
 use crate::config::RopeLayout;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use kv_tensor::KvBackend;
 use kv_tensor::LayerCache;
 
 /// Host copies of the small parameters a decode step reads (norm weights, biases, RoPE tables).
@@ -31,7 +31,7 @@ struct BlockParams {
     k_norm: Option<Vec<f32>>,
 }
 
-fn host_vec<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
+fn host_vec<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
     t.clone()
         .into_data()
         .convert::<f32>()
@@ -42,7 +42,7 @@ fn host_vec<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
 impl HostParams {
     /// Copies the parameters out of `model`'s tensors; `None` when the backend will not hand
     /// them over as f32.
-    pub(crate) fn new<B: Backend>(model: &Llama<B>) -> Option<Self> {
+    pub(crate) fn new<B: KvBackend>(model: &Llama<B>) -> Option<Self> {
         let blocks = model
             .blocks
             .iter()
@@ -84,7 +84,10 @@ fn lost(what: &str) -> ModelError {
     }
 }
 
-fn host_apply<B: Backend>(w: &crate::linear::Linear<B>, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+fn host_apply<B: KvBackend>(
+    w: &crate::linear::Linear<B>,
+    x: &[f32],
+) -> Result<Vec<f32>, ModelError> {
     w.apply_host(x)
         .ok_or_else(|| lost("a projection's host rows"))
 }
@@ -116,7 +119,7 @@ fn rope(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32], layout: RopeLayout) {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: KvBackend> Llama<B> {
     /// Next-token logits `[1, vocab]` of one token appended to `caches`, computed on the host;
     /// `None` (nothing done) without host parameters. They exist only while every projection
     /// has its host copy, so no step stops half-way.
