@@ -10,8 +10,11 @@
 //! arithmetic.
 use crate::GgmlType;
 
-/// Values per ggml block (Q4_1 and Q8_0).
+/// Values per ggml block (Q4_1 and Q8_0), and per repacked sub-block of the other types.
 pub(crate) const BLOCK: usize = 32;
+
+/// Values per half block: the granularity of [`QuantRows::block_sums`] (Q6_K's scales).
+pub(crate) const HALF: usize = BLOCK / 2;
 
 /// A weight matrix as rows of ggml blocks (`[out][in]`, GGUF row order), repacked for the
 /// kernels: the f16 scales (and Q4_1 minimums) widened to f32 once at load, the quants kept as
@@ -31,6 +34,101 @@ pub(crate) enum QuantRows {
         q: Vec<[u8; 32]>,
         blocks_per_row: usize,
     },
+    /// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, unpacked at load to one unsigned byte per value in
+    /// 32-value sub-blocks with a scale and a minimum per half (16 values): `w_j = d_h·q_j +
+    /// m_h`, `h = j / 16` (Q6_K's scales cover 16 values). Exactly the file's weights, at 40
+    /// bytes per 32 values instead of the file's 22–28: not the file's own bit layout, but
+    /// 3.2× fewer bytes than the f32 rows these types had before.
+    Unpacked {
+        d: Vec<[f32; 2]>,
+        m: Vec<[f32; 2]>,
+        q: Vec<[u8; 32]>,
+        blocks_per_row: usize,
+    },
+}
+
+/// One repacked 32-value sub-block: scales, minimums (per half) and unsigned codes.
+type Sub = ([f32; 2], [f32; 2], [u8; 32]);
+
+/// The 6-bit scale and minimum of sub-block `j` in the 12 scale bytes of Q4_K / Q5_K.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        (f32::from(q[j] & 63), f32::from(q[j + 4] & 63))
+    } else {
+        let d = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+        let m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        (f32::from(d), f32::from(m))
+    }
+}
+
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Q5_0 (`w = d·(q − 16)`) or Q5_1 (`w = d·q + m`): one 32-value sub-block.
+fn unpack_q5(b: &[u8], with_min: bool) -> Sub {
+    let d = f16(&b[0..2]);
+    let (m, at) = if with_min {
+        (f16(&b[2..4]), 4)
+    } else {
+        (-16.0 * d, 2)
+    };
+    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let qs = &b[at + 4..at + 20];
+    let mut q = [0u8; 32];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+        q[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+    }
+    ([d, d], [m, m], q)
+}
+
+/// Q4_K / Q5_K (`w = d·s·q − dmin·m` per 32 values): eight sub-blocks.
+fn unpack_k45(b: &[u8], five: bool, out: &mut Vec<Sub>) {
+    let (d, dmin) = (f16(&b[0..2]), f16(&b[2..4]));
+    let scales = &b[4..16];
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[0..0], &b[16..144])
+    };
+    for c in 0..4 {
+        let ql = &qs[c * 32..c * 32 + 32];
+        for (half_sel, shift) in [(0usize, 0u8), (1, 4)] {
+            let (sc, mn) = scale_min_k4(2 * c + half_sel, scales);
+            let mut q = [0u8; 32];
+            for l in 0..32 {
+                let high = if five && qh[l] & (1u8 << (2 * c + half_sel)) != 0 {
+                    16
+                } else {
+                    0
+                };
+                q[l] = ((ql[l] >> shift) & 0x0F) + high;
+            }
+            out.push(([d * sc; 2], [-dmin * mn; 2], q));
+        }
+    }
+}
+
+/// Q6_K (`w = d·s·(q − 32)`, a scale per 16 values): eight sub-blocks.
+fn unpack_q6k(b: &[u8], out: &mut Vec<Sub>) {
+    let d = f16(&b[208..210]);
+    for n in 0..2 {
+        let ql = &b[n * 64..n * 64 + 64];
+        let qh = &b[128 + n * 32..128 + n * 32 + 32];
+        let sc = &b[192 + n * 8..192 + n * 8 + 8];
+        for k in 0..4 {
+            let mut q = [0u8; 32];
+            for l in 0..32 {
+                let src = ql[l + if k % 2 == 1 { 32 } else { 0 }];
+                let nib = if k < 2 { src & 0x0F } else { src >> 4 };
+                q[l] = nib | (((qh[l] >> (2 * k)) & 3) << 4);
+            }
+            let s = |i: usize| d * f32::from(sc[2 * k + i] as i8);
+            let (d0, d1) = (s(0), s(1));
+            out.push(([d0, d1], [-32.0 * d0, -32.0 * d1], q));
+        }
+    }
 }
 
 impl QuantRows {
@@ -38,15 +136,15 @@ impl QuantRows {
     /// has no kernel here, `inp` is not a whole number of blocks, or `bytes` is not exactly
     /// that many blocks; the caller then keeps f32 rows.
     pub(crate) fn from_ggml(ty: GgmlType, bytes: &[u8], inp: usize, out: usize) -> Option<Self> {
-        if inp == 0 || !inp.is_multiple_of(BLOCK) {
+        if inp == 0 || !inp.is_multiple_of(ty.block_values().max(BLOCK)) {
             return None;
         }
         let blocks_per_row = inp / BLOCK;
         let n = blocks_per_row.checked_mul(out)?;
-        if bytes.len() != n.checked_mul(ty.block_bytes())? {
+        let file_blocks = (inp / ty.block_values()).checked_mul(out)?;
+        if bytes.len() != file_blocks.checked_mul(ty.block_bytes())? {
             return None;
         }
-        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         match ty {
             GgmlType::Q4_1 => {
                 let (mut d, mut m, mut q) = (
@@ -82,6 +180,34 @@ impl QuantRows {
                     blocks_per_row,
                 })
             }
+            GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+                let mut subs: Vec<Sub> = Vec::with_capacity(n);
+                for b in bytes.chunks_exact(ty.block_bytes()) {
+                    match ty {
+                        GgmlType::Q5_0 => subs.push(unpack_q5(b, false)),
+                        GgmlType::Q5_1 => subs.push(unpack_q5(b, true)),
+                        GgmlType::Q4K => unpack_k45(b, false, &mut subs),
+                        GgmlType::Q5K => unpack_k45(b, true, &mut subs),
+                        _ => unpack_q6k(b, &mut subs),
+                    }
+                }
+                let (mut d, mut m, mut q) = (
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                );
+                for (sd, sm, sq) in subs {
+                    d.push(sd);
+                    m.push(sm);
+                    q.push(sq);
+                }
+                Some(Self::Unpacked {
+                    d,
+                    m,
+                    q,
+                    blocks_per_row,
+                })
+            }
             _ => None,
         }
     }
@@ -89,9 +215,9 @@ impl QuantRows {
     /// Input width of a row.
     pub(crate) fn inp(&self) -> usize {
         match self {
-            Self::Q4_1 { blocks_per_row, .. } | Self::Q8_0 { blocks_per_row, .. } => {
-                blocks_per_row * BLOCK
-            }
+            Self::Q4_1 { blocks_per_row, .. }
+            | Self::Q8_0 { blocks_per_row, .. }
+            | Self::Unpacked { blocks_per_row, .. } => blocks_per_row * BLOCK,
         }
     }
 
@@ -104,6 +230,9 @@ impl QuantRows {
             | Self::Q8_0 {
                 d, blocks_per_row, ..
             } => d.len() / blocks_per_row,
+            Self::Unpacked {
+                d, blocks_per_row, ..
+            } => d.len() / blocks_per_row,
         }
     }
 
@@ -112,13 +241,14 @@ impl QuantRows {
         match self {
             Self::Q4_1 { d, .. } => d.len() * (4 + 4 + 16),
             Self::Q8_0 { d, .. } => d.len() * (4 + 32),
+            Self::Unpacked { d, .. } => d.len() * (8 + 8 + 32),
         }
     }
 
-    /// What [`QuantRows::dot_rows`] needs besides `x`: the sum of every block of every input
-    /// row (`[t][blocks_per_row]`, for the Q4_1 minimums). Computed once per product.
+    /// What [`QuantRows::dot_rows`] needs besides `x`: the sum of every half block of every
+    /// input row (`[t][2 · blocks_per_row]`, for the minimums). Computed once per product.
     pub(crate) fn block_sums(x: &[f32]) -> Vec<f32> {
-        x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
+        x.chunks_exact(HALF).map(|c| c.iter().sum()).collect()
     }
 
     /// Dot products of rows `first..first + ys.len() / t` with each of the `t` input rows in
@@ -145,7 +275,10 @@ impl QuantRows {
         for (o, yo) in rows.zip(ys.chunks_exact_mut(t)) {
             let blocks = o * nb..(o + 1) * nb;
             for (r, y) in yo.iter_mut().enumerate() {
-                let (xr, sr) = (&xs[r * nb..(r + 1) * nb], &sums[r * nb..(r + 1) * nb]);
+                let (xr, sr) = (
+                    &xs[r * nb..(r + 1) * nb],
+                    &sums[2 * r * nb..2 * (r + 1) * nb],
+                );
                 *y = match self {
                     Self::Q4_1 { d, m, q, .. } => q4_1_dot(
                         &q[blocks.clone()],
@@ -155,6 +288,13 @@ impl QuantRows {
                         sr,
                     ),
                     Self::Q8_0 { d, q, .. } => q8_0_dot(&q[blocks.clone()], &d[blocks.clone()], xr),
+                    Self::Unpacked { d, m, q, .. } => unpacked_dot(
+                        &q[blocks.clone()],
+                        &d[blocks.clone()],
+                        &m[blocks.clone()],
+                        xr,
+                        sr,
+                    ),
                 };
             }
         }
@@ -162,14 +302,35 @@ impl QuantRows {
 }
 
 /// One Q4_1 row · `x`, plain Rust (the reference the AVX2 kernel is tested against).
+/// `sums` holds two half-block sums per block.
 fn q4_1_dot(q: &[[u8; 16]], d: &[f32], m: &[f32], x: &[[f32; BLOCK]], sums: &[f32]) -> f32 {
     let mut acc = 0f32;
-    for ((((q, d), m), x), s) in q.iter().zip(d).zip(m).zip(x).zip(sums) {
+    for ((((q, d), m), x), s) in q.iter().zip(d).zip(m).zip(x).zip(sums.chunks_exact(2)) {
         let mut qx = 0f32;
         for j in 0..16 {
             qx += f32::from(q[j] & 0x0F) * x[j] + f32::from(q[j] >> 4) * x[j + 16];
         }
-        acc += d * qx + m * s;
+        acc += d * qx + m * (s[0] + s[1]);
+    }
+    acc
+}
+
+/// One unpacked row · `x`, plain Rust: per half, `d_h · Σ q·x + m_h · Σ x`.
+fn unpacked_dot(
+    q: &[[u8; 32]],
+    d: &[[f32; 2]],
+    m: &[[f32; 2]],
+    x: &[[f32; BLOCK]],
+    sums: &[f32],
+) -> f32 {
+    let mut acc = 0f32;
+    for ((((q, d), m), x), s) in q.iter().zip(d).zip(m).zip(x).zip(sums.chunks_exact(2)) {
+        for h in 0..2 {
+            let qx: f32 = (h * HALF..(h + 1) * HALF)
+                .map(|j| f32::from(q[j]) * x[j])
+                .sum();
+            acc += d[h] * qx + m[h] * s[h];
+        }
     }
     acc
 }
@@ -224,11 +385,21 @@ mod v3 {
                     let xr = &xs[r * nb..(r + 1) * nb];
                     *y = match w {
                         QuantRows::Q4_1 { d, m, q, .. } => {
+                            let s = &sums[2 * r * nb..2 * (r + 1) * nb];
                             q4_1_dot(simd, &q[b.clone()], &d[b.clone()], xr)
-                                + kv_tensor::dot(&m[b.clone()], &sums[r * nb..(r + 1) * nb])
+                                + m[b.clone()]
+                                    .iter()
+                                    .zip(s.chunks_exact(2))
+                                    .map(|(m, s)| m * (s[0] + s[1]))
+                                    .sum::<f32>()
                         }
                         QuantRows::Q8_0 { d, q, .. } => {
                             q8_0_dot(simd, &q[b.clone()], &d[b.clone()], xr)
+                        }
+                        QuantRows::Unpacked { d, m, q, .. } => {
+                            let s = &sums[2 * r * nb..2 * (r + 1) * nb];
+                            unpacked_dot(simd, &q[b.clone()], &d[b.clone()], xr)
+                                + kv_tensor::dot(m[b.clone()].as_flattened(), s)
                         }
                     };
                 }
@@ -277,6 +448,33 @@ mod v3 {
         hsum(acc)
     }
 
+    /// `Σ_b Σ_h d_bh · Σ_{j in h} q_bj · x_bj` with unsigned byte quants (the minimums are
+    /// added by the caller).
+    #[inline(always)]
+    fn unpacked_dot(simd: V3, q: &[[u8; 32]], d: &[[f32; 2]], x: &[[f32; BLOCK]]) -> f32 {
+        let (sse2, avx, avx2, fma) = (simd.sse2, simd.avx, simd.avx2, simd.fma);
+        let mut acc = avx._mm256_setzero_ps();
+        for ((q, d), x) in q.iter().zip(d).zip(x) {
+            prefetch(simd, q);
+            let x: [__m256; 4] = pulp::cast(*x);
+            let q: [__m128i; 2] = pulp::cast(*q);
+            let f = |v: __m128i| avx._mm256_cvtepi32_ps(avx2._mm256_cvtepu8_epi32(v));
+            let s0 = fma._mm256_fmadd_ps(
+                f(sse2._mm_srli_si128::<8>(q[0])),
+                x[1],
+                avx._mm256_mul_ps(f(q[0]), x[0]),
+            );
+            let s1 = fma._mm256_fmadd_ps(
+                f(sse2._mm_srli_si128::<8>(q[1])),
+                x[3],
+                avx._mm256_mul_ps(f(q[1]), x[2]),
+            );
+            acc = fma._mm256_fmadd_ps(avx._mm256_set1_ps(d[0]), s0, acc);
+            acc = fma._mm256_fmadd_ps(avx._mm256_set1_ps(d[1]), s1, acc);
+        }
+        hsum(acc)
+    }
+
     /// `Σ_b d_b · Σ_j q_bj · x_bj` with signed byte quants.
     #[inline(always)]
     fn q8_0_dot(simd: V3, q: &[[u8; 32]], d: &[f32], x: &[[f32; BLOCK]]) -> f32 {
@@ -304,36 +502,65 @@ mod tests {
 
     /// Random ggml blocks of `ty` for `out` rows of `inp` values, with small finite scales.
     fn blocks(ty: GgmlType, inp: usize, out: usize, seed: &[u8]) -> Vec<u8> {
-        let n = inp / BLOCK * out;
+        let n = inp / ty.block_values() * out;
         let mut bytes = Vec::with_capacity(n * ty.block_bytes());
         for i in 0..n * ty.block_bytes() {
             bytes.push(seed[i % seed.len()].wrapping_add((i / seed.len()) as u8));
         }
-        // Overwrite the f16 scale fields with values in ±2 so sums stay well conditioned.
+        // Overwrite the f16 scale fields with small finite values so sums stay well
+        // conditioned (k-quants multiply them by 6-bit sub-block scales).
         for (b, chunk) in bytes.chunks_exact_mut(ty.block_bytes()).enumerate() {
-            let s = half::f16::from_f32(((b % 7) as f32 - 3.0) / 1.5).to_le_bytes();
-            chunk[0..2].copy_from_slice(&s);
-            if ty == GgmlType::Q4_1 {
-                let m = half::f16::from_f32(((b % 5) as f32 - 2.0) / 4.0).to_le_bytes();
-                chunk[2..4].copy_from_slice(&m);
+            let f = |x: f32| half::f16::from_f32(x).to_le_bytes();
+            let s = f(((b % 7) as f32 - 3.0) / 1.5);
+            let m = f(((b % 5) as f32 - 2.0) / 4.0);
+            let small = f(((b % 7) as f32 - 3.0) / 64.0);
+            match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                    chunk[0..2].copy_from_slice(&s);
+                    chunk[2..4].copy_from_slice(&m);
+                }
+                GgmlType::Q4K | GgmlType::Q5K => {
+                    chunk[0..2].copy_from_slice(&small);
+                    chunk[2..4].copy_from_slice(&f(((b % 5) as f32) / 64.0));
+                }
+                GgmlType::Q6K => chunk[208..210].copy_from_slice(&small),
+                _ => chunk[0..2].copy_from_slice(&s),
             }
         }
         bytes
     }
 
-    fn reference(ty: GgmlType, bytes: &[u8], x: &[f32], inp: usize, out: usize) -> Vec<f32> {
+    const TYPES: [GgmlType; 7] = [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    /// The product of the dequantised weights in f64, and `Σ |w·x|` (the scale of the
+    /// rounding error).
+    fn reference(
+        ty: GgmlType,
+        bytes: &[u8],
+        x: &[f32],
+        inp: usize,
+        out: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let mut w = vec![0f32; inp * out];
         ty.dequantize(bytes, &mut w);
         let t = x.len() / inp;
-        let mut y = vec![0f32; out * t];
+        let (mut y, mut mag) = (vec![0f32; out * t], vec![0f32; out * t]);
         for o in 0..out {
             for r in 0..t {
-                y[o * t + r] = (0..inp)
-                    .map(|i| f64::from(w[o * inp + i]) * f64::from(x[r * inp + i]))
-                    .sum::<f64>() as f32;
+                let terms = (0..inp).map(|i| f64::from(w[o * inp + i]) * f64::from(x[r * inp + i]));
+                y[o * t + r] = terms.clone().sum::<f64>() as f32;
+                mag[o * t + r] = terms.map(f64::abs).sum::<f64>() as f32;
             }
         }
-        y
+        (y, mag)
     }
 
     proptest! {
@@ -341,21 +568,21 @@ mod tests {
         /// of the dequantised weights, for every row range and up to four input rows.
         #[test]
         fn kernels_match_dequantised_product(
-            q8 in any::<bool>(),
-            nb in 1usize..6,
+            ty in prop::sample::select(TYPES.to_vec()),
+            nb in 1usize..3,
             out in 1usize..9,
             t in 1usize..5,
             seed in proptest::collection::vec(any::<u8>(), 1..40),
-            xs in proptest::collection::vec(-2f32..2.0, 32 * 5 * 4),
+            xs in proptest::collection::vec(-2f32..2.0, 512 * 4),
             first in 0usize..8,
         ) {
-            let ty = if q8 { GgmlType::Q8_0 } else { GgmlType::Q4_1 };
-            let inp = nb * BLOCK;
+            let inp = nb * ty.block_values().max(BLOCK);
+            let nb = inp / BLOCK;
             let bytes = blocks(ty, inp, out, &seed);
             let w = QuantRows::from_ggml(ty, &bytes, inp, out).expect("whole blocks");
             prop_assert_eq!((w.inp(), w.rows()), (inp, out));
             let x = &xs[..t * inp];
-            let want = reference(ty, &bytes, x, inp, out);
+            let (want, mag) = reference(ty, &bytes, x, inp, out);
             let first = first % out;
             let n = out - first;
             let sums = QuantRows::block_sums(x);
@@ -365,15 +592,20 @@ mod tests {
             for (k, g) in got.iter().enumerate() {
                 let (o, r) = (first + k / t, k % t);
                 let e = want[o * t + r];
-                let tol = 1e-4 * (1.0 + e.abs()) * inp as f32;
-                prop_assert!((g - e).abs() <= tol, "row {o} input {r}: {g} vs {e}");
-                let (xr, sr) = (&xs_blocks[r * nb..(r + 1) * nb], &sums[r * nb..(r + 1) * nb]);
+                let tol = 1e-5 * mag[o * t + r] + 1e-4;
+                prop_assert!((g - e).abs() <= tol, "{ty:?} row {o} input {r}: {g} vs {e}");
+                let (xr, sr) = (
+                    &xs_blocks[r * nb..(r + 1) * nb],
+                    &sums[2 * r * nb..2 * (r + 1) * nb],
+                );
+                let b = o * nb..(o + 1) * nb;
                 let scalar = match &w {
-                    QuantRows::Q4_1 { d, m, q, .. } => q4_1_dot(
-                        &q[o * nb..(o + 1) * nb], &d[o * nb..(o + 1) * nb],
-                        &m[o * nb..(o + 1) * nb], xr, sr),
-                    QuantRows::Q8_0 { d, q, .. } => {
-                        q8_0_dot(&q[o * nb..(o + 1) * nb], &d[o * nb..(o + 1) * nb], xr)
+                    QuantRows::Q4_1 { d, m, q, .. } => {
+                        q4_1_dot(&q[b.clone()], &d[b.clone()], &m[b], xr, sr)
+                    }
+                    QuantRows::Q8_0 { d, q, .. } => q8_0_dot(&q[b.clone()], &d[b], xr),
+                    QuantRows::Unpacked { d, m, q, .. } => {
+                        unpacked_dot(&q[b.clone()], &d[b.clone()], &m[b], xr, sr)
                     }
                 };
                 prop_assert!((scalar - e).abs() <= tol, "scalar row {o}: {scalar} vs {e}");
@@ -389,6 +621,10 @@ mod tests {
         assert!(QuantRows::from_ggml(GgmlType::Q4_1, &q41[..39], 64, 2).is_none());
         assert!(QuantRows::from_ggml(GgmlType::Q4_1, &q41, 48, 2).is_none());
         assert!(QuantRows::from_ggml(GgmlType::Q4_0, &q41, 64, 2).is_none());
+        // A k-quant row must be whole 256-value super-blocks.
+        let q4k = blocks(GgmlType::Q4K, 256, 1, &[5]);
+        assert!(QuantRows::from_ggml(GgmlType::Q4K, &q4k, 256, 1).is_some());
+        assert!(QuantRows::from_ggml(GgmlType::Q4K, &q4k, 128, 2).is_none());
         assert!(QuantRows::from_ggml(GgmlType::Q4_1, &[], 0, 0).is_none());
     }
 }
