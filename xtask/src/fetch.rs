@@ -3,9 +3,8 @@
 //! sha256, and accept already-downloaded files for offline installs. Idempotent: a verified file
 //! already in the cache is not fetched again.
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -320,19 +319,9 @@ fn extract_member(archive: &Path, member: &str, out: &mut File) -> Result<()> {
     Ok(())
 }
 
-/// Hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+/// Hex sha256 of a file (the eval library's, which also names calibration files).
+fn sha256_file(path: &Path) -> Result<String> {
+    Ok(eval::sha256_file(path)?)
 }
 
 fn tempdir(parent: &Path) -> Result<PathBuf> {

@@ -36,28 +36,7 @@ pub fn score<B: KvBackend>(
     Ok(probs * vnorm)
 }
 
-/// The expected-attention scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ExpectedAttention;
-
-impl crate::ScorerType for ExpectedAttention {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: true,
-        attention_mass: false,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for ExpectedAttention {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        score(i.k, i.v, i.ctx)
-    }
+crate::builtin_scorer! {
+    /// The expected-attention scorer.
+    ExpectedAttention, needs: [window_queries], |i| score(i.k, i.v, i.ctx)
 }

@@ -30,28 +30,7 @@ pub fn score<B: KvBackend>(
     Ok(mass)
 }
 
-/// The H2O scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct H2o;
-
-impl crate::ScorerType for H2o {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: false,
-        attention_mass: true,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for H2o {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        score(i.k, i.ctx)
-    }
+crate::builtin_scorer! {
+    /// The H2O scorer.
+    H2o, needs: [attention_mass], |i| score(i.k, i.ctx)
 }

@@ -15,28 +15,7 @@ pub fn score<B: KvBackend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
         .reshape([b, h, t])
 }
 
-/// The key-norm scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Knorm;
-
-impl crate::ScorerType for Knorm {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: false,
-        attention_mass: false,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for Knorm {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        Ok(score(i.k))
-    }
+crate::builtin_scorer! {
+    /// The key-norm scorer.
+    Knorm, needs: [], |i| Ok(score(i.k))
 }

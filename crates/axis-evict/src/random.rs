@@ -14,28 +14,7 @@ pub fn score<B: KvBackend>(k: &Tensor<B, 4>, seed: u64) -> Tensor<B, 3> {
     (x.float() / 65536.0).reshape([b, h, t])
 }
 
-/// The random (control) scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Random;
-
-impl crate::ScorerType for Random {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: false,
-        attention_mass: false,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for Random {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        Ok(score(i.k, i.ctx.layer as u64))
-    }
+crate::builtin_scorer! {
+    /// The random (control) scorer.
+    Random, needs: [], |i| Ok(score(i.k, i.ctx.layer as u64))
 }

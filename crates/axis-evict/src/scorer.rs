@@ -1,6 +1,7 @@
 //! One scorer trait (kvpress's `ScorerPress.score`) and the registry of the scorers this crate
-//! ships. Adding a scorer is one file (a type implementing [`ScorerType`] and [`Scorer`]) and
-//! one line in [`scorers!`]'s invocation below.
+//! ships. Adding a scorer is one file (a type implementing [`ScorerType`] and [`Scorer`]; for a
+//! scorer without calibration, one [`builtin_scorer!`] invocation) and one line in
+//! [`scorers!`]'s invocation below.
 use burn::tensor::Tensor;
 use kv_tensor::KvBackend;
 use kv_tensor::{AxisError, ObservationCtx};
@@ -17,6 +18,51 @@ pub struct ScorerNeeds {
     pub attention_mass: bool,
     /// Statistics calibrated offline on the model (the scorer is built from them).
     pub calibration: bool,
+}
+
+impl ScorerNeeds {
+    /// Nothing besides keys and values.
+    pub const NONE: ScorerNeeds = ScorerNeeds {
+        window_queries: false,
+        attention_mass: false,
+        calibration: false,
+    };
+}
+
+/// A scorer that needs no calibration, in one invocation: its type (a unit struct), the
+/// observations it reads, and its score given the input `i`. It implements [`ScorerType`]
+/// (its uncalibrated instance is itself) and [`Scorer`] for every backend.
+#[macro_export]
+macro_rules! builtin_scorer {
+    ($(#[$doc:meta])* $ty:ident, needs: [$($need:ident),*], |$i:ident| $body:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $ty;
+
+        impl $crate::ScorerType for $ty {
+            const NEEDS: $crate::ScorerNeeds = $crate::ScorerNeeds {
+                $($need: true,)*
+                ..$crate::ScorerNeeds::NONE
+            };
+
+            fn builtin() -> Option<Self> {
+                Some(Self)
+            }
+        }
+
+        impl<B: kv_tensor::KvBackend> $crate::Scorer<B> for $ty {
+            fn needs(&self) -> $crate::ScorerNeeds {
+                <Self as $crate::ScorerType>::NEEDS
+            }
+
+            fn score(
+                &self,
+                $i: &$crate::ScoreInput<'_, B>,
+            ) -> Result<burn::tensor::Tensor<B, 3>, kv_tensor::AxisError> {
+                $body
+            }
+        }
+    };
 }
 
 /// What a scorer is given: the cached keys (after RoPE) and values `[b, h, t, d]`, the
@@ -112,14 +158,6 @@ scorers! {
     /// TriAttention: calibrated pre-RoPE query centres give each head a distance preference
     /// (a trigonometric series over the RoPE frequencies) plus a key-norm term.
     Trig => "trig", crate::trig::Trig;
-}
-
-impl ScorerKind {
-    /// Whether the scorer reads the accumulated prefill attention (the model must be asked to
-    /// compute it).
-    pub fn needs_attention_mass(self) -> bool {
-        self.needs().attention_mass
-    }
 }
 
 impl std::fmt::Display for ScorerKind {

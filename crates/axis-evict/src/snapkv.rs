@@ -22,28 +22,7 @@ pub fn score<B: KvBackend>(
     Ok(pooled.reshape([b, h, t]))
 }
 
-/// The SnapKV scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Snapkv;
-
-impl crate::ScorerType for Snapkv {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: true,
-        attention_mass: false,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for Snapkv {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        score(i.k, i.ctx)
-    }
+crate::builtin_scorer! {
+    /// The SnapKV scorer.
+    Snapkv, needs: [window_queries], |i| score(i.k, i.ctx)
 }

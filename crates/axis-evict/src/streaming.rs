@@ -13,28 +13,7 @@ pub fn score<B: KvBackend>(k: &Tensor<B, 4>) -> Tensor<B, 3> {
         .expand([b, h, t])
 }
 
-/// The StreamingLLM scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Streaming;
-
-impl crate::ScorerType for Streaming {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: false,
-        attention_mass: false,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for Streaming {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        Ok(score(i.k))
-    }
+crate::builtin_scorer! {
+    /// The StreamingLLM scorer.
+    Streaming, needs: [], |i| Ok(score(i.k))
 }

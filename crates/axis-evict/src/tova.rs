@@ -18,28 +18,7 @@ pub fn score<B: KvBackend>(
     Ok(att.mean_dim(1).expand([b, h, t]))
 }
 
-/// The TOVA scorer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Tova;
-
-impl crate::ScorerType for Tova {
-    const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: true,
-        attention_mass: false,
-        calibration: false,
-    };
-
-    fn builtin() -> Option<Self> {
-        Some(Self)
-    }
-}
-
-impl<B: KvBackend> crate::Scorer<B> for Tova {
-    fn needs(&self) -> crate::ScorerNeeds {
-        <Self as crate::ScorerType>::NEEDS
-    }
-
-    fn score(&self, i: &crate::ScoreInput<'_, B>) -> Result<Tensor<B, 3>, kv_tensor::AxisError> {
-        score(i.k, i.ctx)
-    }
+crate::builtin_scorer! {
+    /// The TOVA scorer.
+    Tova, needs: [window_queries], |i| score(i.k, i.ctx)
 }

@@ -354,9 +354,8 @@ impl Trig {
 
 impl crate::ScorerType for Trig {
     const NEEDS: crate::ScorerNeeds = crate::ScorerNeeds {
-        window_queries: false,
-        attention_mass: false,
         calibration: true,
+        ..crate::ScorerNeeds::NONE
     };
 
     /// Nothing without statistics: the registry reports them missing.

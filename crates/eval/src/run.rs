@@ -280,11 +280,15 @@ fn measure_sample<B: KvBackend>(
     phases: &mut Phases,
     progress: &dyn Progress,
 ) -> Result<Vec<Record>> {
-    let mut results = measure_unique(ctx, entries, progress)?;
+    // For each entry, the earlier entry with the same caches (measured once, shown under both).
+    let twins: Vec<Option<usize>> = (0..entries.len())
+        .map(|ei| Entry::same_as(entries, ei))
+        .collect();
+    let mut results = measure_unique(ctx, entries, &twins, progress)?;
     let mut records: Vec<Record> = Vec::with_capacity(entries.len());
     let mut pending: Vec<Generation<B>> = Vec::new();
     for (ei, entry) in entries.iter().enumerate() {
-        let r = match Entry::same_as(entries, ei) {
+        let r = match twins[ei] {
             Some(j) => {
                 let mut r = records[j].clone();
                 r.method = entry.name.clone();
@@ -322,8 +326,8 @@ fn measure_sample<B: KvBackend>(
             records[g.record].prediction = Some(ctx.m.tokenizer.decode(&g.out)?);
         }
         // Entries measured once share their twin's prediction.
-        for ei in 0..entries.len() {
-            if let Some(j) = Entry::same_as(entries, ei) {
+        for (ei, twin) in twins.iter().enumerate() {
+            if let Some(j) = *twin {
                 records[ei].prediction = records[j].prediction.clone();
             }
         }
@@ -341,11 +345,12 @@ fn measure_sample<B: KvBackend>(
 fn measure_unique<B: KvBackend>(
     ctx: &EntryCtx<'_, B>,
     entries: &[Entry],
+    twins: &[Option<usize>],
     progress: &dyn Progress,
 ) -> Result<Vec<Option<Measured<B>>>> {
     let mut results: Vec<Option<Measured<B>>> = (0..entries.len()).map(|_| None).collect();
     let unique: Vec<usize> = (0..entries.len())
-        .filter(|&ei| Entry::same_as(entries, ei).is_none())
+        .filter(|&ei| twins[ei].is_none())
         .collect();
     let (reference, rest) = match ctx.sample {
         Sample::Prose { .. } => {

@@ -51,7 +51,7 @@ impl Needs {
             let scorer = e.evict.map(|s| s.scorer);
             Needs {
                 attention_mass: n.attention_mass
-                    || scorer.is_some_and(|s| s.needs_attention_mass()),
+                    || scorer.is_some_and(|s| s.needs().attention_mass),
                 bases: n.bases || e.lowrank.is_some(),
                 trig_stats: n.trig_stats || scorer == Some(axis_evict::ScorerKind::Trig),
             }

@@ -86,12 +86,8 @@ fn plan_caches(
     } else {
         router::Axes::default()
     };
-    let shape = m.model.config.kv_layout().layer_shape(1, tokens);
-    let predicted = plan
-        .layers
-        .iter()
-        .map(|e| e.footprint(&shape, tokens).total().get())
-        .sum();
+    let geo = eval::methods::geometry(m.model.config.kv_layout(), tokens);
+    let predicted = solver::baselines::plan_bytes(&plan, &geo).get();
     let caches = plan
         .layers
         .iter()
