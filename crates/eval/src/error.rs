@@ -69,6 +69,10 @@ pub enum EvalError {
     /// A score came out NaN or infinite.
     #[error("{0} produced a non-finite score")]
     NonFinite(String),
+    /// The statistics a run must report are missing or malformed (a non-finite interval, a
+    /// row without a paired interval in the CI-sized run, identical plans shown as two rows).
+    #[error("the run's statistics are incomplete: {0}")]
+    Evidence(String),
     /// Serialising results.
     #[error("serialising results: {0}")]
     Json(#[from] serde_json::Error),

@@ -19,6 +19,7 @@ mod error;
 pub mod measure;
 pub mod methods;
 mod options;
+pub mod paired;
 pub mod plot;
 pub mod progress;
 pub mod report;

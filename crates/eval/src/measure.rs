@@ -48,6 +48,10 @@ pub struct Record {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     /// The reference answers (tasks).
     pub refs: Vec<String>,
+    /// The method whose caches were identical on this sample (measured once; its results are
+    /// this record's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<String>,
 }
 
 /// One method's caches, one per layer.
@@ -137,6 +141,7 @@ impl<B: KvBackend> EntryCtx<'_, B> {
             kl: None,
             prediction: None,
             refs: Vec::new(),
+            same_as: None,
         };
         let mut logp_out = None;
         let mut generation = None;

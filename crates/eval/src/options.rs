@@ -78,6 +78,7 @@ impl EvalOptions {
             lengths: vec![512],
             tasks: vec![Task::NiahSingle1, Task::Vt, Task::Qa1],
             grid: true,
+            prose_samples: 3,
             prose_context: 512,
             continuation: 32,
             calibration_context: 512,

@@ -2,23 +2,51 @@
 use crate::error::{IoContext, Result};
 use crate::measure::Record;
 use crate::options::EvalOptions;
+use crate::paired::{Comparison, Metric};
 use crate::plot;
 use crate::stats::Summary;
+use router::RoutingPlan;
+use serde::Serialize;
 use std::path::PathBuf;
 
 fn fmt(x: Option<f64>, digits: usize) -> String {
     x.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
-/// The results as markdown: the run's settings, one row per method and budget, where hetero
-/// stands, what was not planned, and the per-length table.
-pub fn markdown(
-    summary: &[Summary],
-    versus: &str,
-    skipped: &[String],
-    opts: &EvalOptions,
-    seconds: f64,
-) -> String {
+/// Everything a run found, as [`write`] reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Findings<'a> {
+    /// One summary per shown row.
+    pub summary: &'a [Summary],
+    /// Every record.
+    pub records: &'a [Record],
+    /// Paired comparisons of every row with full and with the best other method.
+    pub comparisons: &'a [Comparison],
+    /// Every distinct per-layer plan.
+    pub plans: &'a [PlanRecord],
+    /// Methods not planned for some samples.
+    pub skipped: &'a [String],
+    /// Wall seconds of the measurement.
+    pub seconds: f64,
+}
+
+/// A method's per-layer plan at a budget, and the context lengths (tokens) it was planned for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanRecord {
+    /// Method name.
+    pub method: String,
+    /// Budget label.
+    pub budget: String,
+    /// Context tokens of the samples this plan served.
+    pub tokens: Vec<usize>,
+    /// One expert per layer.
+    pub plan: RoutingPlan,
+}
+
+/// The results as markdown: the run's settings, one row per method and budget, the paired
+/// differences, where hetero stands, what was not planned, and the per-length table.
+pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
+    let (summary, skipped, seconds) = (f.summary, f.skipped, f.seconds);
     let lengths: Vec<String> = opts.lengths.iter().map(|l| l.to_string()).collect();
     let mut s = format!(
         "Task contexts {} tokens, {} sample(s) per task and length, tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
@@ -58,7 +86,7 @@ pub fn markdown(
     for r in summary {
         s.push_str(&format!(
             "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
-            r.method,
+            label(r),
             r.budget,
             r.ratio,
             r.n,
@@ -74,7 +102,8 @@ pub fn markdown(
         }
         s.push('\n');
     }
-    s.push_str(versus);
+    s.push_str(&paired_table(f.comparisons));
+    s.push_str(&crate::stats::versus(f.comparisons));
     if !skipped.is_empty() {
         s.push_str("\nNot planned (no plan of the method fits the budget):\n\n");
         for line in skipped {
@@ -89,7 +118,7 @@ pub fn markdown(
     s.push_str(&"---:|".repeat(opts.lengths.len()));
     s.push('\n');
     for r in summary {
-        s.push_str(&format!("| {} | {} |", r.method, r.budget));
+        s.push_str(&format!("| {} | {} |", label(r), r.budget));
         for &l in &opts.lengths {
             let cell = match (
                 r.per_length.iter().find(|x| x.0 == l),
@@ -100,6 +129,41 @@ pub fn markdown(
                 }
                 _ => "-".into(),
             };
+            s.push_str(&format!(" {cell} |"));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn label(r: &Summary) -> String {
+    std::iter::once(r.method.as_str())
+        .chain(r.aliases.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" = ")
+}
+
+/// The paired differences, one line per row and opponent; resolved intervals in bold.
+fn paired_table(comparisons: &[Comparison]) -> String {
+    if comparisons.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nPaired differences (row − opponent) on the samples both measured: mean and 95 % bootstrap interval (resampling samples, seeded); **bold** = resolved (the interval excludes 0).\n\n| method | budget | vs |",
+    );
+    for m in Metric::ALL {
+        s.push_str(&format!(" Δ {} |", m.name()));
+    }
+    s.push_str("\n|---|---|---|");
+    s.push_str(&"---:|".repeat(Metric::ALL.len()));
+    s.push('\n');
+    for c in comparisons {
+        s.push_str(&format!("| {} | {} | {} |", c.method, c.budget, c.against));
+        for m in Metric::ALL {
+            let cell = c.get(m).map_or("-".to_string(), |i| {
+                let t = crate::stats::interval_text(i, if m == Metric::Score { 1 } else { 3 });
+                if i.resolved() { format!("**{t}**") } else { t }
+            });
             s.push_str(&format!(" {cell} |"));
         }
         s.push('\n');
@@ -118,21 +182,10 @@ pub struct Report {
     pub files: Vec<PathBuf>,
 }
 
-/// Writes results.md, results.json and the Pareto plots to `opts.out`.
-pub fn write(
-    opts: &EvalOptions,
-    summary: &[Summary],
-    records: &[Record],
-    skipped: &[String],
-    seconds: f64,
-) -> Result<Report> {
-    let md = markdown(
-        summary,
-        &crate::stats::versus(records),
-        skipped,
-        opts,
-        seconds,
-    );
+/// Writes results.md, results.json (settings, summary, paired comparisons, every per-layer
+/// plan, every record), the Pareto plot and one per-layer plan plot per budget to `opts.out`.
+pub fn write(opts: &EvalOptions, f: &Findings<'_>) -> Result<Report> {
+    let md = markdown(f, opts);
     let out = &opts.out;
     std::fs::create_dir_all(out).at(out)?;
     let md_path = out.join("results.md");
@@ -144,29 +197,61 @@ pub fn write(
         "prose_context": opts.prose_context, "continuation": opts.continuation,
         "calibration_context": opts.calibration_context, "seed": opts.seed,
         "chunked_prefill": opts.chunked_prefill,
-        "budgets": opts.budgets, "seconds": seconds, "summary": summary, "skipped": skipped,
+        "budgets": opts.budgets, "seconds": f.seconds, "summary": f.summary,
+        "comparisons": f.comparisons, "skipped": f.skipped,
     });
     let mut full = head.clone();
-    full["records"] = serde_json::to_value(records)?;
+    full["plans"] = serde_json::to_value(f.plans)?;
+    full["records"] = serde_json::to_value(f.records)?;
     let json_path = out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&full)?).at(&json_path)?;
-    let points: Vec<plot::Point> = summary
+    let mut files = vec![md_path, json_path];
+    files.extend(plot::pareto(&pareto_points(f), out)?);
+    for budget in &opts.budgets {
+        files.extend(plot::layers(f.plans, budget, out)?);
+    }
+    Ok(Report {
+        markdown: md,
+        summary: head,
+        files,
+    })
+}
+
+/// One point per shown row, its error bars the paired interval against full; hetero and the
+/// method most often best-other to it are highlighted.
+fn pareto_points(f: &Findings<'_>) -> Vec<plot::Point> {
+    let against_full = |s: &Summary, m: Metric| {
+        f.comparisons
+            .iter()
+            .find(|c| c.method == s.method && c.budget == s.budget && c.against == "full")
+            .and_then(|c| c.get(m))
+            .map(|i| (i.lo - i.mean, i.hi - i.mean))
+    };
+    let mut rivals: Vec<(&str, usize)> = Vec::new();
+    for c in f
+        .comparisons
+        .iter()
+        .filter(|c| c.method == "hetero" && c.against != "full")
+    {
+        match rivals.iter_mut().find(|(m, _)| *m == c.against) {
+            Some((_, n)) => *n += 1,
+            None => rivals.push((&c.against, 1)),
+        }
+    }
+    let rival = rivals.iter().max_by_key(|(_, n)| *n).map(|(m, _)| *m);
+    let metrics = [Metric::Score, Metric::TfLogp, Metric::Kl];
+    f.summary
         .iter()
         .map(|s| plot::Point {
-            method: s.method.clone(),
+            method: label(s),
             ratio: s.ratio,
             values: [
                 s.score.unwrap_or(f64::NAN),
                 s.tf_logp.unwrap_or(f64::NAN),
                 s.kl.unwrap_or(f64::NAN),
             ],
+            bars: metrics.map(|m| against_full(s, m)),
+            highlight: s.method == "hetero" || Some(s.method.as_str()) == rival,
         })
-        .collect();
-    let mut files = vec![md_path, json_path];
-    files.extend(plot::pareto(&points, out)?);
-    Ok(Report {
-        markdown: md,
-        summary: head,
-        files,
-    })
+        .collect()
 }

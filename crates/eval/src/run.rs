@@ -9,10 +9,12 @@ use crate::data::{self, Sample};
 use crate::decode::{Generation, generate};
 use crate::error::{EvalError, Result};
 use crate::measure::{EntryCtx, Measured, Record, prefill_all};
+use crate::methods::Build;
 use crate::methods::{self, Entry, Skips};
 use crate::options::EvalOptions;
+use crate::paired;
 use crate::progress::{Event, Progress};
-use crate::report::{self, Report};
+use crate::report::{self, PlanRecord, Report};
 use crate::session::Session;
 use crate::stats::{self, Summary};
 use crate::tasks::{self, QaSet, Task};
@@ -29,8 +31,12 @@ type Group = (usize, Vec<Sample>);
 pub struct Outcome {
     /// One record per method, budget and sample.
     pub records: Vec<Record>,
-    /// Means per method and budget.
+    /// Means per shown row (methods with identical plans share one).
     pub summary: Vec<Summary>,
+    /// Paired comparisons of every row with full and with the best other method.
+    pub comparisons: Vec<paired::Comparison>,
+    /// Every distinct per-layer plan.
+    pub plans: Vec<PlanRecord>,
     /// Methods not planned for some samples, one line each.
     pub skipped: Vec<String>,
     /// Wall seconds after calibration and sample generation.
@@ -60,12 +66,29 @@ pub fn run<B: KvBackend>(
     let records = measure_all(session, &groups, &plans, opts, progress)?;
     let seconds = t0.elapsed().as_secs_f64();
     let summary = stats::summarize(&records, &opts.lengths);
-    let report = report::write(opts, &summary, &records, &skipped, seconds)?;
+    let shown: Vec<(String, String)> = summary
+        .iter()
+        .map(|s| (s.method.clone(), s.budget.clone()))
+        .collect();
+    let comparisons = paired::all(&records, &shown, opts.seed);
+    let plan_records = plan_records(&groups, &plans);
+    let findings = report::Findings {
+        summary: &summary,
+        records: &records,
+        comparisons: &comparisons,
+        plans: &plan_records,
+        skipped: &skipped,
+        seconds,
+    };
+    let report = report::write(opts, &findings)?;
     let layout = session.model.model.config.kv_layout();
     stats::check_matched_bytes(&records, |t| layout.fp16_bytes(1, t))?;
+    stats::check_evidence(&summary, &comparisons, &plan_records, opts.quick)?;
     Ok(Outcome {
         records,
         summary,
+        comparisons,
+        plans: plan_records,
         skipped,
         seconds,
         report,
@@ -201,6 +224,35 @@ fn plan_all<B: KvBackend>(
     Ok(plans)
 }
 
+/// Every distinct plan each method used at each budget, with the context lengths it served.
+fn plan_records(groups: &[Group], plans: &[Vec<Vec<Entry>>]) -> Vec<PlanRecord> {
+    let mut out: Vec<PlanRecord> = Vec::new();
+    for ((_, samples), per) in groups.iter().zip(plans) {
+        for (sample, entries) in samples.iter().zip(per) {
+            let tokens = sample.context().len();
+            for e in entries {
+                let Build::Plan(plan) = &e.build else {
+                    continue;
+                };
+                let same = |p: &&mut PlanRecord| {
+                    p.method == e.name && p.budget == e.budget && p.plan == *plan
+                };
+                match out.iter_mut().find(same) {
+                    Some(p) if !p.tokens.contains(&tokens) => p.tokens.push(tokens),
+                    Some(_) => {}
+                    None => out.push(PlanRecord {
+                        method: e.name.clone(),
+                        budget: e.budget.clone(),
+                        tokens: vec![tokens],
+                        plan: plan.clone(),
+                    }),
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Seconds in prefill (wall), compression, probes (teacher forcing, prose, generation set-up)
 /// and batched generation; compression and probes run on every core and are summed over them.
 #[derive(Debug, Default)]
@@ -293,6 +345,7 @@ fn measure_sample<B: KvBackend>(
                 let mut r = records[j].clone();
                 r.method = entry.name.clone();
                 r.budget = entry.budget.clone();
+                r.same_as = Some(entries[j].name.clone());
                 progress.event(Event::Step);
                 r
             }

@@ -1,5 +1,6 @@
 //! Summaries over samples, and where hetero stands against the best other method.
 use crate::measure::Record;
+use crate::paired::{Comparison, Interval, Metric};
 use serde::Serialize;
 
 /// One method at one budget, averaged.
@@ -9,6 +10,8 @@ pub struct Summary {
     pub method: String,
     /// Budget label.
     pub budget: String,
+    /// Methods with identical caches on every sample, shown on this row.
+    pub aliases: Vec<String>,
     /// Mean compression ratio over samples.
     pub ratio: f64,
     /// Mean cache bytes at each length.
@@ -37,8 +40,10 @@ pub fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| s / n as f64)
 }
 
-/// One summary per (method, budget), in first-seen order.
-pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
+/// The rows a report shows: one per (method, budget) in first-seen order, except that a
+/// method whose caches were identical to an earlier method's on every sample (recorded as
+/// `same_as`) is shown once, as an alias on that method's row.
+pub fn rows(records: &[Record]) -> Vec<Row> {
     let mut keys: Vec<(String, String)> = Vec::new();
     for r in records {
         let k = (r.method.clone(), r.budget.clone());
@@ -46,6 +51,61 @@ pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
             keys.push(k);
         }
     }
+    // Per sample, the method whose caches a record's were: two methods are identical on a
+    // sample when these agree.
+    let canonical = |m: &str, b: &str| -> Vec<((usize, &'static str, usize), &str)> {
+        let mut v: Vec<_> = records
+            .iter()
+            .filter(|r| r.method == m && r.budget == b)
+            .map(|r| {
+                let c = r.same_as.as_deref().unwrap_or(r.method.as_str());
+                ((r.length, r.task, r.sample), c)
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let mut out: Vec<Row> = Vec::new();
+    for (method, budget) in keys {
+        let mine = canonical(&method, &budget);
+        match out
+            .iter_mut()
+            .find(|r| r.budget == budget && canonical(&r.method, &r.budget) == mine)
+        {
+            Some(row) => row.aliases.push(method),
+            None => out.push(Row {
+                method,
+                budget,
+                aliases: Vec::new(),
+            }),
+        }
+    }
+    out
+}
+
+/// A shown row: a method at a budget and the names of methods with identical caches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// The method measured.
+    pub method: String,
+    /// Budget label.
+    pub budget: String,
+    /// Methods whose plans were identical on every sample (measured once, shown here).
+    pub aliases: Vec<String>,
+}
+
+impl Row {
+    /// `1d = expectedattention`.
+    pub fn label(&self) -> String {
+        std::iter::once(self.method.as_str())
+            .chain(self.aliases.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" = ")
+    }
+}
+
+/// One summary per shown row (see [`rows`]).
+pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
     let mut tasks: Vec<&'static str> = Vec::new();
     for r in records.iter().filter(|r| r.score.is_some()) {
         if !tasks.contains(&r.task) {
@@ -55,114 +115,175 @@ pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
     let mut all_lengths: Vec<usize> = records.iter().map(|r| r.length).collect();
     all_lengths.sort_unstable();
     all_lengths.dedup();
-    keys.into_iter()
-        .map(|(method, budget)| {
-            let rs: Vec<&Record> = records
-                .iter()
-                .filter(|r| r.method == method && r.budget == budget)
-                .collect();
-            Summary {
-                ratio: mean(rs.iter().map(|r| r.ratio)).unwrap_or(f64::NAN),
-                bytes: all_lengths
+    rows(records)
+        .into_iter()
+        .map(
+            |Row {
+                 method,
+                 budget,
+                 aliases,
+             }| {
+                let rs: Vec<&Record> = records
                     .iter()
-                    .filter_map(|&l| {
-                        mean(rs.iter().filter(|r| r.length == l).map(|r| r.bytes as f64))
-                            .map(|b| (l, b))
-                    })
-                    .collect(),
-                n: rs.iter().filter(|r| r.score.is_some()).count(),
-                score: mean(rs.iter().filter_map(|r| r.score)),
-                tf_logp: mean(rs.iter().filter_map(|r| r.tf_logp)),
-                tf_acc: mean(rs.iter().filter_map(|r| r.tf_acc)),
-                nll: mean(rs.iter().filter_map(|r| r.nll)),
-                kl: mean(rs.iter().filter_map(|r| r.kl)),
-                per_task: tasks
-                    .iter()
-                    .filter_map(|&t| {
-                        mean(rs.iter().filter(|r| r.task == t).filter_map(|r| r.score))
-                            .map(|s| (t, s))
-                    })
-                    .collect(),
-                per_length: lengths
-                    .iter()
-                    .filter_map(|&l| {
-                        let at = || rs.iter().filter(move |r| r.length == l);
-                        Some((
-                            l,
-                            mean(at().filter_map(|r| r.score))?,
-                            mean(at().filter_map(|r| r.tf_acc))?,
-                        ))
-                    })
-                    .collect(),
-                method,
-                budget,
-            }
-        })
+                    .filter(|r| r.method == method && r.budget == budget)
+                    .collect();
+                Summary {
+                    ratio: mean(rs.iter().map(|r| r.ratio)).unwrap_or(f64::NAN),
+                    bytes: all_lengths
+                        .iter()
+                        .filter_map(|&l| {
+                            mean(rs.iter().filter(|r| r.length == l).map(|r| r.bytes as f64))
+                                .map(|b| (l, b))
+                        })
+                        .collect(),
+                    n: rs.iter().filter(|r| r.score.is_some()).count(),
+                    score: mean(rs.iter().filter_map(|r| r.score)),
+                    tf_logp: mean(rs.iter().filter_map(|r| r.tf_logp)),
+                    tf_acc: mean(rs.iter().filter_map(|r| r.tf_acc)),
+                    nll: mean(rs.iter().filter_map(|r| r.nll)),
+                    kl: mean(rs.iter().filter_map(|r| r.kl)),
+                    per_task: tasks
+                        .iter()
+                        .filter_map(|&t| {
+                            mean(rs.iter().filter(|r| r.task == t).filter_map(|r| r.score))
+                                .map(|s| (t, s))
+                        })
+                        .collect(),
+                    per_length: lengths
+                        .iter()
+                        .filter_map(|&l| {
+                            let at = || rs.iter().filter(move |r| r.length == l);
+                            Some((
+                                l,
+                                mean(at().filter_map(|r| r.score))?,
+                                mean(at().filter_map(|r| r.tf_acc))?,
+                            ))
+                        })
+                        .collect(),
+                    method,
+                    budget,
+                    aliases,
+                }
+            },
+        )
         .collect()
 }
 
-/// Where hetero stands at each budget against the best other method, each pair compared on
-/// the samples both measured (a plan can be infeasible at some lengths: at 1024 tokens the
-/// 64-token residual window alone exceeds 1/14 of the cache). Best = highest mean score, then
-/// teacher-forced log-prob.
-pub fn versus(records: &[Record]) -> String {
-    let key = |r: &Record| (r.length, r.task, r.sample);
-    let mut budgets: Vec<&str> = Vec::new();
-    for r in records.iter().filter(|r| r.budget != "-") {
-        if !budgets.contains(&r.budget.as_str()) {
-            budgets.push(&r.budget);
-        }
-    }
+/// `+0.12 [+0.03, +0.21]`.
+pub fn interval_text(i: &Interval, digits: usize) -> String {
+    format!(
+        "{:+.digits$} [{:+.digits$}, {:+.digits$}]",
+        i.mean, i.lo, i.hi
+    )
+}
+
+/// Where hetero stands at each budget against the best other method there (see
+/// [`paired::best_other`]): the paired difference per metric with its 95 % bootstrap
+/// interval, and whether the interval resolves the sign.
+pub fn versus(comparisons: &[Comparison]) -> String {
     let mut out = String::new();
-    for b in budgets {
-        let hetero: Vec<&Record> = records
+    for c in comparisons
+        .iter()
+        .filter(|c| c.method == "hetero" && c.against != "full")
+    {
+        let parts: Vec<String> = c
+            .diffs
             .iter()
-            .filter(|r| r.budget == b && r.method == "hetero")
+            .map(|(m, i)| {
+                let verdict = match (i.resolved(), (i.mean > 0.0) == m.higher_is_better()) {
+                    (false, _) => "not resolved".to_string(),
+                    (true, true) => "resolved, hetero better".to_string(),
+                    (true, false) => format!("resolved, {} better", c.against),
+                };
+                let digits = if *m == Metric::Score { 1 } else { 3 };
+                format!(
+                    "{} {} over {} samples ({verdict})",
+                    m.name(),
+                    interval_text(i, digits),
+                    i.n
+                )
+            })
             .collect();
-        let mut others: Vec<&str> = Vec::new();
-        for r in records
-            .iter()
-            .filter(|r| r.budget == b && !r.method.starts_with("hetero"))
-        {
-            if !others.contains(&r.method.as_str()) {
-                others.push(&r.method);
-            }
-        }
-        // (method, n, hetero score, its score, hetero TF log-p, its TF log-p)
-        let mut best: Option<(&str, usize, f64, f64, f64, f64)> = None;
-        for o in others {
-            let theirs: Vec<&Record> = records
-                .iter()
-                .filter(|r| r.budget == b && r.method == o && r.score.is_some())
-                .filter(|r| hetero.iter().any(|h| key(h) == key(r)))
-                .collect();
-            let ours: Vec<&Record> = hetero
-                .iter()
-                .copied()
-                .filter(|h| h.score.is_some() && theirs.iter().any(|r| key(r) == key(h)))
-                .collect();
-            let (Some(hs), Some(os), Some(hl), Some(ol)) = (
-                mean(ours.iter().filter_map(|r| r.score)),
-                mean(theirs.iter().filter_map(|r| r.score)),
-                mean(ours.iter().filter_map(|r| r.tf_logp)),
-                mean(theirs.iter().filter_map(|r| r.tf_logp)),
-            ) else {
-                continue;
-            };
-            if best.is_none_or(|(_, _, _, bs, _, bl)| (os, ol) > (bs, bl)) {
-                best = Some((o, theirs.len(), hs, os, hl, ol));
-            }
-        }
-        if let Some((o, n, hs, os, hl, ol)) = best {
+        if !parts.is_empty() {
             out.push_str(&format!(
-                "At {b}, on the {n} task samples both measured: hetero scores {hs:.1} (TF log-p {hl:.3}); the best other method, {o}, scores {os:.1} (TF log-p {ol:.3}).\n"
+                "- At {}, hetero − {} (the best other method there): {}.\n",
+                c.budget,
+                c.against,
+                parts.join("; ")
             ));
         }
     }
     if !out.is_empty() {
-        out.insert(0, '\n');
+        out.insert_str(
+            0,
+            "\nWhere hetero stands (paired differences on the samples both measured, 95 % bootstrap intervals):\n\n",
+        );
     }
     out
+}
+
+/// The evidence a run must hold: every paired interval finite; with `strict` (the CI-sized
+/// run) every row at a budget compared with full on at least two samples; and no two shown
+/// rows at a budget with the same plan at every context (they must share one row).
+pub fn check_evidence(
+    summary: &[Summary],
+    comparisons: &[Comparison],
+    plans: &[crate::report::PlanRecord],
+    strict: bool,
+) -> crate::Result<()> {
+    let bad = |why: String| Err(crate::EvalError::Evidence(why));
+    for c in comparisons {
+        if let Some((m, i)) = c
+            .diffs
+            .iter()
+            .find(|(_, i)| ![i.mean, i.lo, i.hi].iter().all(|x| x.is_finite()))
+        {
+            return bad(format!(
+                "{} vs {} at {}: {} interval {i:?}",
+                c.method,
+                c.against,
+                c.budget,
+                m.name()
+            ));
+        }
+    }
+    for s in summary.iter().filter(|s| s.budget != "-") {
+        let paired = comparisons.iter().any(|c| {
+            c.method == s.method
+                && c.budget == s.budget
+                && c.against == "full"
+                && !c.diffs.is_empty()
+        });
+        if strict && !paired {
+            return bad(format!(
+                "{} at {}: no paired interval against full (fewer than two shared samples)",
+                s.method, s.budget
+            ));
+        }
+    }
+    let plans_of = |m: &str, b: &str| -> Vec<(&router::RoutingPlan, Vec<usize>)> {
+        plans
+            .iter()
+            .filter(|p| p.method == m && p.budget == b)
+            .map(|p| (&p.plan, p.tokens.clone()))
+            .collect()
+    };
+    for (i, a) in summary.iter().enumerate() {
+        let pa = plans_of(&a.method, &a.budget);
+        if pa.is_empty() {
+            continue;
+        }
+        if let Some(b) = summary[i + 1..]
+            .iter()
+            .find(|b| b.budget == a.budget && plans_of(&b.method, &b.budget) == pa)
+        {
+            return bad(format!(
+                "{} and {} at {} have identical plans but are shown as two rows",
+                a.method, b.method, a.budget
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Matched memory: no method at a budget holds more than its budget after the context
@@ -222,6 +343,7 @@ mod tests {
             kl: None,
             prediction: None,
             refs: Vec::new(),
+            same_as: None,
         }
     }
 
@@ -243,20 +365,107 @@ mod tests {
     }
 
     #[test]
-    fn versus_compares_on_shared_samples_only() {
-        let mut other = rec("snapkv", "1/8", "cwe", 100.0, -0.1);
-        other.sample = 9; // a sample hetero did not measure
+    fn twins_on_every_sample_share_a_row() {
+        let mut twin = rec("1d", "1/8", "vt", 100.0, -0.5);
+        twin.same_as = Some("hetero".into());
+        let mut twin_once = rec("hetero+rank", "1/8", "vt", 100.0, -0.5);
+        twin_once.same_as = Some("hetero".into());
+        let mut own = rec("hetero+rank", "1/8", "cwe", 10.0, -0.5);
+        own.sample = 1;
         let rs = vec![
             rec("hetero", "1/8", "vt", 100.0, -0.5),
-            rec("knorm", "1/8", "vt", 40.0, -1.0),
-            other,
+            twin,
+            twin_once,
+            own,
         ];
-        let v = versus(&rs);
+        let r = rows(&rs);
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(r[0].label(), "hetero = 1d");
+        assert_eq!(r[1].label(), "hetero+rank");
+        let s = summarize(&rs, &[1024]);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].aliases, vec!["1d".to_string()]);
+    }
+
+    #[test]
+    fn versus_says_whether_each_difference_is_resolved() {
+        let mut rs = Vec::new();
+        for i in 0..12 {
+            let mut h = rec("hetero", "1/8", "vt", 100.0, -0.5 - 0.1 * i as f64);
+            h.sample = i;
+            let mut o = rec(
+                "snapkv",
+                "1/8",
+                "vt",
+                if i % 2 == 0 { 100.0 } else { 0.0 },
+                -1.0 - 0.1 * i as f64,
+            );
+            o.sample = i;
+            rs.extend([h, o]);
+        }
+        let shown: Vec<(String, String)> = rows(&rs)
+            .into_iter()
+            .map(|r| (r.method, r.budget))
+            .collect();
+        let v = versus(&crate::paired::all(&rs, &shown, 1));
+        assert!(v.contains("hetero − snapkv"), "{v}");
         assert!(
-            v.contains("the best other method, knorm, scores 40.0"),
+            v.contains(
+                "TF log-p +0.500 [+0.500, +0.500] over 12 samples (resolved, hetero better)"
+            ),
             "{v}"
         );
-        assert!(v.contains("on the 1 task samples"), "{v}");
+        assert!(v.contains("score +50.0"), "{v}");
+    }
+
+    #[test]
+    fn evidence_check_catches_unmerged_twins_and_missing_intervals() {
+        let plan = router::RoutingPlan::uniform(router::Expert::FULL, 2);
+        let record = |m: &str| crate::report::PlanRecord {
+            method: m.into(),
+            budget: "1/8".into(),
+            tokens: vec![1000],
+            plan: plan.clone(),
+        };
+        let mut rs = Vec::new();
+        for i in 0..4 {
+            for m in ["full", "a", "b"] {
+                let mut r = rec(
+                    m,
+                    if m == "full" { "-" } else { "1/8" },
+                    "vt",
+                    50.0,
+                    -(i as f64),
+                );
+                r.sample = i;
+                rs.push(r);
+            }
+        }
+        let summary = summarize(&rs, &[1024]);
+        let shown: Vec<(String, String)> = summary
+            .iter()
+            .map(|s| (s.method.clone(), s.budget.clone()))
+            .collect();
+        let comparisons = crate::paired::all(&rs, &shown, 1);
+        // a and b hold the same plan but were measured (and shown) separately.
+        let plans = [record("a"), record("b")];
+        let err = check_evidence(&summary, &comparisons, &plans, true);
+        assert!(
+            matches!(err, Err(crate::EvalError::Evidence(ref w)) if w.contains("identical plans")),
+            "{err:?}"
+        );
+        let mut other = record("b");
+        other.plan = router::RoutingPlan::uniform(router::Expert::FULL, 3);
+        assert!(
+            check_evidence(&summary, &comparisons, &[record("a"), other.clone()], true).is_ok()
+        );
+        // Strict runs need every row paired with full.
+        let err = check_evidence(&summary, &[], &[record("a"), other.clone()], true);
+        assert!(
+            matches!(err, Err(crate::EvalError::Evidence(ref w)) if w.contains("no paired interval")),
+            "{err:?}"
+        );
+        assert!(check_evidence(&summary, &[], &[record("a"), other], false).is_ok());
     }
 
     #[test]
