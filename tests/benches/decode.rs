@@ -72,7 +72,7 @@ fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Cache
 }
 
 fn bench(c: &mut Criterion) {
-    let m = kvnd_tests::model();
+    let m = kvnd_tests::bench_model();
     let layers = m.model.config.layers;
     let contexts: Vec<usize> = std::env::var("KVND_BENCH_CONTEXTS")
         .ok()

@@ -38,6 +38,17 @@ pub fn model() -> &'static LoadedModel<B> {
     })
 }
 
+/// The model a benchmark runs on (`KVND_MODEL`, set by `cargo xtask bench --model`, else the
+/// embedded default), loaded once per bench binary.
+pub fn bench_model() -> &'static LoadedModel<B> {
+    static M: OnceLock<LoadedModel<B>> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = models::paths::bench_model().expect("no cache directory: set KVND_HOME");
+        models::load_gguf::<B>(&p, &Default::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    })
+}
+
 /// The shared reference fixtures (`../shared/fixtures` next to the repository), the source of
 /// truth the issue names.
 fn shared_fixture(name: &str) -> PathBuf {

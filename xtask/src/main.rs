@@ -39,7 +39,7 @@ enum Cmd {
     /// Choose every layer's expert under a byte budget and write the plan as TOML.
     Solve(cmd::solve::Solve),
     /// Run the criterion benchmarks and print their figures.
-    Bench,
+    Bench(cmd::bench::Bench),
     /// Fetch the model and data if needed, then run the whole test suite (`cargo test --workspace`).
     Test(cmd::test::Test),
     /// Answer a chat prompt; prints the answer, tokens/s and the KV-cache size.
@@ -56,7 +56,7 @@ fn main() -> Result<()> {
         Cmd::Calibrate(c) => c.run(),
         Cmd::ValidateProxy(c) => c.run(),
         Cmd::Solve(c) => c.run(),
-        Cmd::Bench => cmd::bench::bench(),
+        Cmd::Bench(c) => cmd::bench::bench(&c.model),
         Cmd::Test(c) => c.run(),
         Cmd::Generate(c) => c.run(),
         Cmd::Logits(c) => c.run(),

@@ -70,7 +70,7 @@ impl Sample {
     pub fn task(&self) -> &'static str {
         match self {
             Sample::Prose { .. } => "prose",
-            Sample::Task(t) => t.task.name(),
+            Sample::Task(t) => t.name,
         }
     }
 }

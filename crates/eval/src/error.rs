@@ -46,6 +46,16 @@ pub enum EvalError {
         /// Why.
         why: String,
     },
+    /// A line of a user's data set is malformed (line 0: the file as a whole).
+    #[error("{}:{line}: {why}", path.display())]
+    Dataset {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
     /// Options that cannot run (a context longer than the model's window, no methods).
     #[error("invalid evaluation options: {0}")]
     Options(String),

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod dataset;
 pub mod decode;
 mod error;
 pub mod measure;

@@ -41,6 +41,9 @@ pub struct EvalOptions {
     pub chunked_prefill: bool,
     /// The QA documents (`squad.json`, `hotpotqa.json`), needed by `qa_1` and `qa_2`.
     pub qa_dir: Option<PathBuf>,
+    /// A user's data set in RULER's jsonl format, measured beside the built-in suite (or
+    /// instead of it, with no `tasks` and no prose samples).
+    pub dataset: Option<crate::dataset::Dataset>,
     /// Where results.md, results.json and the plots go.
     pub out: PathBuf,
 }
@@ -65,6 +68,7 @@ impl EvalOptions {
             seed: 1,
             chunked_prefill: false,
             qa_dir: None,
+            dataset: None,
             out,
         }
     }

@@ -65,6 +65,16 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
         opts.seed,
         seconds,
     );
+    if let Some(d) = &opts.dataset {
+        s.push_str(&format!(
+            "User data: `{}` (RULER jsonl), scored by RULER's {}; its rows are the task named after the file.\n\n",
+            d.path.display(),
+            match d.metric {
+                crate::tasks::Metric::All => "string_match_all",
+                crate::tasks::Metric::Part => "string_match_part",
+            }
+        ));
+    }
     s.push_str(if opts.chunked_prefill {
         "Prefill: every method prefills each context itself and compresses after every 512-token chunk, with what it has observed so far (`--chunked-prefill`).\n\n"
     } else {

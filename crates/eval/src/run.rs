@@ -170,6 +170,17 @@ fn samples<B: KvBackend>(
         groups.push((length, samples));
     }
     progress.event(Event::Finish);
+    if let Some(d) = &opts.dataset {
+        let max = m.model.config.context.saturating_sub(512);
+        let user = crate::dataset::load(d, &m.tokenizer, chat, max)?;
+        let longest = user.iter().map(|t| t.context.len()).max().unwrap_or(0);
+        progress.event(Event::Note(&format!(
+            "{}: {} samples, contexts up to {longest} tokens",
+            d.path.display(),
+            user.len()
+        )));
+        groups.push((longest, user.into_iter().map(Sample::Task).collect()));
+    }
     if opts.prose_samples > 0 {
         let prose = data::prose_samples(
             &m.tokenizer,
@@ -386,7 +397,7 @@ fn measure_sample<B: KvBackend>(
         }
         for r in &mut records {
             if let Some(p) = &r.prediction {
-                r.score = Some(t.task.metric().score(p, &t.refs));
+                r.score = Some(t.metric.score(p, &t.refs));
             }
         }
     }

@@ -17,7 +17,7 @@ fn main() {
         .collect();
     let ctx: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(2047);
     let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
-    let path = models::paths::default_model().expect("cache dir");
+    let path = models::paths::bench_model().expect("cache dir");
     let mut m = models::load_gguf::<B>(&path, &Default::default()).expect("model loads");
     // Third argument `f32`: decode from f32 host rows instead of the file's blocks.
     if args.get(2).map(String::as_str) == Some("f32") {

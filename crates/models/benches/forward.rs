@@ -12,7 +12,7 @@ type B = NdArray<f32>;
 const DECODE_FROM: usize = 2000;
 
 fn bench(c: &mut Criterion) {
-    let path = models::paths::default_model().expect("cache dir");
+    let path = models::paths::bench_model().expect("cache dir");
     assert!(
         path.exists(),
         "{} is missing: run `cargo xtask fetch-model`",

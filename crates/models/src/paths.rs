@@ -28,6 +28,15 @@ pub fn default_model() -> Option<PathBuf> {
     models_dir().map(|d| d.join(DEFAULT_MODEL_FILE))
 }
 
+/// The model a benchmark runs on: the GGUF file named by `KVND_MODEL` (what `cargo xtask
+/// bench --model` sets), else the embedded default.
+pub fn bench_model() -> Option<PathBuf> {
+    match std::env::var_os("KVND_MODEL") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => default_model(),
+    }
+}
+
 /// The prose data set in `dir`: every address (`*.txt`), in file-name order, concatenated with
 /// a newline after each. One reader for the tests and the evaluation, so both see the same text.
 pub fn read_sotu(dir: &std::path::Path) -> std::io::Result<String> {

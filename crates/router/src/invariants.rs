@@ -128,6 +128,7 @@ fn plans_roundtrip_and_validate() {
         )),
     };
     let plan = RoutingPlan {
+        sized_for: None,
         layers: vec![e, Expert::FULL, e],
     };
     let text = plan.to_toml().expect("toml");
@@ -148,6 +149,7 @@ fn plans_roundtrip_and_validate() {
 #[test]
 fn inconsistent_experts_are_rejected_naming_the_layer() {
     let plan = RoutingPlan {
+        sized_for: None,
         layers: vec![
             Expert::FULL,
             Expert {
@@ -261,11 +263,32 @@ proptest! {
                 e
             })
             .collect();
-        let plan = RoutingPlan { layers: layers.clone() };
+        let plan = RoutingPlan {
+            sized_for: None,
+            layers: layers.clone(),
+        };
         let n = plan.needs();
         let scorer = |k| layers.iter().any(|e| e.evict.is_some_and(|s| s.scorer == k));
         prop_assert_eq!(n.attention_mass, scorer(ScorerKind::H2o));
         prop_assert_eq!(n.trig_stats, scorer(ScorerKind::Trig));
         prop_assert_eq!(n.bases, layers.iter().any(|e| e.lowrank.is_some()));
     }
+}
+
+/// A plan records what it was sized for through TOML, and plans written before that field
+/// existed still load.
+#[test]
+fn sized_for_round_trips_and_is_optional() {
+    let mut plan = RoutingPlan::uniform(Expert::FULL, 2);
+    plan.sized_for = Some(crate::SizedFor {
+        tokens: 3500,
+        bytes: 1000,
+        fp16_bytes: 8000,
+    });
+    let text = plan.to_toml().expect("serialises");
+    let back = RoutingPlan::from_toml(&text, 2, 64).expect("parses");
+    assert_eq!(back, plan);
+    assert_eq!(back.sized_for.map(|s| s.ratio()), Some(8.0));
+    let old = RoutingPlan::from_toml("[[layers]]\n[[layers]]\n", 2, 64).expect("parses");
+    assert_eq!(old.sized_for, None);
 }

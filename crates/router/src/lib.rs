@@ -18,4 +18,4 @@ mod invariants;
 
 pub use cache::{Axes, RoutedCache};
 pub use expert::{Expert, RESIDUAL};
-pub use plan::{Needs, RouterError, RoutingPlan};
+pub use plan::{Needs, RouterError, RoutingPlan, SizedFor};

@@ -59,10 +59,34 @@ impl Needs {
     }
 }
 
+/// What a plan was sized for: its budget holds at this prompt length. At other lengths the
+/// ratio drifts (the residual window is a fixed number of tokens and quantization flushes
+/// whole groups), which `generate` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizedFor {
+    /// Prompt tokens the plan was solved for.
+    pub tokens: usize,
+    /// The plan's predicted bytes at that length.
+    pub bytes: u64,
+    /// The fp16 cache of that length.
+    pub fp16_bytes: u64,
+}
+
+impl SizedFor {
+    /// The compression ratio the plan was sized for.
+    pub fn ratio(&self) -> f64 {
+        self.fp16_bytes as f64 / self.bytes.max(1) as f64
+    }
+}
+
 /// One expert per layer, in layer order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingPlan {
+    /// What the plan was sized for, when a solver recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sized_for: Option<SizedFor>,
     /// The experts.
     pub layers: Vec<Expert>,
 }
@@ -71,6 +95,7 @@ impl RoutingPlan {
     /// Every layer gets the same expert.
     pub fn uniform(expert: Expert, layers: usize) -> Self {
         Self {
+            sized_for: None,
             layers: vec![expert; layers],
         }
     }

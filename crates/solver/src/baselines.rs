@@ -64,7 +64,10 @@ pub fn pyramid(scorer: ScorerKind, geo: &Geometry, budget: Bytes) -> Option<Rout
                     })
                 })
                 .collect::<Option<Vec<Expert>>>()?;
-            Some(RoutingPlan { layers })
+            Some(RoutingPlan {
+                sized_for: None,
+                layers,
+            })
         },
         |p| plan_bytes(p, geo),
     )

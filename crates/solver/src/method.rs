@@ -180,6 +180,7 @@ impl Method {
         let (g, s) = best.ok_or(SolverError::Infeasible { budget, min_bytes })?;
         Ok(Planned {
             plan: RoutingPlan {
+                sized_for: None,
                 layers: s.choice.iter().map(|&c| menu[g[c]]).collect(),
             },
             bytes: s.bytes,

@@ -13,15 +13,17 @@ pub struct Calibrate {
     /// Calibration passages.
     #[arg(long, default_value_t = 1)]
     passages: usize,
-    /// Where to write the table (default: the cache).
+    /// Where to write the table (default: the cache, keyed by the model's sha256).
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    model: crate::session::ModelArg,
 }
 
 impl Calibrate {
     /// Measures (or reuses) the table and prints its size and mean loss.
     pub fn run(self) -> Result<()> {
-        let s = crate::session::open()?;
+        let s = crate::session::open(&self.model)?;
         let t = s.table(self.context, self.passages, self.out, &Bars::default())?;
         let cells = (t.loss.len() * t.menu.len()).max(1);
         let mean: f64 = t.loss.iter().flatten().sum::<f64>() / cells as f64;

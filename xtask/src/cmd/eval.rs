@@ -56,6 +56,20 @@ pub struct Eval {
     /// full-attention prefill (the kvpress protocol). Slower: one prefill per method.
     #[arg(long)]
     chunked_prefill: bool,
+    /// A data set of your own in RULER's jsonl format (`input`, `outputs`, optional
+    /// `answer_prefix`, optional `context` + `question`; see examples/dataset.jsonl), measured
+    /// beside the built-in suite.
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// How the data set's answers are scored: all (RULER's string_match_all: every reference
+    /// must appear) or part (string_match_part: any reference, RULER's QA metric).
+    #[arg(long, default_value = "all")]
+    dataset_metric: String,
+    /// Only the data set: no built-in tasks and no prose samples.
+    #[arg(long, requires = "dataset")]
+    dataset_only: bool,
+    #[command(flatten)]
+    model: crate::session::ModelArg,
 }
 
 impl Eval {
@@ -63,8 +77,15 @@ impl Eval {
     fn options(self) -> Result<(EvalOptions, bool)> {
         let out = match self.out {
             Some(o) => o,
-            // A quick run never overwrites the main job's results.
-            None => crate::paths::home()?.join(if self.quick { "eval-quick" } else { "eval" }),
+            // A quick run never overwrites the main job's results, nor one model another's.
+            None => {
+                let dir = if self.quick { "eval-quick" } else { "eval" };
+                let dir = match self.model.label() {
+                    Some(m) => format!("{dir}-{m}"),
+                    None => dir.to_string(),
+                };
+                crate::paths::home()?.join(dir)
+            }
         };
         let mut o = if self.quick {
             EvalOptions::quick(out)
@@ -88,6 +109,18 @@ impl Eval {
         o.raw = self.raw;
         o.seed = self.seed;
         o.chunked_prefill = self.chunked_prefill;
+        if let Some(path) = self.dataset {
+            let metric = match self.dataset_metric.as_str() {
+                "all" => eval::tasks::Metric::All,
+                "part" => eval::tasks::Metric::Part,
+                other => anyhow::bail!("--dataset-metric {other:?}: all or part"),
+            };
+            o.dataset = Some(eval::dataset::Dataset { path, metric });
+            if self.dataset_only {
+                o.tasks.clear();
+                o.prose_samples = 0;
+            }
+        }
         if o.tasks.iter().any(|t| t.needs_qa()) {
             o.qa_dir = Some(crate::fetch::qa_data(None)?);
         }
@@ -96,8 +129,9 @@ impl Eval {
 
     /// Runs the comparison and prints the markdown (or the JSON summary).
     pub fn run(self) -> Result<()> {
+        let model = self.model.clone();
         let (opts, json) = self.options()?;
-        let session = crate::session::open()?;
+        let session = crate::session::open(&model)?;
         let outcome = eval::run(&session, &opts, &Bars::default())?;
         if json {
             println!("{}", outcome.report.summary);

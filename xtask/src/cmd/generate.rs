@@ -23,9 +23,8 @@ pub struct Generate {
     /// The user message.
     #[arg(long)]
     prompt: String,
-    /// A GGUF file (default: the embedded SmolLM2-135M-Instruct, fetched if needed).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: crate::session::ModelArg,
     /// Most new tokens.
     #[arg(long, default_value_t = 128)]
     max_new: usize,
@@ -130,14 +129,15 @@ impl Generate {
 /// prompt is prefilled in chunks that every layer compresses as it goes (unless
 /// `compress_at_end`), so peak memory follows the plan's budget rather than the prompt.
 fn generate(a: &Generate) -> Result<()> {
-    let m = crate::session::load(a.model.as_deref())?;
+    let model_file = a.model.path()?;
+    let m = crate::session::load(Some(&model_file))?;
     let after_load = peak_rss().zip(rss_now());
     let ids = prompt_ids(&m, &a.prompt, false)?;
     let PlanCaches {
         mut caches,
         plan,
         predicted,
-    } = plan_caches(&m, a.model.as_deref(), a.plan.as_deref(), ids.len())?;
+    } = plan_caches(&m, Some(&model_file), a.plan.as_deref(), ids.len())?;
     let sampling = if a.temperature > 0.0 {
         Sampling::Temperature {
             t: a.temperature,
@@ -170,7 +170,8 @@ fn generate(a: &Generate) -> Result<()> {
         }
     })?;
     println!();
-    report(&m, &g, &caches, predicted, after_load);
+    let sized = plan.as_ref().and_then(|p| p.sized_for);
+    report(&m, &g, &caches, (predicted, sized), after_load);
     Ok(())
 }
 
@@ -179,7 +180,7 @@ fn report(
     m: &LoadedModel<B>,
     g: &models::Generation,
     caches: &[Box<dyn LayerCache<B>>],
-    predicted: Option<u64>,
+    (predicted, sized): (Option<u64>, Option<router::SizedFor>),
     after_load: Option<(u64, u64)>,
 ) {
     let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
@@ -200,6 +201,23 @@ fn report(
         mb(g.prefill_resident.get()),
         predicted.map_or(String::new(), |p| format!(", plan predicted {}", mb(p))),
     );
+    if let Some(s) = sized {
+        let reached = fp16(g.prompt_tokens) / after.max(1) as f64;
+        eprintln!(
+            "the plan was sized for {} tokens at {:.2}x; on this {}-token prompt it reached {reached:.2}x{}",
+            s.tokens,
+            s.ratio(),
+            g.prompt_tokens,
+            if (reached - s.ratio()).abs() > 0.05 * s.ratio() {
+                format!(
+                    " (solve --context {} sizes it for this prompt)",
+                    g.prompt_tokens
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     let now: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
     let resident: u64 = caches.iter().map(|c| c.resident().get()).sum();
     let tokens = caches.first().map_or(0, |c| c.len());

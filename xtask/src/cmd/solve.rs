@@ -2,79 +2,107 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use solver::{Budget, Method, SensitivityTable};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `solve`.
 #[derive(Args)]
 pub struct Solve {
     /// Budget: a fraction of the fp16 cache (1/14, 0.25) or bytes (3MiB).
     #[arg(long)]
-    budget: String,
+    pub budget: String,
     /// hetero, hetero+rank, 2d, 1d, 2d_uniform, a scorer's uniform keep (snapkv, h2o,
     /// expected_attention, …), adakv(<scorer>) or pyramid(<scorer>).
     #[arg(long, default_value = "hetero")]
-    method: Method,
+    pub method: Method,
     /// greedy or exact.
     #[arg(long, default_value = "exact")]
-    solver: String,
-    /// A calibration table (default: the cached one, calibrating if needed).
+    pub solver: String,
+    /// A calibration table (default: the model's cached one, calibrating if needed).
     #[arg(long)]
-    table: Option<PathBuf>,
+    pub table: Option<PathBuf>,
+    /// The prompt length (tokens) the plan is sized for [default: the table's calibration
+    /// length]. Budgets are fractions of this length's fp16 cache; the residual window and
+    /// whole quantization groups make a plan's ratio drift at other lengths.
+    #[arg(long)]
+    pub context: Option<usize>,
     /// Where to write the plan.
     #[arg(long, default_value = "plan.toml")]
-    out: PathBuf,
+    pub out: PathBuf,
     /// Print one JSON object instead of the table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
+    #[command(flatten)]
+    pub model: crate::session::ModelArg,
 }
 
 impl Solve {
     /// Solves and writes the plan.
     pub fn run(self) -> Result<()> {
-        let exact = match self.solver.as_str() {
-            "exact" => true,
-            "greedy" => false,
-            other => anyhow::bail!("unknown solver {other:?}: greedy or exact"),
-        };
-        solve(
-            self.table.as_deref(),
-            &self.budget,
-            self.method,
-            exact,
-            &self.out,
-            self.json,
-        )
+        solve(&self)
+    }
+}
+
+/// The table and the model's KV layout: the given table checked against the model (its sha256
+/// and layer count), or the model's cached table.
+fn table_and_layout(a: &Solve) -> Result<(SensitivityTable, kv_tensor::KvLayout)> {
+    match &a.table {
+        Some(p) => {
+            let table: SensitivityTable = serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{} is not a calibration table", p.display()))?;
+            let model = a.model.path()?;
+            let sha = eval::sha256_file(&model)?;
+            anyhow::ensure!(
+                table.model_sha256 == sha,
+                "{} was calibrated on another model (sha256 {}…), not {} ({}…): pass that model's --model",
+                p.display(),
+                &table.model_sha256[..12.min(table.model_sha256.len())],
+                model.display(),
+                &sha[..12]
+            );
+            let layout = crate::session::load(Some(&model))?.model.config.kv_layout();
+            Ok((table, layout))
+        }
+        None => {
+            let s = crate::session::open(&a.model)?;
+            let table = s.table(2048, 1, None, &crate::progress::Bars::default())?;
+            Ok((table, s.model.model.config.kv_layout()))
+        }
     }
 }
 
 /// Solves a plan under a budget and writes it as TOML.
-pub fn solve(
-    table: Option<&Path>,
-    budget: &str,
-    method: Method,
-    exact: bool,
-    out: &Path,
-    json: bool,
-) -> Result<()> {
-    let table: SensitivityTable = match table {
-        Some(p) => serde_json::from_str(
-            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("{} is not a calibration table", p.display()))?,
-        None => crate::session::open()?.table(2048, 1, None, &crate::progress::Bars::default())?,
+pub fn solve(a: &Solve) -> Result<()> {
+    let exact = match a.solver.as_str() {
+        "exact" => true,
+        "greedy" => false,
+        other => anyhow::bail!("unknown solver {other:?}: greedy or exact"),
     };
-    let layers = table.loss.len();
-    // SmolLM2-135M geometry (3 KV heads × 64); the table's token count is the planning length.
-    let layout = kv_tensor::KvLayout::new(layers, 3, 9, 64)?;
-    let geo = eval::methods::geometry(layout, table.tokens);
-    let fp16 = layout.fp16_bytes(1, table.tokens);
-    let budget_bytes = budget.parse::<Budget>()?.bytes(fp16).get();
+    let (method, json, out) = (a.method, a.json, &a.out);
+    let (table, layout) = table_and_layout(a)?;
+    anyhow::ensure!(
+        table.loss.len() == layout.layers,
+        "the table has {} layers but the model has {}",
+        table.loss.len(),
+        layout.layers
+    );
+    let tokens = a.context.unwrap_or(table.tokens);
+    anyhow::ensure!(tokens > 0, "--context must be at least one token");
+    let geo = eval::methods::geometry(layout, tokens);
+    let fp16 = layout.fp16_bytes(1, tokens);
+    let budget_bytes = a.budget.parse::<Budget>()?.bytes(fp16).get();
     let loss = |l: usize, e: usize| table.loss[l][e];
     let solver::Planned {
-        plan,
+        mut plan,
         bytes,
         predicted_loss,
     } = method.plan(&table.menu, &loss, &geo, budget_bytes, exact)?;
+    plan.sized_for = Some(router::SizedFor {
+        tokens,
+        bytes: bytes.get(),
+        fp16_bytes: fp16.get(),
+    });
     std::fs::write(out, plan.to_toml()?).with_context(|| format!("writing {}", out.display()))?;
     let loss_at = |l: usize, e: &router::Expert| {
         let i = table.menu.iter().position(|m| m == e)?;

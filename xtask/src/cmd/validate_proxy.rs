@@ -8,27 +8,36 @@ pub struct ValidateProxy {
     /// Context tokens (the proxy table at this length is reused or measured).
     #[arg(long, default_value_t = 2048)]
     context: usize,
-    /// Layers measured (comma-separated).
-    #[arg(long, default_value = "0,6,12,18,24,29")]
-    layers: String,
+    /// Layers measured (comma-separated) [default: six spread evenly from the first to the
+    /// last].
+    #[arg(long)]
+    layers: Option<String>,
     /// Experts measured, spread evenly over the menu.
     #[arg(long, default_value_t = 8)]
     experts: usize,
     /// Continuation tokens the KL is averaged over.
     #[arg(long, default_value_t = 64)]
     continuation: usize,
+    #[command(flatten)]
+    model: crate::session::ModelArg,
 }
 
 impl ValidateProxy {
     /// Measures and prints the table and the Spearman correlation.
     pub fn run(self) -> Result<()> {
-        validate_proxy(self.context, &self.layers, self.experts, self.continuation)
+        validate_proxy(&self)
     }
 }
 
 /// Proxy vs measured end-to-end KL on a subset of layers × experts (see the CLI help).
-fn validate_proxy(context: usize, layers: &str, experts: usize, continuation: usize) -> Result<()> {
-    let s = crate::session::open()?;
+fn validate_proxy(a: &ValidateProxy) -> Result<()> {
+    let (context, experts, continuation) = (a.context, a.experts, a.continuation);
+    let s = crate::session::open(&a.model)?;
+    let n_layers = s.model.model.config.layers;
+    let spread: Vec<String> = (0..6)
+        .map(|i| (i * (n_layers - 1) / 5).to_string())
+        .collect();
+    let layers = a.layers.clone().unwrap_or_else(|| spread.join(","));
     let table = s.table(context, 1, None, &crate::progress::Bars::default())?;
     let (m, axes) = (&s.model, &s.axes);
     let layers: Vec<usize> = layers

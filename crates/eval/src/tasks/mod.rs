@@ -278,8 +278,10 @@ pub struct Prompt {
 /// A prompt as token ids, fitted to a context length.
 #[derive(Debug, Clone)]
 pub struct TaskSample {
-    /// The task.
-    pub task: Task,
+    /// The task's name (a RULER task's, or a user data set's).
+    pub name: &'static str,
+    /// How its free answer is scored.
+    pub metric: Metric,
     /// Context token ids (at most the requested length).
     pub context: Vec<u32>,
     /// Question token ids.
@@ -297,7 +299,7 @@ pub struct TaskSample {
 /// The prompt as the model sees it: (context, question + answer prefix). With a chat template
 /// the context opens the user turn and the question closes it, the answer prefix starting the
 /// assistant turn (RULER's framing for instruction-tuned models); without, plain text.
-fn frame(p: &Prompt, chat: Option<&ChatTemplate>) -> Result<(String, String)> {
+pub(crate) fn frame(p: &Prompt, chat: Option<&ChatTemplate>) -> Result<(String, String)> {
     match chat {
         None => Ok((p.context.clone(), format!("{} {}", p.question, p.prefix))),
         Some(c) => {
@@ -360,7 +362,8 @@ pub fn fit(
     }
     let max_new = (target.len() + 4).min(task.tokens_to_generate());
     Ok(TaskSample {
-        task,
+        name: task.name(),
+        metric: task.metric(),
         context: tok.encode(&context)?,
         question: tok.encode(&question)?,
         target,
