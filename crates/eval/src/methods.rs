@@ -7,6 +7,7 @@ use axis_quant::moqae::{BudgetedRouter, ChunkRouter, MoqaeCache};
 use kv_tensor::KvBackend;
 use kv_tensor::{Bits, FullCache, LayerCache, LayerShape};
 use router::{Axes, Expert, RoutingPlan};
+use serde::Serialize;
 use solver::{Geometry, Method, SensitivityTable};
 use std::sync::Arc;
 
@@ -85,6 +86,19 @@ impl Entry {
             }
         }
     }
+}
+
+/// A method's per-layer plan at a budget, and the context lengths (tokens) it was planned for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanRecord {
+    /// Method name.
+    pub method: String,
+    /// Budget label.
+    pub budget: String,
+    /// Context tokens of the samples this plan served.
+    pub tokens: Vec<usize>,
+    /// One expert per layer.
+    pub plan: RoutingPlan,
 }
 
 /// MoQAE's chunk size (tokens).

@@ -188,12 +188,12 @@ pub fn best_other<'a>(
     budget: &str,
 ) -> Option<&'a str> {
     let mean = |m: &str, metric: Metric| {
-        crate::stats::mean(
-            records
-                .iter()
-                .filter(|r| r.method == m && r.budget == budget)
-                .filter_map(|r| metric.of(r)),
-        )
+        let xs: Vec<f64> = records
+            .iter()
+            .filter(|r| r.method == m && r.budget == budget)
+            .filter_map(|r| metric.of(r))
+            .collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
     };
     rows.iter()
         .filter(|(m, b)| b == budget && m != method && !(ours(method) && ours(m)))

@@ -5,7 +5,7 @@
 //!   the rest faded;
 //! - per budget, the plans: keep, K bits, V bits, key rank and scorer against layer.
 use crate::error::{EvalError, Result};
-use crate::report::PlanRecord;
+use crate::methods::PlanRecord;
 use axis_evict::ScorerKind;
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -1,12 +1,11 @@
 //! Writing results: markdown, JSON and the Pareto plots.
 use crate::error::{IoContext, Result};
 use crate::measure::Record;
+use crate::methods::PlanRecord;
 use crate::options::EvalOptions;
 use crate::paired::{Comparison, Metric};
 use crate::plot;
 use crate::stats::Summary;
-use router::RoutingPlan;
-use serde::Serialize;
 use std::path::PathBuf;
 
 fn fmt(x: Option<f64>, digits: usize) -> String {
@@ -28,19 +27,6 @@ pub struct Findings<'a> {
     pub skipped: &'a [String],
     /// Wall seconds of the measurement.
     pub seconds: f64,
-}
-
-/// A method's per-layer plan at a budget, and the context lengths (tokens) it was planned for.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PlanRecord {
-    /// Method name.
-    pub method: String,
-    /// Budget label.
-    pub budget: String,
-    /// Context tokens of the samples this plan served.
-    pub tokens: Vec<usize>,
-    /// One expert per layer.
-    pub plan: RoutingPlan,
 }
 
 /// The results as markdown: the run's settings, one row per method and budget, the paired

@@ -228,7 +228,7 @@ pub fn versus(comparisons: &[Comparison]) -> String {
 pub fn check_evidence(
     summary: &[Summary],
     comparisons: &[Comparison],
-    plans: &[crate::report::PlanRecord],
+    plans: &[crate::methods::PlanRecord],
     strict: bool,
 ) -> crate::Result<()> {
     let bad = |why: String| Err(crate::EvalError::Evidence(why));
@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn evidence_check_catches_unmerged_twins_and_missing_intervals() {
         let plan = router::RoutingPlan::uniform(router::Expert::FULL, 2);
-        let record = |m: &str| crate::report::PlanRecord {
+        let record = |m: &str| crate::methods::PlanRecord {
             method: m.into(),
             budget: "1/8".into(),
             tokens: vec![1000],
