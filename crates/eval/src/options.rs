@@ -49,18 +49,19 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
-    /// The main job: every task once over 1k/2k/4k contexts, one 2k prose sample, budgets
-    /// 1/4, 1/8 and 1/14, every method.
+    /// The main job: every task twice over 1k/2k contexts, four 2k prose passages, budgets
+    /// 1/4, 1/8 and 1/14, hetero against the baselines that win somewhere (sized to stay
+    /// under 30 minutes on a 2-core CPU; the README gives the intervals it resolves).
     pub fn default_run(out: PathBuf) -> Self {
         Self {
             quick: false,
             budgets: ["1/4", "1/8", "1/14"].map(String::from).to_vec(),
             methods: crate::methods::default_methods(false),
-            lengths: vec![1024, 2048, 4096],
+            lengths: vec![1024, 2048],
             tasks: Task::ALL.to_vec(),
             grid: false,
-            samples: 1,
-            prose_samples: 1,
+            samples: 2,
+            prose_samples: 4,
             prose_context: 2048,
             continuation: 256,
             calibration_context: 2048,
@@ -82,6 +83,7 @@ impl EvalOptions {
             lengths: vec![512],
             tasks: vec![Task::NiahSingle1, Task::Vt, Task::Qa1],
             grid: true,
+            samples: 1,
             prose_samples: 3,
             prose_context: 512,
             continuation: 32,

@@ -15,11 +15,16 @@ pub struct Eval {
     /// Budgets as fractions of fp16 bytes [default: 1/4,1/8,1/14; 1/4 with --quick].
     #[arg(long, value_delimiter = ',')]
     budgets: Option<Vec<String>>,
-    /// Budgeted methods compared besides full, KIVI and MoQAE [default: every one]:
+    /// Budgeted methods compared besides full, KIVI and MoQAE [default: hetero, 1d, snapkv,
+    /// trig]:
     /// hetero, hetero+rank, 2d, 1d, 2d_uniform, a scorer (snapkv, …), adakv(<scorer>),
     /// pyramid(<scorer>).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<solver::Method>>,
+    /// Every budgeted method kvnd implements (2d, 2d_uniform, hetero+rank, pyramid(snapkv) and
+    /// every single scorer), not only the default's hetero, 1d, snapkv and trig.
+    #[arg(long, conflicts_with = "methods")]
+    all_methods: bool,
     /// Context lengths of the task samples, in tokens (up to the model's 8k less 512).
     #[arg(long, value_delimiter = ',')]
     lengths: Option<Vec<usize>>,
@@ -39,6 +44,10 @@ pub struct Eval {
     /// Context tokens of the prose samples.
     #[arg(long)]
     prose_context: Option<usize>,
+    /// Context length of the calibration table [default: 2048; 512 with --quick]. One table
+    /// serves every length (budgets are fractions; plans are sized per sample).
+    #[arg(long)]
+    calibration_context: Option<usize>,
     /// Plain-text task prompts instead of the model's chat template.
     #[arg(long)]
     raw: bool,
@@ -99,6 +108,9 @@ impl Eval {
                 b
             };
         }
+        if self.all_methods {
+            o.methods = eval::methods::all_methods();
+        }
         o.methods = self.methods.unwrap_or(o.methods);
         o.lengths = self.lengths.unwrap_or(o.lengths);
         o.tasks = self.tasks.unwrap_or(o.tasks);
@@ -106,6 +118,7 @@ impl Eval {
         o.samples = self.samples.unwrap_or(o.samples);
         o.prose_samples = self.prose_samples.unwrap_or(o.prose_samples);
         o.prose_context = self.prose_context.unwrap_or(o.prose_context);
+        o.calibration_context = self.calibration_context.unwrap_or(o.calibration_context);
         o.raw = self.raw;
         o.seed = self.seed;
         o.chunked_prefill = self.chunked_prefill;
