@@ -363,8 +363,8 @@ fn draw_layers<DB: DrawingBackend>(
                 color.stroke_width(width + 1),
             ))
             .map_err(e)?;
-        let tokens: Vec<String> = p.tokens.iter().map(|t| t.to_string()).collect();
-        let text = format!("{name} (planned for {} tokens)", tokens.join(", "));
+        let longest = p.tokens.iter().copied().max().unwrap_or(0);
+        let text = format!("{name} (plan for {longest} tokens)");
         legend
             .draw(&Text::new(text, (70, y - 8), ("sans-serif", 15)))
             .map_err(e)?;
