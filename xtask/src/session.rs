@@ -49,6 +49,9 @@ impl ModelArg {
         if m == crate::fetch::DEFAULT_MODEL {
             return None;
         }
+        if crate::fetch::MODELS.iter().any(|s| s.name == m) {
+            return Some(m.to_string());
+        }
         Some(
             Path::new(m)
                 .file_stem()
