@@ -133,10 +133,7 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
 }
 
 fn label(r: &Summary) -> String {
-    std::iter::once(r.method.as_str())
-        .chain(r.aliases.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(" = ")
+    crate::stats::label(&r.method, &r.aliases)
 }
 
 /// The paired differences, one line per row and opponent; resolved intervals in bold.

@@ -97,11 +97,16 @@ pub struct Row {
 impl Row {
     /// `1d = expectedattention`.
     pub fn label(&self) -> String {
-        std::iter::once(self.method.as_str())
-            .chain(self.aliases.iter().map(String::as_str))
-            .collect::<Vec<_>>()
-            .join(" = ")
+        label(&self.method, &self.aliases)
     }
+}
+
+/// A row's names joined: `1d = expectedattention`.
+pub fn label(method: &str, aliases: &[String]) -> String {
+    std::iter::once(method)
+        .chain(aliases.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" = ")
 }
 
 /// One summary per shown row (see [`rows`]).
