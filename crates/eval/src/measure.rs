@@ -340,3 +340,32 @@ pub fn nll<B: KvBackend>(logp: &Tensor<B, 2>, targets: &[u32]) -> f64 {
         .sum::<f64>()
         / targets.len() as f64
 }
+
+/// A task record with the given scores, for the statistics modules' tests.
+#[cfg(test)]
+pub(crate) fn test_record(
+    method: &str,
+    budget: &str,
+    task: &'static str,
+    score: f64,
+    logp: f64,
+) -> Record {
+    Record {
+        method: method.into(),
+        budget: budget.into(),
+        length: 1024,
+        task,
+        sample: 0,
+        tokens: 1000,
+        bytes: 1000,
+        ratio: 4.0,
+        score: Some(score),
+        tf_logp: Some(logp),
+        tf_acc: Some(1.0),
+        nll: None,
+        kl: None,
+        prediction: None,
+        refs: Vec::new(),
+        same_as: None,
+    }
+}

@@ -232,24 +232,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn rec(method: &str, sample: usize, logp: f64) -> Record {
-        Record {
-            method: method.into(),
-            budget: "1/8".into(),
-            length: 1024,
-            task: "vt",
-            sample,
-            tokens: 1000,
-            bytes: 1000,
-            ratio: 8.0,
-            score: Some(50.0),
-            tf_logp: Some(logp),
-            tf_acc: Some(1.0),
-            nll: None,
-            kl: None,
-            prediction: None,
-            refs: Vec::new(),
-            same_as: None,
-        }
+        let mut r = crate::measure::test_record(method, "1/8", "vt", 50.0, logp);
+        r.sample = sample;
+        r
     }
 
     #[test]

@@ -55,10 +55,7 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
         s.push_str(&format!(
             "User data: `{}` (RULER jsonl), scored by RULER's {}; its rows are the task named after the file.\n\n",
             d.path.display(),
-            match d.metric {
-                crate::tasks::Metric::All => "string_match_all",
-                crate::tasks::Metric::Part => "string_match_part",
-            }
+            d.metric.name()
         ));
     }
     s.push_str(if opts.chunked_prefill {

@@ -96,10 +96,13 @@ pub fn run<B: KvBackend>(
     })
 }
 
+/// Positions kept free after a context for the question and the answer.
+const ANSWER_ROOM: usize = 512;
+
 fn check_options<B: KvBackend>(session: &Session<B>, opts: &EvalOptions) -> Result<()> {
     let max_ctx = session.model.model.config.context;
     for &l in opts.lengths.iter().chain([&opts.prose_context]) {
-        if l + 512 > max_ctx {
+        if l + ANSWER_ROOM > max_ctx {
             return Err(EvalError::Options(format!(
                 "context {l} leaves no room for the question and answer in the model's {max_ctx} positions"
             )));
@@ -172,7 +175,7 @@ fn samples<B: KvBackend>(
     }
     progress.event(Event::Finish);
     if let Some(d) = &opts.dataset {
-        let max = m.model.config.context.saturating_sub(512);
+        let max = m.model.config.context.saturating_sub(ANSWER_ROOM);
         let user = crate::dataset::load(d, &m.tokenizer, chat, max)?;
         let longest = user.iter().map(|t| t.context.len()).max().unwrap_or(0);
         progress.event(Event::Note(&format!(

@@ -331,26 +331,7 @@ pub fn check_matched_bytes(
 mod tests {
     use super::*;
 
-    fn rec(method: &str, budget: &str, task: &'static str, score: f64, logp: f64) -> Record {
-        Record {
-            method: method.into(),
-            budget: budget.into(),
-            length: 1024,
-            task,
-            sample: 0,
-            tokens: 1000,
-            bytes: 1000,
-            ratio: 4.0,
-            score: Some(score),
-            tf_logp: Some(logp),
-            tf_acc: Some(1.0),
-            nll: None,
-            kl: None,
-            prediction: None,
-            refs: Vec::new(),
-            same_as: None,
-        }
-    }
+    use crate::measure::test_record as rec;
 
     #[test]
     fn summaries_average_per_method_and_budget() {

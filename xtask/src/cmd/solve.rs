@@ -61,7 +61,9 @@ fn table_and_layout(a: &Solve) -> Result<(SensitivityTable, kv_tensor::KvLayout)
                 model.display(),
                 &sha[..12]
             );
-            let layout = crate::session::load(Some(&model))?.model.config.kv_layout();
+            // The layout is in the header's metadata: no need to build the model.
+            let gguf = models::gguf::Gguf::open(&model)?;
+            let layout = models::LlamaConfig::from_gguf(&gguf)?.kv_layout();
             Ok((table, layout))
         }
         None => {

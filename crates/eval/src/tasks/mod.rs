@@ -32,6 +32,14 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// RULER's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::All => "string_match_all",
+            Metric::Part => "string_match_part",
+        }
+    }
+
     /// Score of `prediction` against `refs`, 0–100.
     pub fn score(self, prediction: &str, refs: &[String]) -> f64 {
         if refs.is_empty() {
