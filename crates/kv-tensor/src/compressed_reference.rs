@@ -6,7 +6,7 @@
 //! heads and batches. The reference decodes every segment through the tensor path
 //! ([`Encoded::decode`], independent of the host kernels) and runs burn's dense attention with
 //! the padding mask; the layer must match it through both of its own paths: the host kernels
-//! reading the stored form (few queries) and the part-by-part tensor path (any query count).
+//! reading the stored form (query blocks of a prefill chunk split and merged) and the part-by-part tensor path (any query count).
 use crate::{
     CodeBits, CompressedLayer, Encoded, Fp16Tensor, GroupAxis, PackedCodes, Positions, Quantized,
     Segment,
@@ -241,7 +241,11 @@ fn check(
     // The newest `tq` rows must be real tokens for the padded reference: the window's, or any
     // when no head is short.
     let limit = if ragged { window } else { layer.stored() };
-    for tq in [1usize, 2, 8, 13].into_iter().filter(|&tq| tq <= limit) {
+    // 100 queries span several query blocks (`host_attention::ROWS_PER_TASK`).
+    for tq in [1usize, 2, 8, 13, 100]
+        .into_iter()
+        .filter(|&tq| tq <= limit)
+    {
         let q = tensor(g.floats(b * qh * tq * d), [b, qh, tq, d]);
         let (want, want_mass) =
             crate::attention_with_mass(q.clone(), k.clone(), v.clone(), Some(padding.clone()))

@@ -5,17 +5,13 @@
 //! and `cat` re-allocates the whole cache, so a decode step at 2048 tokens copied each layer's
 //! keys and values about ten times before its two tiny matmuls ran. Here new tokens are appended
 //! in place (amortised growth, copy-on-write between forks) and the attention kernels
-//! ([`host_attention`](crate::host_attention)) read each row once. Prefill chunks still take
-//! burn's matmul path, which is faster for many queries.
+//! ([`host_attention`](crate::host_attention)) read each row once, for decode steps and
+//! prefill chunks alike.
 use crate::KvBackend;
 use crate::host_attention::{Part, Rows, SideView};
 use crate::host_segment::{f16_to_f32, f32_to_f16};
 use burn::tensor::{DType, Tensor};
 use std::sync::Arc;
-
-/// Queries up to this many rows (decode steps, a short batch of them) take the host kernel;
-/// longer chunks decode the cache into tensors and use burn's matmuls.
-pub(crate) const HOST_MAX_QUERIES: usize = 8;
 
 /// True when tensors of this backend live in host memory as f32 ([`KvBackend::host_memory`]),
 /// where copying them out costs one read; GPU backends keep the tensor path.

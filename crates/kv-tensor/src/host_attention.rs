@@ -1,4 +1,4 @@
-//! Few-query attention over a layer held in host memory, reading every part in its stored form:
+//! Attention over a layer held in host memory (decode steps and prefill chunks), reading every part in its stored form:
 //! packed KIVI codes, fp16 rows, low-rank coefficients, ragged heads, the fp16 residual window.
 //!
 //! Why it reads codes in place: decode attention is bound by the bytes it streams, so a cache k
@@ -531,10 +531,18 @@ pub(crate) struct Part<'a> {
     pub(crate) offset: usize,
 }
 
+/// Query rows per task when many queries attend at once (a prefill chunk): the task's score
+/// matrix (rows × [`KEYS_PER_TASK`]) and partial output then stay in L2, and a query block
+/// skips the key runs it cannot see (causality) instead of masking them.
+pub(crate) const ROWS_PER_TASK: usize = 96;
+
 /// Attention of `tq` newest tokens' queries over every head's parts. `q` is `[b·kvh][group ×
 /// tq][d]` (the grouped query heads of each KV head, contiguous); `heads[bh]` lists head
 /// `bh`'s parts oldest first and `lens[bh]` its total rows. Query `i` of `tq` sees the rows
 /// `0 ..= len − tq + i` of its head. Returns the output in `q`'s layout.
+///
+/// Work is split by KV head, block of query tokens (all grouped heads of a token together)
+/// and run of keys; a block's partials are merged exactly and its rows scattered back.
 pub(crate) fn attend(
     q: &[f32],
     tq: usize,
@@ -543,29 +551,84 @@ pub(crate) fn attend(
     lens: &[usize],
 ) -> Vec<f32> {
     let rows = q.len() / d / heads.len();
+    let group = rows / tq;
+    let per_block = (ROWS_PER_TASK / group.max(1)).max(1).min(tq);
+    let blocks: Vec<Range<usize>> = (0..tq)
+        .step_by(per_block)
+        .map(|i| i..(i + per_block).min(tq))
+        .collect();
+    // Each block's query rows, gathered `[group][block]` (one block: `q` as it is).
+    let gathered: Vec<Vec<f32>> = (0..heads.len())
+        .flat_map(|bh| blocks.iter().map(move |b| (bh, b.clone())))
+        .map(|(bh, b)| {
+            let qh = &q[bh * rows * d..(bh + 1) * rows * d];
+            (0..group)
+                .flat_map(|g| {
+                    qh[(g * tq + b.start) * d..(g * tq + b.end) * d]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        })
+        .collect();
+    let jobs = tasks(&gathered, &blocks, heads, lens, tq, d);
+    let partials: Vec<(usize, Partial)> = jobs
+        .into_par_iter()
+        .map(|(slot, task)| (slot, task.run()))
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    let mut i = 0;
+    for slot in 0..gathered.len() {
+        let (bh, b) = (slot / blocks.len(), &blocks[slot % blocks.len()]);
+        let from = i;
+        while i < partials.len() && partials[i].0 == slot {
+            i += 1;
+        }
+        let mut o = vec![0f32; group * b.len() * d];
+        merge(partials[from..i].iter().map(|(_, p)| p), &mut o, d);
+        let oh = &mut out[bh * rows * d..(bh + 1) * rows * d];
+        for (g, src) in o.chunks_exact(b.len() * d).enumerate() {
+            oh[(g * tq + b.start) * d..(g * tq + b.end) * d].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// The tasks of [`attend`], in slot order (slot = head × blocks + block): every run of at most
+/// [`KEYS_PER_TASK`] keys of every part that some row of the block sees.
+fn tasks<'a>(
+    gathered: &'a [Vec<f32>],
+    blocks: &[Range<usize>],
+    heads: &[Vec<Part<'a>>],
+    lens: &[usize],
+    tq: usize,
+    d: usize,
+) -> Vec<(usize, Task<'a>)> {
     let scale = 1.0 / (d as f32).sqrt();
     let mut jobs = Vec::new();
-    for (bh, parts) in heads.iter().enumerate() {
-        let qh = &q[bh * rows * d..(bh + 1) * rows * d];
-        for part in parts {
+    for (slot, qb) in gathered.iter().enumerate() {
+        let bh = slot / blocks.len();
+        let block = &blocks[slot % blocks.len()];
+        let rows = qb.len() / d;
+        for part in &heads[bh] {
             let mut start = 0;
             while start < part.k.n {
                 let end = (start + KEYS_PER_TASK).min(part.k.n);
                 let first = part.offset + start;
                 let visible: Vec<usize> = (0..rows)
                     .map(|r| {
-                        (lens[bh] - tq + r % tq + 1)
+                        (lens[bh] - tq + block.start + r % block.len() + 1)
                             .saturating_sub(first)
                             .min(end - start)
                     })
                     .collect();
                 if visible.iter().any(|&v| v > 0) {
                     jobs.push((
-                        bh,
+                        slot,
                         Task {
                             k: part.k,
                             v: part.v,
-                            q: qh,
+                            q: qb,
                             range: start..end,
                             visible,
                             scale,
@@ -576,20 +639,7 @@ pub(crate) fn attend(
             }
         }
     }
-    let partials: Vec<(usize, Partial)> = jobs
-        .into_par_iter()
-        .map(|(bh, task)| (bh, task.run()))
-        .collect();
-    let mut out = vec![0f32; q.len()];
-    let mut i = 0;
-    for (bh, o) in out.chunks_exact_mut(rows * d).enumerate() {
-        let from = i;
-        while i < partials.len() && partials[i].0 == bh {
-            i += 1;
-        }
-        merge(partials[from..i].iter().map(|(_, p)| p), o, d);
-    }
-    out
+    jobs
 }
 
 /// Combines partial softmaxes of the same query rows over disjoint keys into the normalised

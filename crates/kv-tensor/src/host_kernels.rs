@@ -123,7 +123,7 @@ impl RowKernel for Plain {
 /// `2^k · e^r` with `|r| ≤ ln2/2` and a degree-6 polynomial (relative error ~1e-7), written
 /// as straight-line float code so loops over it vectorise.
 #[inline(always)]
-pub(crate) fn exp(x0: f32) -> f32 {
+pub fn exp(x0: f32) -> f32 {
     let x = x0.max(-87.0);
     // Round to nearest by adding and subtracting 1.5·2^23 (no libm call, vectorises).
     let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;

@@ -2,7 +2,7 @@
 //! attention that reads them where they are.
 use crate::KvBackend;
 use crate::encoded::dense_bytes;
-use crate::host::{HOST_MAX_QUERIES, HostWindow, host_backend, is_host};
+use crate::host::{HostWindow, host_backend, is_host};
 use crate::host_attention::{Part, side_view};
 use crate::host_segment::{HostSegment, floats};
 use crate::partial_attention::{TensorPart, attend_parts};
@@ -458,7 +458,7 @@ impl<B: KvBackend> CompressedLayer<B> {
 
     /// Attention of the newest `tq` tokens' queries over everything held (see
     /// [`attention`](crate::attention) for the causal convention), without decoding the layer:
-    /// on host backends a few queries (decode steps) run the host kernels over the stored form;
+    /// on host backends the host kernels read the stored form (decode steps and prefill chunks);
     /// otherwise each part is decoded on its own and merged by an online softmax.
     ///
     /// # Shapes
@@ -467,7 +467,7 @@ impl<B: KvBackend> CompressedLayer<B> {
         let lens = self.check_queries(&q)?;
         let host = matches!(self.window, Window::Host(..) | Window::Empty)
             && self.segments.iter().all(|s| matches!(s, Stored::Host(_)));
-        if host && is_host(&q) && q.dims()[2] <= HOST_MAX_QUERIES {
+        if host && is_host(&q) {
             return self.attend_host(q, &lens);
         }
         Ok(self.attend_tensors(q, &lens, false)?.0)

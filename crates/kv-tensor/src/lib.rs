@@ -44,6 +44,7 @@ pub use error::{AxisError, KvError};
 pub use footprint::Footprint;
 pub use fp16::Fp16Tensor;
 pub use host::{DensePrecision, Prefetch, dot};
+pub use host_kernels::exp as exp_nonpositive;
 pub use layer::CompressedLayer;
 pub use layout::{KvLayout, LayerShape};
 pub use packing::{CodeBits, PackedCodes};

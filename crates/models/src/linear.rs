@@ -136,6 +136,27 @@ impl<B: KvBackend> Linear<B> {
         (x.len() == self.inp).then(|| matvec(rows, x, 1, self.inp, self.out))
     }
 
+    /// `x · W` for the `t` rows of `x` (`[t][in]`, on the host) → `[t][out]`: the host
+    /// matrix–vector product for a few rows, burn's matmul for more. `None` if the backend does
+    /// not hand the product back as f32.
+    pub(crate) fn apply_rows(&self, x: &[f32], t: usize) -> Option<Vec<f32>> {
+        if x.len() != t * self.inp {
+            return None;
+        }
+        if let Some(rows) = &self.host
+            && t <= HOST_MAX_ROWS
+        {
+            return Some(matvec(rows, x, t, self.inp, self.out));
+        }
+        let device = self.blocks.first()?.device();
+        let x = Tensor::from_data(TensorData::new(x.to_vec(), [t, self.inp]), &device);
+        self.matmul(x)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .ok()
+    }
+
     /// Whether decode steps have a host copy to read.
     pub(crate) fn has_host(&self) -> bool {
         self.host.is_some()

@@ -83,13 +83,22 @@ pub struct Llama<B: KvBackend> {
     rope: Rope<B>,
     /// Host copies of norms, biases and RoPE tables for one-token decode steps, present while
     /// every projection has its host copy.
-    host: Option<host_decode::HostParams>,
+    host: Option<host_forward::HostParams>,
 }
 
-mod host_decode;
+mod host_forward;
 
 /// Columns per block of the output head.
 const HEAD_BLOCK: usize = 3072;
+
+/// One layer's queries, keys and values of a chunk, each `[1, heads, t, d]`; the pre-RoPE
+/// queries only when a scorer asked for them.
+struct Step<B: KvBackend> {
+    pre_q: Option<Tensor<B, 4>>,
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+}
 
 /// Per-layer observations gathered during prefill.
 #[derive(Default)]
@@ -257,7 +266,7 @@ impl<B: KvBackend> Llama<B> {
                     .all(|w| w.has_host())
             });
         self.host = if all {
-            host_decode::HostParams::new(self)
+            host_forward::HostParams::new(self)
         } else {
             None
         };
@@ -326,7 +335,7 @@ impl<B: KvBackend> Llama<B> {
         caches: &mut [C],
         want: Logits,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        // One token on a host backend: the host decode step (see `host_decode`), once the
+        // One token on a host backend: the host decode step (see `host_forward`), once the
         // checks every step shares have passed.
         if let [id] = ids
             && self.host.is_some()
@@ -538,6 +547,12 @@ impl<B: KvBackend> Llama<B> {
         let c = &self.config;
         let device = self.embed.device();
         let t = ids.len();
+        if let Some(x) = self.chunk_host(ids, start, caches, observe, observed)? {
+            return Ok(Tensor::from_data(
+                TensorData::new(x, [t, c.hidden]),
+                &device,
+            ));
+        }
         let (qh, d) = (c.q_heads, c.head_dim);
         let idx = Tensor::<B, 1, Int>::from_data(
             TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [t]),
@@ -547,53 +562,66 @@ impl<B: KvBackend> Llama<B> {
         for (l, (blk, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
             let qkv = self.project_qkv(blk, x.clone());
             let (q, k, v) = self.split_heads(blk, &qkv, 0..t);
-            if let Some(o) = observe {
-                let ob = &mut observed[l];
-                if o.pre_rope {
-                    ob.pre_q = Some(keep_last(ob.pre_q.take(), q.clone(), o.observe_window));
-                }
-            }
+            let pre_q = observe.is_some_and(|o| o.pre_rope).then(|| q.clone());
             let q = self.rope.apply(q, start);
             let k = self.rope.apply(k, start);
-            if let Some(o) = observe {
-                let ob = &mut observed[l];
-                ob.queries = Some(keep_last(ob.queries.take(), q.clone(), o.observe_window));
-            }
-            cache
-                .append(k, v)
-                .map_err(|source| ModelError::Compress { layer: l, source })?;
-            let att = if observe.is_some_and(|o| o.attention_mass) {
-                // H2O's statistic from the attention's own softmax: the mass each key
-                // received from this chunk's queries (all grouped heads), accumulated.
-                let (att, chunk_mass) = cache
-                    .attend_with_mass(q)
-                    .map_err(|source| ModelError::Cache { layer: l, source })?;
-                let total = chunk_mass.dims()[2];
-                let ob = &mut observed[l];
-                ob.mass = Some(match ob.mass.take() {
-                    Some(prev) => {
-                        let [b, h, old] = prev.dims();
-                        let pad = Tensor::zeros([b, h, total - old], &device);
-                        Tensor::cat(vec![prev, pad], 2) + chunk_mass
-                    }
-                    None => chunk_mass,
-                });
-                att
-            } else {
-                cache
-                    .attend(q)
-                    .map_err(|source| ModelError::Cache { layer: l, source })?
-            };
-            if let Some(o) = observe
-                && o.compress_chunks
-            {
-                compress_chunk(cache, l, &mut observed[l])?;
-            }
+            let att = cache_step(cache, l, Step { pre_q, q, k, v }, observe, &mut observed[l])?;
             let att = att.squeeze_dim::<3>(0).swap_dims(0, 1).reshape([t, qh * d]);
             x = self.finish_block(blk, x, att);
         }
         Ok(x)
     }
+}
+
+/// Appends a chunk's keys and values to `cache` and attends with its queries (after RoPE),
+/// recording what `observe` asks for in `ob`: the window's queries (and pre-RoPE queries,
+/// given when asked for), the attention mass every key received, and a compression after the
+/// chunk. Returns the attention output `[1, q_heads, t, d]`. The tensor and host forward
+/// passes share it.
+fn cache_step<B: KvBackend, C: LayerCache<B>>(
+    cache: &mut C,
+    l: usize,
+    step: Step<B>,
+    observe: Option<&PrefillOptions>,
+    ob: &mut Observed<B>,
+) -> Result<Tensor<B, 4>, ModelError> {
+    let Step { pre_q, q, k, v } = step;
+    if let (Some(o), Some(p)) = (observe, pre_q) {
+        ob.pre_q = Some(keep_last(ob.pre_q.take(), p, o.observe_window));
+    }
+    if let Some(o) = observe {
+        ob.queries = Some(keep_last(ob.queries.take(), q.clone(), o.observe_window));
+    }
+    cache
+        .append(k, v)
+        .map_err(|source| ModelError::Compress { layer: l, source })?;
+    let att = if observe.is_some_and(|o| o.attention_mass) {
+        // H2O's statistic from the attention's own softmax: the mass each key received from
+        // this chunk's queries (all grouped heads), accumulated.
+        let (att, chunk_mass) = cache
+            .attend_with_mass(q)
+            .map_err(|source| ModelError::Cache { layer: l, source })?;
+        let total = chunk_mass.dims()[2];
+        ob.mass = Some(match ob.mass.take() {
+            Some(prev) => {
+                let [b, h, old] = prev.dims();
+                let pad = Tensor::zeros([b, h, total - old], &prev.device());
+                Tensor::cat(vec![prev, pad], 2) + chunk_mass
+            }
+            None => chunk_mass,
+        });
+        att
+    } else {
+        cache
+            .attend(q)
+            .map_err(|source| ModelError::Cache { layer: l, source })?
+    };
+    if let Some(o) = observe
+        && o.compress_chunks
+    {
+        compress_chunk(cache, l, ob)?;
+    }
+    Ok(att)
 }
 
 /// Lets `cache` (layer `layer`) compress after a prefill chunk with what was observed so far.
