@@ -32,9 +32,12 @@ pub(crate) fn f32_to_f16(x: f32) -> u16 {
 }
 
 /// Host copy of a tensor's values (`f32` backends hand theirs over directly).
-pub(crate) fn floats<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> Result<Vec<f32>, KvError> {
-    t.clone()
-        .into_data()
+///
+/// Takes the tensor by value: burn-ndarray hands over an unshared contiguous tensor's buffer
+/// without a copy, but copies a shared one element by element (a tenth of a prefill's time
+/// when every chunk's queries, keys and values went that way).
+pub(crate) fn floats<B: KvBackend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, KvError> {
+    t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| KvError::Backend(format!("{e:?}")))
@@ -116,7 +119,7 @@ impl HostSide {
         basis: &mut Option<Arc<Vec<f32>>>,
     ) -> Result<Self, KvError> {
         Ok(match e {
-            Encoded::Dense(t) => HostSide::F32(floats(t)?),
+            Encoded::Dense(t) => HostSide::F32(floats(t.clone())?),
             Encoded::Half(h) => {
                 HostSide::F16(ints(h.bits())?.into_iter().map(|x| x as u16).collect())
             }
@@ -147,7 +150,7 @@ impl HostSide {
                     });
                 }
                 let [_, d, r] = b.dims();
-                let values = floats(b)?;
+                let values = floats(b.clone())?;
                 let shared = match basis {
                     Some(old) if **old == values => old.clone(),
                     _ => {

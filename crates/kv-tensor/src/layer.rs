@@ -164,7 +164,7 @@ impl<B: KvBackend> CompressedLayer<B> {
         }
         self.window = match std::mem::replace(&mut self.window, Window::Empty) {
             Window::Host(mut w, device) => {
-                w.append(&floats(&k)?, &floats(&v)?, t);
+                w.append(&floats(k)?, &floats(v)?, t);
                 Window::Host(w, device)
             }
             Window::Empty => Window::Tensors(k, v),
@@ -548,7 +548,7 @@ impl<B: KvBackend> CompressedLayer<B> {
                 parts
             })
             .collect();
-        let out = crate::host_attention::attend(&floats(&q)?, tq, d, &heads, lens);
+        let out = crate::host_attention::attend(&floats(q)?, tq, d, &heads, lens);
         Ok(Tensor::from_data(TensorData::new(out, dims), &device))
     }
 

@@ -35,12 +35,10 @@ struct BlockParams {
     k_norm: Option<Vec<f32>>,
 }
 
-fn host_vec<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> Option<Vec<f32>> {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .ok()
+/// The values of `t` on the host, by value: burn-ndarray hands over an unshared tensor's buffer
+/// without a copy, and copies a shared one element by element.
+fn host_vec<B: KvBackend, const D: usize>(t: Tensor<B, D>) -> Option<Vec<f32>> {
+    t.into_data().convert::<f32>().into_vec::<f32>().ok()
 }
 
 impl HostParams {
@@ -52,18 +50,18 @@ impl HostParams {
             .iter()
             .map(|b: &Block<B>| {
                 Some(BlockParams {
-                    attn_norm: host_vec(&b.attn_norm)?,
-                    ffn_norm: host_vec(&b.ffn_norm)?,
+                    attn_norm: host_vec(b.attn_norm.clone())?,
+                    ffn_norm: host_vec(b.ffn_norm.clone())?,
                     bqkv: match &b.bqkv {
-                        Some(t) => Some(host_vec(t)?),
+                        Some(t) => Some(host_vec(t.clone())?),
                         None => None,
                     },
                     q_norm: match &b.q_norm {
-                        Some(t) => Some(host_vec(t)?),
+                        Some(t) => Some(host_vec(t.clone())?),
                         None => None,
                     },
                     k_norm: match &b.k_norm {
-                        Some(t) => Some(host_vec(t)?),
+                        Some(t) => Some(host_vec(t.clone())?),
                         None => None,
                     },
                 })
@@ -72,9 +70,9 @@ impl HostParams {
         let (cos, sin) = model.rope.tables();
         Some(Self {
             blocks,
-            norm: host_vec(&model.norm)?,
-            cos: host_vec(cos)?,
-            sin: host_vec(sin)?,
+            norm: host_vec(model.norm.clone())?,
+            cos: host_vec(cos.clone())?,
+            sin: host_vec(sin.clone())?,
         })
     }
 }
@@ -222,7 +220,7 @@ impl<B: KvBackend> Llama<B> {
             ),
             &device,
         );
-        let Some(mut x) = host_vec(&self.embed.clone().select(0, idx)) else {
+        let Some(mut x) = host_vec(self.embed.clone().select(0, idx)) else {
             return Ok(None);
         };
         let slots = observed.len();
@@ -287,7 +285,7 @@ impl<B: KvBackend> Llama<B> {
             v: tensor(v, kvh),
         };
         let att = cache_step(cache, l, step, observe, ob)?;
-        let att = host_vec(&att).ok_or_else(|| lost("attention output"))?;
+        let att = host_vec(att).ok_or_else(|| lost("attention output"))?;
         let o = rows_apply(&blk.wo, &tokens_major(&att, qh, d), t)?;
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         let mut h = x.to_vec();
