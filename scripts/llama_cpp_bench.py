@@ -53,8 +53,8 @@ def main():
     )
     for n in (512, 2048, 4096):
         print(f"llama.cpp prefill/{n}: {prefill(llm, n, a.reps):.1f} tok/s")
-    for ctx in (2000, 8000):
-        print(f"llama.cpp decode/at-{ctx}: {decode(llm, ctx, 64):.1f} tok/s")
+    for ctx in (2048, 8000):
+        print(f"llama.cpp decode/at-{ctx}: {decode(llm, ctx, 32):.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ fn main() -> Result<()> {
         Cmd::Calibrate(c) => c.run(),
         Cmd::ValidateProxy(c) => c.run(),
         Cmd::Solve(c) => c.run(),
-        Cmd::Bench(c) => cmd::bench::bench(&c.model),
+        Cmd::Bench(c) => cmd::bench::bench(&c),
         Cmd::Test(c) => c.run(),
         Cmd::Generate(c) => c.run(),
         Cmd::Logits(c) => c.run(),

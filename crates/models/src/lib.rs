@@ -15,6 +15,7 @@ mod loader;
 pub mod paths;
 mod quant_rows;
 mod rope;
+pub mod speed;
 mod tokenizer;
 mod weights;
 // The crate's tests on tiny model files the tests write themselves, in the unit-test binary

@@ -288,6 +288,11 @@ impl<B: KvBackend> Llama<B> {
         self.refresh_host();
     }
 
+    /// Tokens the model's position tables cover (its context window): no cache grows past it.
+    pub fn context(&self) -> usize {
+        self.rope.context()
+    }
+
     /// Bytes of weights one decode step streams through the host path (0 when it is off).
     pub fn host_matvec_bytes(&self) -> usize {
         let blocks: usize = self

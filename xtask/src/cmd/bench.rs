@@ -8,6 +8,11 @@ use std::path::Path;
 pub struct Bench {
     #[command(flatten)]
     pub model: crate::session::ModelArg,
+    /// Only the speed table (prefill and decode with the full cache, llama.cpp beside it when
+    /// a Python with llama-cpp-python is found): minutes instead of the criterion suite's half
+    /// hour.
+    #[arg(long)]
+    pub speed_only: bool,
 }
 
 /// Runs the criterion benches in the release profile: speed is what a user's release build gets
@@ -16,7 +21,12 @@ pub struct Bench {
 /// plans at 1/4, 1/8 and 1/14 are solved from the calibration table (calibrating if needed);
 /// after the benches, `generate` runs on an 8k-token prose prompt with the full cache and the
 /// 1/8 plan (chunked and compress-at-end prefill) to show peak memory next to the plan's bytes.
-pub fn bench(model: &crate::session::ModelArg) -> Result<()> {
+pub fn bench(args: &Bench) -> Result<()> {
+    let model = &args.model;
+    speed_table(model)?;
+    if args.speed_only {
+        return Ok(());
+    }
     let model_file = model.path()?;
     let plans = std::env::current_dir()?
         .join("target")
@@ -95,4 +105,73 @@ fn peak_memory(model: &crate::session::ModelArg, plan: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The speed table: kvnd's prefill and decode with the full fp16 cache (this binary's profile,
+/// so what `cargo xtask` users get), the memory read bandwidth as the decode ceiling, and
+/// llama.cpp on the same file and token ids when `KVND_LLAMA_CPP_PYTHON` (or `python3`) can
+/// import `llama_cpp`.
+fn speed_table(model: &crate::session::ModelArg) -> Result<()> {
+    let file = model.path()?;
+    let s = crate::session::open(model)?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "== speed table: {} ({cpu}, {threads} threads)",
+        file.display()
+    );
+    let bandwidth = models::speed::read_bandwidth();
+    let report = models::speed::measure(&s.model.model, &mut |what| eprintln!("  {what}…"))?;
+    let reference = llama_cpp(&file, threads);
+    println!(
+        "\nSpeed, {} ({cpu}, {threads} threads, profile {}); memory read bandwidth {:.1} GB/s; reference: {}\n",
+        file.file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+        profile(),
+        bandwidth / 1e9,
+        if reference.is_empty() {
+            "none (llama-cpp-python not found)"
+        } else {
+            "llama.cpp via scripts/llama_cpp_bench.py"
+        },
+    );
+    println!("{}", report.markdown(bandwidth, &reference));
+    Ok(())
+}
+
+/// llama.cpp's figures from `scripts/llama_cpp_bench.py`, empty when no Python can run it.
+fn llama_cpp(file: &Path, threads: usize) -> std::collections::BTreeMap<String, f64> {
+    let python = std::env::var("KVND_LLAMA_CPP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama_cpp_bench.py");
+    eprintln!("  llama.cpp ({python} {})…", script.display());
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .arg(file)
+        .args(["--threads", &threads.to_string(), "--reps", "1"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            models::speed::parse_reference(&String::from_utf8_lossy(&o.stdout))
+        }
+        _ => Default::default(),
+    }
+}
+
+/// The cargo profile this binary was built in, from its path (`target/<profile>/xtask`).
+fn profile() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()))
+        .map_or_else(
+            || "unknown".into(),
+            |p| if p == "debug" { "dev".into() } else { p },
+        )
 }
