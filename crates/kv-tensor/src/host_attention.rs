@@ -557,18 +557,16 @@ pub(crate) fn attend(
         .step_by(per_block)
         .map(|i| i..(i + per_block).min(tq))
         .collect();
-    // Each block's query rows, gathered `[group][block]` (one block: `q` as it is).
+    // Each block's query rows, gathered `[group][block]` (one block: a copy of `q`).
     let gathered: Vec<Vec<f32>> = (0..heads.len())
         .flat_map(|bh| blocks.iter().map(move |b| (bh, b.clone())))
         .map(|(bh, b)| {
             let qh = &q[bh * rows * d..(bh + 1) * rows * d];
-            (0..group)
-                .flat_map(|g| {
-                    qh[(g * tq + b.start) * d..(g * tq + b.end) * d]
-                        .iter()
-                        .copied()
-                })
-                .collect()
+            let mut block = Vec::with_capacity(group * b.len() * d);
+            for g in 0..group {
+                block.extend_from_slice(&qh[(g * tq + b.start) * d..(g * tq + b.end) * d]);
+            }
+            block
         })
         .collect();
     let jobs = tasks(&gathered, &blocks, heads, lens, tq, d);

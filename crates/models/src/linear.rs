@@ -130,12 +130,6 @@ impl<B: KvBackend> Linear<B> {
         }
     }
 
-    /// One row through the host matrix–vector product, `None` without a host copy.
-    pub(crate) fn apply_host(&self, x: &[f32]) -> Option<Vec<f32>> {
-        let rows = self.host.as_ref()?;
-        (x.len() == self.inp).then(|| matvec(rows, x, 1, self.inp, self.out))
-    }
-
     /// `x · W` for the `t` rows of `x` (`[t][in]`, on the host) → `[t][out]`: the host
     /// matrix–vector product for a few rows, burn's matmul for more. `None` if the backend does
     /// not hand the product back as f32.

@@ -390,13 +390,8 @@ impl<B: KvBackend> Llama<B> {
                 c.vocab
             )));
         }
-        let device = self.embed.device();
         let (qh, d) = (c.q_heads, c.head_dim);
-        let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [n]),
-            &device,
-        );
-        let mut x = self.embed.clone().select(0, idx);
+        let mut x = self.embed_rows(ids);
         for (l, blk) in self.blocks.iter().enumerate() {
             let qkv = self.project_qkv(blk, x.clone());
             let mut rows = Vec::with_capacity(n);
@@ -417,6 +412,18 @@ impl<B: KvBackend> Llama<B> {
             x = self.finish_block(blk, x, Tensor::cat(rows, 0));
         }
         Ok(self.logits(x))
+    }
+
+    /// The embedding rows of `ids`: `[ids.len(), hidden]`.
+    fn embed_rows(&self, ids: &[u32]) -> Tensor<B, 2> {
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [ids.len()],
+            ),
+            &self.embed.device(),
+        );
+        self.embed.clone().select(0, idx)
     }
 
     /// RMSNorm, then the fused q/k/v projection (with bias when the model has one): `[t, ·]`.
@@ -559,11 +566,7 @@ impl<B: KvBackend> Llama<B> {
             ));
         }
         let (qh, d) = (c.q_heads, c.head_dim);
-        let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [t]),
-            &device,
-        );
-        let mut x = self.embed.clone().select(0, idx);
+        let mut x = self.embed_rows(ids);
         for (l, (blk, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
             let qkv = self.project_qkv(blk, x.clone());
             let (q, k, v) = self.split_heads(blk, &qkv, 0..t);

@@ -11,7 +11,7 @@
 use super::{Block, Llama, Observed, PrefillOptions, Step, cache_step};
 use crate::ModelError;
 use crate::config::RopeLayout;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use kv_tensor::KvBackend;
 use kv_tensor::LayerCache;
 use kv_tensor::exp_nonpositive;
@@ -84,14 +84,6 @@ fn lost(what: &str) -> ModelError {
         key: what.into(),
         problem: "the host decode path has no copy of it".into(),
     }
-}
-
-fn host_apply<B: KvBackend>(
-    w: &crate::linear::Linear<B>,
-    x: &[f32],
-) -> Result<Vec<f32>, ModelError> {
-    w.apply_host(x)
-        .ok_or_else(|| lost("a projection's host rows"))
 }
 
 /// `x / sqrt(mean(x²) + eps) · w`, in place on each `w.len()`-wide piece of `x`.
@@ -184,12 +176,12 @@ impl<B: KvBackend> Llama<B> {
             return Ok(None);
         };
         let pos = caches[0].len();
-        let mut scratch = vec![Observed::default()];
-        let Some(mut x) = self.chunk_host(&[id], pos, caches, None, &mut scratch)? else {
+        let mut unobserved: Vec<Observed<B>> = caches.iter().map(|_| Observed::default()).collect();
+        let Some(mut x) = self.chunk_host(&[id], pos, caches, None, &mut unobserved)? else {
             return Ok(None);
         };
         rms_norm(&mut x, &p.norm, self.config.rms_eps);
-        let logits = host_apply(&self.head, &x)?;
+        let logits = rows_apply(&self.head, &x, 1)?;
         let n = logits.len();
         Ok(Some(Tensor::from_data(
             TensorData::new(logits, [1, n]),
@@ -199,8 +191,7 @@ impl<B: KvBackend> Llama<B> {
 
     /// The last hidden states `[t][hidden]` of tokens `ids` (at positions `start..`) through
     /// every block on the host, appending to `caches` and recording what `observe` asks for in
-    /// `observed` (one per layer; a single scratch entry when nothing is observed). `None`
-    /// (nothing done) without host parameters.
+    /// `observed` (one per layer). `None` (nothing done) without host parameters.
     pub(super) fn chunk_host<C: LayerCache<B>>(
         &self,
         ids: &[u32],
@@ -212,37 +203,22 @@ impl<B: KvBackend> Llama<B> {
         let Some(p) = &self.host else {
             return Ok(None);
         };
-        let device = self.embed.device();
-        let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(
-                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                [ids.len()],
-            ),
-            &device,
-        );
-        let Some(mut x) = host_vec(self.embed.clone().select(0, idx)) else {
+        let Some(mut x) = host_vec(self.embed_rows(ids)) else {
             return Ok(None);
         };
-        let slots = observed.len();
-        for (l, ((blk, bp), cache)) in self
-            .blocks
-            .iter()
-            .zip(&p.blocks)
-            .zip(caches.iter_mut())
-            .enumerate()
-        {
-            let ob = &mut observed[l % slots];
-            self.block_host(l, (blk, bp), cache, &mut x, start, observe, ob)?;
+        for (l, (cache, ob)) in caches.iter_mut().zip(observed.iter_mut()).enumerate() {
+            self.block_host(l, p, cache, &mut x, start, observe, ob)?;
         }
         Ok(Some(x))
     }
 
-    /// Block `l` on the host: `x` (`[t][hidden]`, tokens at `start..`) in, `x` out.
+    /// Block `l` on the host (`p`: the host parameters): `x` (`[t][hidden]`, tokens at
+    /// `start..`) in, `x` out.
     #[allow(clippy::too_many_arguments)]
     fn block_host<C: LayerCache<B>>(
         &self,
         l: usize,
-        (blk, bp): (&Block<B>, &BlockParams),
+        p: &HostParams,
         cache: &mut C,
         x: &mut [f32],
         start: usize,
@@ -251,7 +227,7 @@ impl<B: KvBackend> Llama<B> {
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let (qh, kvh, d) = (c.q_heads, c.kv_heads, c.head_dim);
-        let p = self.host.as_ref().ok_or_else(|| lost("host parameters"))?;
+        let (blk, bp) = (&self.blocks[l], &p.blocks[l]);
         let t = x.len() / c.hidden;
         let device = self.embed.device();
         let tensor = |v: Vec<f32>, heads: usize| {
