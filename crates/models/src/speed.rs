@@ -21,6 +21,10 @@ pub const DECODE_CONTEXTS: [usize; 2] = [2048, 8000];
 /// Decode steps timed at each context (after a quarter as many untimed ones).
 pub const DECODE_STEPS: usize = 32;
 
+/// Untimed decode steps before the timed ones, as criterion warms up: the first appends after a
+/// fill grow every head's buffers.
+const WARM_STEPS: usize = DECODE_STEPS / 4;
+
 /// One decode measurement.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeSpeed {
@@ -110,8 +114,8 @@ pub fn measure<B: KvBackend>(
     let fresh = || -> Vec<FullCache<B>> { (0..c.layers).map(|_| FullCache::new()).collect() };
     let opts = PrefillOptions::default();
     let mut prefill = Vec::new();
-    let longest = *DECODE_CONTEXTS.iter().max().unwrap_or(&0);
-    let ids = bench_ids(longest.max(PREFILL_LENGTHS[2]), c.vocab);
+    let longest = DECODE_CONTEXTS.iter().chain(&PREFILL_LENGTHS).max();
+    let ids = bench_ids(*longest.unwrap_or(&0), c.vocab);
     for n in PREFILL_LENGTHS.into_iter().filter(|&n| n < window) {
         progress(&format!("prefill {n} tokens"));
         let mut caches = fresh();
@@ -123,7 +127,7 @@ pub fn measure<B: KvBackend>(
     let mut caches = fresh();
     for ctx in DECODE_CONTEXTS
         .into_iter()
-        .filter(|&n| n + DECODE_STEPS < window)
+        .filter(|&n| n + WARM_STEPS + DECODE_STEPS <= window)
     {
         progress(&format!(
             "fill the cache to {ctx} tokens, then decode {DECODE_STEPS}"
@@ -132,9 +136,7 @@ pub fn measure<B: KvBackend>(
         for piece in ids[have..ctx].chunks(opts.chunk) {
             model.forward(piece, &mut caches, Logits::Last)?;
         }
-        // Untimed steps first, as criterion warms up: the first appends after a fill grow
-        // every head's buffers.
-        for _ in 0..DECODE_STEPS / 4 {
+        for _ in 0..WARM_STEPS {
             model.forward(&[42], &mut caches, Logits::Last)?;
         }
         let mut step_bytes = 0;
