@@ -24,7 +24,7 @@ fn kivi(bits: u8, layers: usize) -> Caches {
         ..Expert::FULL
     };
     (0..layers)
-        .map(|_| Box::new(router::RoutedCache::<B>::new(e)) as Box<dyn LayerCache<B>>)
+        .map(|_| Box::new(router::RoutedCache::<B>::new(e.clone())) as Box<dyn LayerCache<B>>)
         .collect()
 }
 
@@ -63,7 +63,9 @@ fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Cache
             Box::new(move || {
                 plan.layers
                     .iter()
-                    .map(|e| Box::new(router::RoutedCache::<B>::new(*e)) as Box<dyn LayerCache<B>>)
+                    .map(|e| {
+                        Box::new(router::RoutedCache::<B>::new(e.clone())) as Box<dyn LayerCache<B>>
+                    })
                     .collect()
             }),
         ));

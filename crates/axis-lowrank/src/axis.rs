@@ -3,7 +3,8 @@ use crate::{LowRankError, PcaBases};
 use burn::tensor::Tensor;
 use kv_tensor::KvBackend;
 use kv_tensor::{
-    AxisError, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx, Segment,
+    AxisError, Basis, Bytes, CompressionAxis, Encoded, Footprint, LayerShape, ObservationCtx,
+    PlanStage, Segment, Side, SidePlan,
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,41 @@ pub struct LowRankSetting {
     /// Value rank.
     #[serde(default)]
     pub v_rank: Option<usize>,
+}
+
+/// Bytes per value of a stored basis: bases stay in the backend's f32 (they are tiny:
+/// `kv_heads × head_dim × rank` per layer and side).
+pub const BASIS_BYTES: usize = 4;
+
+impl LowRankSetting {
+    /// The rank of `side` (`None` = untouched).
+    pub fn rank(&self, side: Side) -> Option<usize> {
+        match side {
+            Side::Keys => self.k_rank,
+            Side::Values => self.v_rank,
+        }
+    }
+}
+
+/// A projected side narrows to its rank and holds one basis `[kv_heads, head_dim, rank]` per
+/// layer; an unprojected side passes through.
+impl PlanStage for LowRankSetting {
+    fn plan_side(&self, side: Side, input: &LayerShape) -> SidePlan {
+        match self.rank(side) {
+            None => SidePlan::unchanged(input),
+            Some(r) => SidePlan {
+                output: LayerShape {
+                    head_dim: r,
+                    ..*input
+                },
+                fixed: Footprint {
+                    basis: Bytes((input.kv_heads * input.head_dim * r * BASIS_BYTES) as u64),
+                    ..Footprint::default()
+                },
+                stored: None,
+            },
+        }
+    }
 }
 
 /// The axis: per layer, full bases `[h, d, d]` for keys and values (columns by decreasing
@@ -71,7 +107,7 @@ impl<B: KvBackend> LowRank<B> {
             .swap_dims(0, 1);
         Ok(Encoded::Projected {
             coeffs: Box::new(Encoded::Dense(coeffs)),
-            basis: p,
+            basis: Basis::new(p),
         })
     }
 }

@@ -16,5 +16,5 @@ mod pca;
 #[cfg(test)]
 mod invariants;
 
-pub use axis::{LowRank, LowRankSetting};
+pub use axis::{BASIS_BYTES, LowRank, LowRankSetting};
 pub use pca::{LowRankError, PcaAccumulator, PcaBases};

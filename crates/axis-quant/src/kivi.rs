@@ -9,7 +9,7 @@ use burn::tensor::Tensor;
 use kv_tensor::KvBackend;
 use kv_tensor::{
     AxisError, Bits, CodeBits, CompressionAxis, Encoded, Footprint, Fp16Tensor, GroupAxis,
-    LayerShape, ObservationCtx, PackedCodes, Quantized, Segment,
+    LayerShape, ObservationCtx, PackedCodes, PlanStage, Quantized, Segment, Side, SidePlan,
 };
 
 /// Quantizes `x` `[b, h, t, d]` to `bits` with groups of `group` along `along`.
@@ -131,6 +131,27 @@ impl Kivi {
                     ..Footprint::default()
                 }
             }
+        }
+    }
+}
+
+/// Quantization stores each side: keys grouped along tokens (per channel), values along
+/// channels (per token); a 16-bit side is stored in fp16.
+impl PlanStage for QuantSetting {
+    fn plan_side(&self, side: Side, input: &LayerShape) -> SidePlan {
+        let (bits, along) = match side {
+            Side::Keys => (self.k_bits, GroupAxis::Tokens),
+            Side::Values => (self.v_bits, GroupAxis::Channels),
+        };
+        SidePlan {
+            stored: Some(Kivi::side_footprint(
+                input,
+                bits,
+                self.group.get(),
+                along,
+                2,
+            )),
+            ..SidePlan::unchanged(input)
         }
     }
 }

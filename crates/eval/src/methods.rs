@@ -73,7 +73,7 @@ impl Entry {
             Build::Plan(p) => p
                 .layers
                 .iter()
-                .map(|e| Box::new(axes.cache(*e)) as Box<dyn LayerCache<B>>)
+                .map(|e| Box::new(axes.cache(e.clone())) as Box<dyn LayerCache<B>>)
                 .collect(),
             Build::Moqae(r) => {
                 let router: Arc<dyn ChunkRouter> = Arc::new(*r);

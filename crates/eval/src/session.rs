@@ -247,8 +247,8 @@ pub fn calibrated_axes<B: KvBackend>(
             (trig, pca)
         }
     };
-    Ok(Axes {
-        evict: Evict::with_trig(Arc::new(trig)),
-        lowrank: Some(Arc::new(LowRank::new(&pca, device)?)),
-    })
+    Ok(Axes::new(
+        Evict::with_trig(Arc::new(trig)),
+        Some(Arc::new(LowRank::new(&pca, device)?)),
+    ))
 }

@@ -58,7 +58,11 @@ fn layer(t: usize, kind: &str) -> CompressedLayer<B> {
         _ => (
             Encoded::Projected {
                 coeffs: Box::new(quantized(n, 32, CodeBits::B4, GroupAxis::Tokens)),
-                basis: Tensor::random([KVH, D, 32], Distribution::Default, &Default::default()),
+                basis: kv_tensor::Basis::new(Tensor::random(
+                    [KVH, D, 32],
+                    Distribution::Default,
+                    &Default::default(),
+                )),
             },
             quantized(n, D, CodeBits::B4, GroupAxis::Channels),
         ),

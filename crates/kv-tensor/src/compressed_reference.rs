@@ -8,12 +8,13 @@
 //! the padding mask; the layer must match it through both of its own paths: the host kernels
 //! reading the stored form (query blocks of a prefill chunk split and merged) and the part-by-part tensor path (any query count).
 use crate::{
-    CodeBits, CompressedLayer, Encoded, Fp16Tensor, GroupAxis, PackedCodes, Positions, Quantized,
-    Segment,
+    Basis, CodeBits, CompressedLayer, Encoded, Fp16Tensor, GroupAxis, PackedCodes, Positions,
+    Quantized, Segment,
 };
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use burn_ndarray::NdArray;
 use proptest::prelude::*;
+use std::sync::Arc;
 
 type B = NdArray<f32>;
 
@@ -106,9 +107,9 @@ fn plain(g: &mut Gen, s: [usize; 4]) -> Encoded<B> {
 }
 
 /// One side, possibly projected onto a random basis of rank `r`.
-fn side(g: &mut Gen, s: [usize; 4], basis: &Tensor<B, 3>, project: bool) -> Encoded<B> {
+fn side(g: &mut Gen, s: [usize; 4], basis: &Arc<Basis<B>>, project: bool) -> Encoded<B> {
     if project {
-        let r = basis.dims()[2];
+        let r = basis.tensor().dims()[2];
         Encoded::Projected {
             coeffs: Box::new(plain(g, [s[0], s[1], s[2], r])),
             basis: basis.clone(),
@@ -125,7 +126,7 @@ fn segment(
     h: usize,
     t: usize,
     d: usize,
-    bases: &[Tensor<B, 3>; 2],
+    bases: &[Arc<Basis<B>>; 2],
 ) -> Segment<B> {
     if b == 1 && g.below(4) == 0 {
         let lens: Vec<usize> = (0..h).map(|_| 8 * (1 + g.below(3))).collect();
@@ -188,8 +189,12 @@ fn check(
     let mut g = Gen(seed);
     let qh = kvh * group;
     let r = [4usize, 8, 16][g.below(3)].min(d);
+    // Now and then shared with other layers (cross-layer sharing): the layer counts its share.
+    let sharing = 1 + g.below(3);
     let bases = [0, 1].map(|_| {
-        Tensor::<B, 3>::from_data(TensorData::new(g.floats(kvh * d * r), [kvh, d, r]), &dev())
+        let t =
+            Tensor::<B, 3>::from_data(TensorData::new(g.floats(kvh * d * r), [kvh, d, r]), &dev());
+        Basis::shared(t, sharing)
     });
     let mut layer = CompressedLayer::<B>::with_precision(crate::DensePrecision::F32);
     let (mut ks, mut vs, mut pads) = (Vec::new(), Vec::new(), Vec::new());
@@ -230,7 +235,7 @@ fn check(
     }
     for p in projected.iter().filter(|&&p| p) {
         let _ = p;
-        want_bytes.basis += crate::Bytes((kvh * d * r * 4) as u64);
+        want_bytes.basis += crate::Bytes((kvh * d * r * 4).div_ceil(sharing) as u64);
     }
     prop_assert_eq!(layer.footprint(), want_bytes);
     if ks.is_empty() {

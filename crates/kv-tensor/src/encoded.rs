@@ -3,6 +3,7 @@
 use crate::KvBackend;
 use crate::{Bytes, Footprint, Fp16Tensor, KvError, PackedCodes};
 use burn::tensor::Tensor;
+use std::sync::{Arc, OnceLock};
 
 /// Which axis a quantization group runs along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,64 @@ impl<B: KvBackend> Quantized<B> {
     }
 }
 
+/// An orthonormal projection basis `[h, d, r]`. Every segment of a layer that projects a side
+/// holds the same basis, and layers that share one (cross-layer sharing) hold the same
+/// `Arc<Basis>`: each of the `layers` layers counts its share of the bytes, and the host copy
+/// is made once for all of them.
+#[derive(Debug)]
+pub struct Basis<B: KvBackend> {
+    tensor: Tensor<B, 3>,
+    layers: usize,
+    host: OnceLock<Arc<Vec<f32>>>,
+}
+
+impl<B: KvBackend> Basis<B> {
+    /// A basis held by one layer.
+    pub fn new(tensor: Tensor<B, 3>) -> Arc<Self> {
+        Self::shared(tensor, 1)
+    }
+
+    /// A basis shared by `layers` layers (at least one).
+    pub fn shared(tensor: Tensor<B, 3>, layers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            tensor,
+            layers: layers.max(1),
+            host: OnceLock::new(),
+        })
+    }
+
+    /// The basis `[h, d, r]`.
+    pub fn tensor(&self) -> &Tensor<B, 3> {
+        &self.tensor
+    }
+
+    /// Layers sharing it.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// This layer's share of the basis bytes: `Basis::bytes_per_layer` of its shape.
+    pub fn bytes(&self) -> Bytes {
+        let [h, d, r] = self.tensor.dims();
+        basis_bytes_per_layer(h * d * r * self.tensor.dtype().size(), self.layers)
+    }
+
+    /// The host copy, made on first use and shared by every holder.
+    pub(crate) fn host(&self) -> Result<Arc<Vec<f32>>, KvError> {
+        if let Some(h) = self.host.get() {
+            return Ok(h.clone());
+        }
+        let values = Arc::new(crate::host_segment::floats(self.tensor.clone())?);
+        Ok(self.host.get_or_init(|| values).clone())
+    }
+}
+
+/// Bytes each of `layers` layers is charged for a basis of `bytes` bytes (rounded up, so the
+/// shares never undercount).
+pub fn basis_bytes_per_layer(bytes: usize, layers: usize) -> Bytes {
+    Bytes(bytes.div_ceil(layers.max(1)) as u64)
+}
+
 /// One side of a segment as stored.
 #[derive(Debug, Clone)]
 pub enum Encoded<B: KvBackend> {
@@ -149,8 +208,9 @@ pub enum Encoded<B: KvBackend> {
     Projected {
         /// The coefficients.
         coeffs: Box<Encoded<B>>,
-        /// The basis, shared by every segment of the layer (counted once per layer).
-        basis: Tensor<B, 3>,
+        /// The basis, shared by every segment of the layer (counted once per layer, or its
+        /// share when layers share it).
+        basis: Arc<Basis<B>>,
     },
     /// Packed integer codes.
     Quantized(Quantized<B>),
@@ -188,6 +248,7 @@ impl<B: KvBackend> Encoded<B> {
             }
             Encoded::Projected { coeffs, basis } => {
                 let c = coeffs.decode()?;
+                let basis = basis.tensor();
                 let [h, d, r] = basis.dims();
                 let [b, ch, t, cr] = c.dims();
                 if ch != h || cr != r {
@@ -211,7 +272,7 @@ impl<B: KvBackend> Encoded<B> {
             Encoded::Dense(t) => t.device(),
             Encoded::Half(h) => h.device(),
             Encoded::Quantized(q) => q.codes.words().device(),
-            Encoded::Projected { basis, .. } => basis.device(),
+            Encoded::Projected { basis, .. } => basis.tensor().device(),
             Encoded::Ragged(heads) => heads.first().map(Encoded::device).unwrap_or_default(),
         }
     }
@@ -224,7 +285,7 @@ impl<B: KvBackend> Encoded<B> {
             Encoded::Quantized(q) => q.dims(),
             Encoded::Projected { coeffs, basis } => {
                 let [b, h, t, _] = coeffs.dims();
-                [b, h, t, basis.dims()[1]]
+                [b, h, t, basis.tensor().dims()[1]]
             }
             Encoded::Ragged(heads) => {
                 let [b, _, _, d] = heads.first().map_or([0; 4], Encoded::dims);
@@ -263,7 +324,7 @@ impl<B: KvBackend> Encoded<B> {
     }
 
     /// The low-rank basis, if this side is projected.
-    pub fn basis(&self) -> Option<&Tensor<B, 3>> {
+    pub fn basis(&self) -> Option<&Arc<Basis<B>>> {
         match self {
             Encoded::Projected { basis, .. } => Some(basis),
             _ => None,

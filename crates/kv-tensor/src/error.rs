@@ -61,6 +61,15 @@ pub enum AxisError {
         /// The missing observation.
         what: &'static str,
     },
+    /// An expert's stage cannot run: its axis is not among the calibrated axes, or the
+    /// setting belongs to another axis.
+    #[error("stage `{axis}`: {why}")]
+    Stage {
+        /// The axis the stage names.
+        axis: String,
+        /// What is missing.
+        why: String,
+    },
     /// A method-specific failure.
     #[error("{method}: {source}")]
     Method {

@@ -81,6 +81,7 @@ fn view(side: &HostSide, head: usize, kv: usize, n: usize, w: usize, d: usize) -
             basis,
             d,
             r,
+            ..
         } => {
             let per = d * r;
             let mut v = view(coeffs, head, kv, n, *r, *d);

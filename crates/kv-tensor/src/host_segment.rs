@@ -81,6 +81,8 @@ pub(crate) enum HostSide {
     Projected {
         coeffs: Box<HostSide>,
         basis: Arc<Vec<f32>>,
+        /// Layers sharing the basis (each counts its share of the bytes).
+        layers: usize,
         d: usize,
         r: usize,
     },
@@ -149,19 +151,19 @@ impl HostSide {
                         allowed: "dense, half or quantized coefficients",
                     });
                 }
-                let [_, d, r] = b.dims();
-                let values = floats(b.clone())?;
+                let [_, d, r] = b.tensor().dims();
+                let values = b.host()?;
                 let shared = match basis {
-                    Some(old) if **old == values => old.clone(),
+                    Some(old) if Arc::ptr_eq(old, &values) || **old == *values => old.clone(),
                     _ => {
-                        let new = Arc::new(values);
-                        *basis = Some(new.clone());
-                        new
+                        *basis = Some(values.clone());
+                        values
                     }
                 };
                 HostSide::Projected {
                     coeffs: Box::new(Self::from_encoded(coeffs, basis)?),
                     basis: shared,
+                    layers: b.layers(),
                     d,
                     r,
                 }
@@ -203,10 +205,12 @@ impl HostSide {
         }
     }
 
-    /// The basis of a projected side.
-    pub(crate) fn basis(&self) -> Option<&Arc<Vec<f32>>> {
+    /// This layer's share of the basis bytes of a projected side.
+    pub(crate) fn basis_bytes(&self) -> Option<Bytes> {
         match self {
-            HostSide::Projected { basis, .. } => Some(basis),
+            HostSide::Projected { basis, layers, .. } => {
+                Some(crate::basis_bytes_per_layer(basis.len() * 4, *layers))
+            }
             _ => None,
         }
     }

@@ -428,10 +428,8 @@ impl<B: KvBackend> CompressedLayer<B> {
         self.segments
             .iter()
             .find_map(|s| match s {
-                Stored::Tensors(s) => [&s.k, &s.v][side].basis().map(dense_bytes),
-                Stored::Host(s) => [&s.k, &s.v][side]
-                    .basis()
-                    .map(|b| Bytes((b.len() * 4) as u64)),
+                Stored::Tensors(s) => [&s.k, &s.v][side].basis().map(|b| b.bytes()),
+                Stored::Host(s) => [&s.k, &s.v][side].basis_bytes(),
             })
             .unwrap_or(Bytes(0))
     }

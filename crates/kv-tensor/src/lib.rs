@@ -25,6 +25,7 @@ mod layout;
 mod packing;
 mod partial_attention;
 mod segment;
+mod stage;
 mod units;
 // Tests of the host attention against a naive loop-by-loop softmax, kept in the unit-test binary: a
 // separate integration binary would compile burn's CPU backend once more.
@@ -39,7 +40,7 @@ pub use attention::{
 pub use axis::{CompressionAxis, ObservationCtx};
 pub use backend::KvBackend;
 pub use cache::{FullCache, LayerCache, RecordingCache};
-pub use encoded::{Encoded, GroupAxis, Quantized};
+pub use encoded::{Basis, Encoded, GroupAxis, Quantized, basis_bytes_per_layer};
 pub use error::{AxisError, KvError};
 pub use footprint::Footprint;
 pub use fp16::Fp16Tensor;
@@ -49,4 +50,5 @@ pub use layer::CompressedLayer;
 pub use layout::{KvLayout, LayerShape};
 pub use packing::{CodeBits, PackedCodes};
 pub use segment::{Positions, Segment};
+pub use stage::{Configured, PlanStage, Side, SidePlan, Stage, compose_footprint, output_shape};
 pub use units::{Bits, Bytes, Ratio};

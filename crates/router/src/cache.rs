@@ -1,19 +1,23 @@
-//! The routed cache: one layer's expert applied evict → project → quantize.
+//! The routed cache: one layer's expert applied as eviction, then its stages in order.
+use crate::stage::{Registered, StageAxis};
 use crate::{Expert, RESIDUAL};
 use axis_evict::Evict;
 use axis_lowrank::LowRank;
 use axis_quant::Kivi;
 use burn::tensor::{Bool, Tensor};
-use kv_tensor::KvBackend;
 use kv_tensor::{
-    AxisError, CompressedLayer, CompressionAxis, Footprint, KvError, LayerCache, ObservationCtx,
+    AxisError, CompressedLayer, CompressionAxis, Configured, Footprint, KvError, LayerCache,
+    ObservationCtx, Stage,
 };
+use kv_tensor::{KvBackend, Segment};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// A `LayerCache` applying one [`Expert`].
 ///
 /// End of prefill: the prompt is evicted (if the expert evicts), then the oldest kept tokens
-/// are projected and/or quantized in whole groups, leaving at least [`RESIDUAL`] recent tokens
+/// go through the expert's stages (projection, registered axes' stages, quantization) in whole
+/// groups, leaving at least [`RESIDUAL`] recent tokens
 /// untouched; every unquantized part is stored in fp16 (16 bits, two bytes per value). Decode:
 /// tokens land in the residual window; a full group beyond the window is projected/quantized and
 /// appended (never re-compressing history). Its footprint equals [`Expert::footprint`] after
@@ -22,8 +26,7 @@ use std::sync::Arc;
 pub struct RoutedCache<B: KvBackend> {
     layer: CompressedLayer<B>,
     expert: Expert,
-    evict: Evict<B>,
-    lowrank: Option<Arc<LowRank<B>>>,
+    axes: Axes<B>,
     layer_idx: usize,
     prefilled: bool,
     /// Set once the prefill compresses chunk by chunk.
@@ -39,20 +42,72 @@ struct Chunked {
     pending: bool,
 }
 
-/// The calibrated axes a plan's caches share: the eviction axis (with trig statistics) and
-/// every layer's low-rank bases. Cheap to clone (the bases are shared).
-#[derive(Clone, Default)]
+/// The calibrated axes a plan's caches share: the eviction axis (with trig statistics), every
+/// layer's low-rank bases and the registered axes' stages. Cheap to clone (all shared).
+#[derive(Clone)]
 pub struct Axes<B: KvBackend> {
     /// The eviction axis.
     pub evict: Evict<B>,
     /// Low-rank bases, needed by experts that project.
     pub lowrank: Option<Arc<LowRank<B>>>,
+    /// Axes outside the router, by the name their settings give (see [`crate::stage`]).
+    stages: BTreeMap<&'static str, Arc<dyn StageAxis<B>>>,
+}
+
+impl<B: KvBackend> Default for Axes<B> {
+    fn default() -> Self {
+        Self::new(Evict::new(), None)
+    }
 }
 
 impl<B: KvBackend> Axes<B> {
+    /// The built-in axes: eviction and (when calibrated) low-rank bases.
+    pub fn new(evict: Evict<B>, lowrank: Option<Arc<LowRank<B>>>) -> Self {
+        Self {
+            evict,
+            lowrank,
+            stages: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a calibrated axis whose settings name `axis` (as registered with
+    /// [`crate::register_stage`]).
+    pub fn with_stage<A, S>(mut self, axis: &'static str, compressor: Arc<A>) -> Self
+    where
+        A: CompressionAxis<B, Setting = S> + 'static,
+        S: crate::StageSetting + Clone,
+    {
+        self.stages.insert(axis, Arc::new(Registered(compressor)));
+        self
+    }
+
     /// A cache applying `expert` with these axes.
     pub fn cache(&self, expert: Expert) -> RoutedCache<B> {
-        RoutedCache::with_axes(expert, self.evict.clone(), self.lowrank.clone())
+        RoutedCache::with_axes(expert, self.clone())
+    }
+
+    /// The run-time stages of `expert`, in order.
+    pub fn stages(&self, expert: &Expert) -> Result<Vec<Box<dyn Stage<B>>>, AxisError> {
+        let mut v: Vec<Box<dyn Stage<B>>> = Vec::new();
+        if let Some(l) = expert.lowrank {
+            let axis = self.lowrank.clone().ok_or(AxisError::MissingObservation {
+                method: "lowrank",
+                what: "calibrated bases (build the cache from calibrated Axes)",
+            })?;
+            v.push(Box::new(Configured::<_, _, B>::new(axis, l)));
+        }
+        for s in &expert.stages {
+            let name = s.setting().axis();
+            let axis = self.stages.get(name).ok_or_else(|| AxisError::Stage {
+                axis: name.into(),
+                why: "not among the calibrated axes (add it with Axes::with_stage)".into(),
+            })?;
+            v.push(axis.stage(s)?);
+        }
+        if let Some(q) = expert.quant {
+            v.push(Box::new(Configured::<_, _, B>::new(Arc::new(Kivi), q)));
+        }
+        Ok(v)
     }
 }
 
@@ -68,38 +123,30 @@ impl<B: KvBackend> std::fmt::Debug for RoutedCache<B> {
 impl<B: KvBackend> RoutedCache<B> {
     /// An empty cache for `expert` with uncalibrated axes (no `trig` scorer, no projection).
     pub fn new(expert: Expert) -> Self {
-        Self::with_axes(expert, Evict::new(), None)
+        Self::with_axes(expert, Axes::default())
     }
 
     /// An empty cache for `expert` whose axes carry calibration: the eviction axis (trig
-    /// statistics) and the low-rank bases of every layer.
-    pub fn with_axes(expert: Expert, evict: Evict<B>, lowrank: Option<Arc<LowRank<B>>>) -> Self {
+    /// statistics), the low-rank bases of every layer and the registered axes.
+    pub fn with_axes(expert: Expert, axes: Axes<B>) -> Self {
         Self {
             layer: CompressedLayer::new(),
             expert,
-            evict,
-            lowrank,
+            axes,
             layer_idx: 0,
             prefilled: false,
             chunked: None,
         }
     }
 
-    /// Projects then quantizes a dense segment of old tokens, as the expert says.
+    /// Runs a dense segment of old tokens through the expert's stages in order.
     fn compress_history(
         &self,
-        mut seg: kv_tensor::Segment<B>,
+        mut seg: Segment<B>,
         ctx: &ObservationCtx<B>,
-    ) -> Result<kv_tensor::Segment<B>, AxisError> {
-        if let Some(l) = &self.expert.lowrank {
-            let axis = self.lowrank.as_ref().ok_or(AxisError::MissingObservation {
-                method: "lowrank",
-                what: "calibrated bases (build the cache with RoutedCache::with_axes)",
-            })?;
-            seg = axis.compress(seg, l, ctx)?;
-        }
-        if let Some(q) = &self.expert.quant {
-            seg = Kivi.compress(seg, q, ctx)?;
+    ) -> Result<Segment<B>, AxisError> {
+        for stage in self.axes.stages(&self.expert)? {
+            seg = stage.compress(seg, ctx)?;
         }
         Ok(seg.into_half())
     }
@@ -138,9 +185,10 @@ impl<B: KvBackend> RoutedCache<B> {
                 let t = m.dims()[2];
                 m.slice_dim(2, t - candidates.min(t)..t)
             });
-            seg = self
-                .evict
-                .compress(seg, &axis_evict::EvictSetting { keep, ..*e }, &local)?;
+            seg =
+                self.axes
+                    .evict
+                    .compress(seg, &axis_evict::EvictSetting { keep, ..*e }, &local)?;
         }
         if self.expert.compresses_history() {
             let g = self.expert.group();
@@ -240,7 +288,7 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
         };
         let t = seg.len();
         if let Some(e) = &self.expert.evict {
-            seg = self.evict.compress(seg, e, ctx)?;
+            seg = self.axes.evict.compress(seg, e, ctx)?;
         }
         let (compressed, _) = self.expert.split(t);
         // Whatever stays uncompressed is stored at 16 bits (fp16), as the expert says.

@@ -1,8 +1,9 @@
 //! One layer's recipe and its exact byte cost.
+use crate::CustomStage;
 use axis_evict::{EvictSetting, Selection};
 use axis_lowrank::LowRankSetting;
-use axis_quant::{Kivi, QuantSetting};
-use kv_tensor::{Bits, Footprint, GroupAxis, LayerShape};
+use axis_quant::QuantSetting;
+use kv_tensor::{Bits, Footprint, LayerShape, PlanStage, Side, compose_footprint, output_shape};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -13,12 +14,9 @@ pub const RESIDUAL: usize = 64;
 /// granularity of its residual window).
 pub const PROJECT_GROUP: usize = 32;
 
-/// Bytes per value of a low-rank basis: bases stay in the backend's f32 (they are tiny:
-/// `kv_heads × head_dim × rank` per layer) and are counted once per layer.
-pub const BASIS_BYTES: usize = 4;
-
-/// A layer's expert: each axis optional.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+/// A layer's expert: optional eviction, then its stages in order (projection, any stages of
+/// registered axes, quantization), each optional.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expert {
     /// Token eviction.
@@ -27,6 +25,10 @@ pub struct Expert {
     /// Low-rank projection of keys and/or values (needs calibrated bases).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lowrank: Option<LowRankSetting>,
+    /// Stages of axes outside the router (registered with [`crate::register_stage`]), applied
+    /// in order after the projection and before quantization.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<CustomStage>,
     /// Quantization (of the coefficients when the side is projected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quant: Option<QuantSetting>,
@@ -37,12 +39,27 @@ impl Expert {
     pub const FULL: Expert = Expert {
         evict: None,
         lowrank: None,
+        stages: Vec::new(),
         quant: None,
     };
 
-    /// Checks what types alone cannot: ranks within the head dimension, quantization groups
-    /// that divide projected value coefficients, and head-wise (ragged) eviction only on its
-    /// own (its ragged segments are not split into residual windows).
+    /// The byte plans of the history stages, in the order they run.
+    pub fn plan_stages(&self) -> Vec<&dyn PlanStage> {
+        let mut v: Vec<&dyn PlanStage> = Vec::new();
+        if let Some(l) = &self.lowrank {
+            v.push(l);
+        }
+        v.extend(self.stages.iter().map(|s| s.setting() as &dyn PlanStage));
+        if let Some(q) = &self.quant {
+            v.push(q);
+        }
+        v
+    }
+
+    /// Checks what types alone cannot: ranks within the head dimension, each stage's own
+    /// checks, quantization groups that divide the value width quantization receives, and
+    /// head-wise (ragged) eviction only on its own (its ragged segments are not split into
+    /// residual windows).
     pub fn validate(&self, head_dim: usize) -> Result<(), String> {
         if let Some(l) = self.lowrank {
             for (side, r) in [("k_rank", l.k_rank), ("v_rank", l.v_rank)] {
@@ -52,11 +69,41 @@ impl Expert {
                     return Err(format!("{side} = {r} is not in 1..={head_dim}"));
                 }
             }
-            if let (Some(r), Some(q)) = (l.v_rank, self.quant.filter(|q| !q.is_identity()))
-                && r % q.group.get() != 0
-            {
+        }
+        for s in &self.stages {
+            s.setting()
+                .validate(head_dim)
+                .map_err(|e| format!("stage `{}`: {e}", s.setting().axis()))?;
+        }
+        let shape = LayerShape {
+            batch: 1,
+            kv_heads: 1,
+            tokens: 1,
+            head_dim,
+        };
+        for side in [Side::Keys, Side::Values] {
+            // A second reshaping stage would see decoded vectors, not the first one's
+            // coefficients, so its plan could not be priced from the first one's output.
+            let mut now = shape;
+            let mut reshapes = 0;
+            for st in self.plan_stages() {
+                let out = st.plan_side(side, &now).output;
+                reshapes += usize::from(out != now);
+                now = out;
+            }
+            if reshapes > 1 {
                 return Err(format!(
-                    "v_rank = {r} is not a multiple of the quantization group {} (values are grouped along channels)",
+                    "{reshapes} stages reshape the {side:?}; at most one may project a side"
+                ));
+            }
+        }
+        if let Some(q) = self.quant.filter(|q| !q.is_identity()) {
+            let stages = self.plan_stages();
+            let before = &stages[..stages.len() - 1];
+            let w = output_shape(before, Side::Values, &shape).head_dim;
+            if w != head_dim && w % q.group.get() != 0 {
+                return Err(format!(
+                    "values reach quantization {w} wide, not a multiple of the quantization group {} (values are grouped along channels)",
                     q.group.get()
                 ));
             }
@@ -66,18 +113,21 @@ impl Expert {
             && self.compresses_history()
         {
             return Err(
-                "head-wise eviction cannot be combined with projection or quantization".into(),
+                "head-wise eviction cannot be combined with projection, quantization or other stages"
+                    .into(),
             );
         }
         Ok(())
     }
 
-    /// Whether old tokens are projected or quantized (then a residual window stays dense).
+    /// Whether old tokens are projected, quantized or otherwise staged (then a residual window
+    /// stays dense).
     pub fn compresses_history(&self) -> bool {
         self.quant.is_some_and(|q| !q.is_identity())
             || self
                 .lowrank
                 .is_some_and(|l| l.k_rank.is_some() || l.v_rank.is_some())
+            || !self.stages.is_empty()
     }
 
     /// Tokens flushed from the residual window at a time.
@@ -92,7 +142,8 @@ impl Expert {
         self.evict.map_or(t, |e| e.kept(t))
     }
 
-    /// Kept tokens split into (quantized, dense residual) at the end of a `t`-token prefill.
+    /// Kept tokens split into (compressed by the stages, dense residual) at the end of a
+    /// `t`-token prefill.
     pub fn split(&self, t: usize) -> (usize, usize) {
         let n = self.kept(t);
         if self.compresses_history() {
@@ -105,40 +156,18 @@ impl Expert {
     }
 
     /// Exact bytes of one layer after a `t`-token prefill of `shape` (tokens ignored): what
-    /// [`crate::RoutedCache`] allocates, so solvers can plan without compressing. Unquantized
-    /// sides are stored in fp16.
+    /// [`crate::RoutedCache`] allocates, so solvers can plan without compressing. The staged
+    /// tokens cost what the stages' own plans compose to; the residual window is fp16.
     pub fn footprint(&self, shape: &LayerShape, t: usize) -> Footprint {
-        let (quantized, dense) = self.split(t);
+        let (staged, dense) = self.split(t);
         const HALF: usize = 2;
         let at = |n: usize| LayerShape {
             tokens: n,
             ..*shape
         };
         let mut f = Footprint::dense(kv_tensor::Bytes((2 * at(dense).numel() * HALF) as u64));
-        if quantized > 0 {
-            let ranks = self.lowrank.map_or((None, None), |l| (l.k_rank, l.v_rank));
-            let sides = [
-                (ranks.0, GroupAxis::Tokens, self.quant.map(|q| q.k_bits)),
-                (ranks.1, GroupAxis::Channels, self.quant.map(|q| q.v_bits)),
-            ];
-            for (rank, along, bits) in sides {
-                let side = LayerShape {
-                    tokens: quantized,
-                    head_dim: rank.unwrap_or(shape.head_dim),
-                    ..*shape
-                };
-                f += match (self.quant, bits) {
-                    (Some(q), Some(b)) => {
-                        Kivi::side_footprint(&side, b, q.group.get(), along, HALF)
-                    }
-                    _ => Footprint::dense(kv_tensor::Bytes((side.numel() * HALF) as u64)),
-                };
-                if let Some(r) = rank {
-                    f.basis += kv_tensor::Bytes(
-                        (shape.kv_heads * shape.head_dim * r * BASIS_BYTES) as u64,
-                    );
-                }
-            }
+        if staged > 0 {
+            f += compose_footprint(&self.plan_stages(), &at(staged));
         }
         if self.kept(t) < t {
             // Kept positions (i32) for every kept token and head.
@@ -161,6 +190,9 @@ impl fmt::Display for Expert {
         let (k, v) = self
             .quant
             .map_or((Bits::Full, Bits::Full), |q| (q.k_bits, q.v_bits));
+        for s in &self.stages {
+            write!(f, " {}", s.setting().label())?;
+        }
         write!(f, " K{k}V{v}")
     }
 }

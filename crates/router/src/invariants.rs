@@ -1,13 +1,17 @@
 //! Routed caches: footprint == prediction for random experts; plans round-trip and are
 //! validated on load with errors that name the line.
-use crate::{Expert, RoutedCache, RouterError, RoutingPlan};
+use crate::{Axes, CustomStage, Expert, RoutedCache, RouterError, RoutingPlan, StageSetting};
 use axis_evict::{Evict, EvictSetting, ScorerKind, Selection};
 use axis_lowrank::{LowRank, LowRankSetting};
 use axis_quant::QuantSetting;
 use burn::tensor::{Distribution, Tensor};
 use burn_ndarray::NdArray;
-use kv_tensor::{Bits, LayerCache, LayerShape, ObservationCtx, Ratio};
+use kv_tensor::{
+    AxisError, Basis, Bits, Bytes, CompressionAxis, Encoded, Footprint, LayerCache, LayerShape,
+    ObservationCtx, PlanStage, Ratio, Segment, Side, SidePlan,
+};
 use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 type B = NdArray<f32>;
@@ -24,13 +28,116 @@ fn expert() -> impl Strategy<Value = Expert> {
             prop::option::of(1usize..=64),
             prop::sample::select(vec![None, Some(32), Some(64)]),
         )),
+        prop::option::of((1usize..=48, 1usize..=3)),
     )
-        .prop_map(|(keep, q, rank)| Expert {
+        .prop_map(|(keep, q, rank, keys)| Expert {
             evict: keep
                 .map(|k| EvictSetting::new(ScorerKind::Knorm, Ratio::new(k).expect("ratio"))),
             lowrank: rank.map(|(k_rank, v_rank)| LowRankSetting { k_rank, v_rank }),
+            stages: keys
+                .map(|(width, layers)| CustomStage::new(KeyPrefix { width, layers }))
+                .into_iter()
+                .collect(),
             quant: q.map(|(k, v)| QuantSetting::new(k, v)),
         })
+}
+
+/// A user's axis, written only against public traits: keeps the first `width` coordinates of
+/// each key (a projection onto unit vectors, whose basis `layers` layers share).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPrefix {
+    width: usize,
+    layers: usize,
+}
+
+impl PlanStage for KeyPrefix {
+    fn plan_side(&self, side: Side, input: &LayerShape) -> SidePlan {
+        if side == Side::Values || self.width >= input.head_dim {
+            return SidePlan::unchanged(input);
+        }
+        let bytes = input.kv_heads * input.head_dim * self.width * 4;
+        SidePlan {
+            output: LayerShape {
+                head_dim: self.width,
+                ..*input
+            },
+            fixed: Footprint {
+                basis: kv_tensor::basis_bytes_per_layer(bytes, self.layers),
+                ..Footprint::default()
+            },
+            stored: None,
+        }
+    }
+}
+
+impl StageSetting for KeyPrefix {
+    fn axis(&self) -> &'static str {
+        "key-prefix"
+    }
+    fn to_toml(&self) -> Result<toml::Table, String> {
+        toml::Table::try_from(self).map_err(|e| e.to_string())
+    }
+    fn validate(&self, head_dim: usize) -> Result<(), String> {
+        (self.width >= 1 && self.layers >= 1 && self.width <= head_dim)
+            .then_some(())
+            .ok_or_else(|| format!("width {} is not in 1..={head_dim}", self.width))
+    }
+    fn label(&self) -> String {
+        format!("prefix K{}", self.width)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+struct KeyPrefixAxis;
+
+impl CompressionAxis<B> for KeyPrefixAxis {
+    type Setting = KeyPrefix;
+    fn compress(
+        &self,
+        seg: Segment<B>,
+        s: &KeyPrefix,
+        _: &ObservationCtx<B>,
+    ) -> Result<Segment<B>, AxisError> {
+        // Like any stage, it receives the previous stage's output: coefficients, when an
+        // earlier stage projected the keys.
+        let [_, h, _, d] = seg.k.dims();
+        let width_in = match &seg.k {
+            Encoded::Projected { coeffs, .. } => coeffs.dims()[3],
+            _ => d,
+        };
+        if s.width >= width_in {
+            return Ok(seg);
+        }
+        if width_in != d {
+            return Err(AxisError::Stage {
+                axis: "key-prefix".into(),
+                why: "keys are projected already".into(),
+            });
+        }
+        let k = seg.k.decode()?;
+        let eye = Tensor::<B, 2>::eye(d, &k.device())
+            .slice([0..d, 0..s.width])
+            .reshape([1, d, s.width])
+            .expand([h, d, s.width]);
+        Ok(Segment {
+            k: Encoded::Projected {
+                coeffs: Box::new(Encoded::Dense(k.slice_dim(3, 0..s.width))),
+                basis: Basis::shared(eye, s.layers),
+            },
+            ..seg
+        })
+    }
+    fn footprint(&self, shape: &LayerShape, s: &KeyPrefix) -> Footprint {
+        kv_tensor::compose_footprint(&[s], shape)
+    }
+}
+
+fn axes() -> Axes<B> {
+    crate::register_stage::<KeyPrefix>("key-prefix");
+    Axes::new(Evict::new(), Some(lowrank(1))).with_stage("key-prefix", Arc::new(KeyPrefixAxis))
 }
 
 /// Identity bases: byte accounting does not depend on the basis values.
@@ -53,7 +160,7 @@ proptest! {
     fn footprint_equals_prediction(e in expert(), t in 40usize..400, decode in 0usize..80) {
         prop_assume!(e.validate(64).is_ok());
         let d = Default::default();
-        let mut c = RoutedCache::<B>::with_axes(e, Evict::new(), Some(lowrank(1)));
+        let mut c = RoutedCache::<B>::with_axes(e.clone(), axes());
         let k = Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);
         c.append(k.clone(), k).expect("append");
         c.finish_prefill(&ObservationCtx::bare(0)).expect("compress");
@@ -81,7 +188,7 @@ proptest! {
     ) {
         prop_assume!(e.validate(64).is_ok());
         let d = Default::default();
-        let mut c = RoutedCache::<B>::with_axes(e, Evict::new(), Some(lowrank(1)));
+        let mut c = RoutedCache::<B>::with_axes(e.clone(), axes());
         let mut t = 0;
         for n in &chunks {
             let k = Tensor::<B, 4>::random([1, 3, *n, 64], Distribution::Normal(0.0, 1.0), &d);
@@ -122,6 +229,7 @@ fn plans_roundtrip_and_validate() {
             k_rank: Some(32),
             v_rank: None,
         }),
+        stages: Vec::new(),
         quant: Some(QuantSetting::new(
             Bits::try_from(4).expect("b"),
             Bits::try_from(2).expect("b"),
@@ -129,7 +237,7 @@ fn plans_roundtrip_and_validate() {
     };
     let plan = RoutingPlan {
         sized_for: None,
-        layers: vec![e, Expert::FULL, e],
+        layers: vec![e.clone(), Expert::FULL, e],
     };
     let text = plan.to_toml().expect("toml");
     assert_eq!(RoutingPlan::from_toml(&text, 3, 64).expect("parses"), plan);
@@ -144,6 +252,78 @@ fn plans_roundtrip_and_validate() {
     assert!(err.contains("line"), "{err}");
     let unknown = format!("{text}\n[[layers]]\nspeed = 3\n");
     assert!(RoutingPlan::from_toml(&unknown, 4, 64).is_err());
+}
+
+/// A registered axis' stage is written to and read from a plan file like the built-in axes;
+/// an unregistered axis name, a malformed setting and an invalid one are typed errors.
+#[test]
+fn custom_stages_roundtrip_and_validate() {
+    let _ = axes();
+    let e = Expert {
+        stages: vec![CustomStage::new(KeyPrefix {
+            width: 16,
+            layers: 2,
+        })],
+        quant: Some(QuantSetting::new(Bits::try_from(4).expect("b"), Bits::Full)),
+        ..Expert::FULL
+    };
+    let plan = RoutingPlan::uniform(e, 2);
+    let text = plan.to_toml().expect("toml");
+    assert!(text.contains("axis = \"key-prefix\""), "{text}");
+    assert_eq!(RoutingPlan::from_toml(&text, 2, 64).expect("parses"), plan);
+    let err = |t: &str| {
+        RoutingPlan::from_toml(t, 2, 64)
+            .expect_err("rejected")
+            .to_string()
+    };
+    let unknown = text.replace("key-prefix", "key-suffix");
+    assert!(
+        err(&unknown).contains("unknown stage axis `key-suffix`"),
+        "{}",
+        err(&unknown)
+    );
+    assert!(err(&text.replace("width = 16", "width = \"x\"")).contains("key-prefix"));
+    assert!(err(&text.replace("width = 16", "width = 99")).contains("width 99"));
+    // Values reach 4-bit quantization at full width; keys at 16 wide: both quantize.
+    let shape = LayerShape {
+        batch: 1,
+        kv_heads: 3,
+        tokens: 0,
+        head_dim: 64,
+    };
+    let bytes = plan.layers[0].footprint(&shape, 512);
+    assert_eq!(bytes.basis, Bytes((3 * 64 * 16 * 4 / 2) as u64));
+}
+
+/// The router runs a registered axis' stage; without the axis the cache says which is
+/// missing instead of skipping it.
+#[test]
+fn a_stage_without_its_axis_is_an_error() {
+    let e = Expert {
+        stages: vec![CustomStage::new(KeyPrefix {
+            width: 8,
+            layers: 1,
+        })],
+        ..Expert::FULL
+    };
+    let k = Tensor::<B, 4>::random(
+        [1, 3, 200, 64],
+        Distribution::Normal(0.0, 1.0),
+        &Default::default(),
+    );
+    let mut bare = RoutedCache::<B>::new(e.clone());
+    bare.append(k.clone(), k.clone()).expect("append");
+    let msg = bare
+        .finish_prefill(&ObservationCtx::bare(0))
+        .expect_err("no axis")
+        .to_string();
+    assert!(msg.contains("key-prefix"), "{msg}");
+    let mut routed = RoutedCache::<B>::with_axes(e, axes());
+    routed.append(k.clone(), k).expect("append");
+    routed
+        .finish_prefill(&ObservationCtx::bare(0))
+        .expect("runs the stage");
+    assert!(routed.footprint().basis.get() > 0);
 }
 
 #[test]
@@ -220,12 +400,13 @@ fn fork_is_an_independent_copy() {
             Ratio::new(0.5).expect("ratio"),
         )),
         lowrank: None,
+        stages: Vec::new(),
         quant: Some(QuantSetting::new(
             Bits::try_from(4).expect("bits"),
             Bits::try_from(2).expect("bits"),
         )),
     };
-    let mut c = RoutedCache::<B>::with_axes(e, Evict::new(), None);
+    let mut c = RoutedCache::<B>::with_axes(e, Axes::default());
     let kv = |t: usize| Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);
     let k = kv(300);
     c.append(k.clone(), k).expect("append");

@@ -39,6 +39,7 @@ pub fn matched_keep(
             let expert = Expert {
                 evict: Some(evict),
                 lowrank: None,
+                stages: Vec::new(),
                 quant,
             };
             Some(RoutingPlan::uniform(expert, geo.layers))
@@ -116,7 +117,7 @@ mod tests {
                 let k = keep(&p, 0);
                 prop_assert!((0..30).all(|l| keep(&p, l) == k));
                 if let Ok(up) = Ratio::new(k + 0.01) {
-                    let bigger = RoutingPlan::uniform(Expert { evict: Some(EvictSetting::new(ScorerKind::Snapkv, up)), lowrank: None, quant: q }, 30);
+                    let bigger = RoutingPlan::uniform(Expert { evict: Some(EvictSetting::new(ScorerKind::Snapkv, up)), lowrank: None, stages: Vec::new(), quant: q }, 30);
                     prop_assert!(plan_bytes(&bigger, &g) > budget);
                 }
             }

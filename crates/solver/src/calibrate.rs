@@ -107,7 +107,7 @@ pub fn calibrate<B: KvBackend>(
             let errors: Vec<f64> = menu
                 .par_iter()
                 .map(|expert| {
-                    let mut cache = axes.cache(*expert);
+                    let mut cache = axes.cache(expert.clone());
                     cache
                         .append(k.clone(), v.clone())
                         .map_err(|source| ModelError::Compress { layer: l, source })?;

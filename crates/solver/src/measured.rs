@@ -55,11 +55,11 @@ impl MeasuredKl {
         let compress_err = |layer: usize| move |source| ModelError::Compress { layer, source };
         // Every layer's caches built from the shared prefill; `routed` replaces one layer.
         let build =
-            |routed: Option<(usize, Expert)>| -> Result<Vec<Box<dyn LayerCache<B>>>, ModelError> {
+            |routed: Option<(usize, &Expert)>| -> Result<Vec<Box<dyn LayerCache<B>>>, ModelError> {
                 let mut caches: Vec<Box<dyn LayerCache<B>>> = Vec::with_capacity(layers);
                 for (l, r) in rec.iter().enumerate() {
                     let mut c: Box<dyn LayerCache<B>> = match routed {
-                        Some((rl, e)) if rl == l => Box::new(axes.cache(e)),
+                        Some((rl, e)) if rl == l => Box::new(axes.cache(e.clone())),
                         _ => Box::new(FullCache::<B>::new()),
                     };
                     let (k, v) = r.keys_values().map_err(cache_err(l))?;
@@ -81,9 +81,9 @@ impl MeasuredKl {
         };
         let reference = read(&mut build(None)?)?;
         let mut entries = Vec::with_capacity(pairs.len());
-        for (i, &(layer, expert)) in pairs.iter().enumerate() {
-            let logp = read(&mut build(Some((layer, expert)))?)?;
-            entries.push((layer, expert, kl(&reference, &logp)));
+        for (i, (layer, expert)) in pairs.iter().enumerate() {
+            let logp = read(&mut build(Some((*layer, expert)))?)?;
+            entries.push((*layer, expert.clone(), kl(&reference, &logp)));
             progress(i + 1, pairs.len());
         }
         Ok(Self { entries })

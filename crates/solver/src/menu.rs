@@ -24,6 +24,7 @@ pub fn default_menu(scorer: ScorerKind) -> Vec<Expert> {
                 menu.push(Expert {
                     evict,
                     lowrank: None,
+                    stages: Vec::new(),
                     quant,
                 });
             }
@@ -53,6 +54,7 @@ pub fn rank_menu(scorer: ScorerKind) -> Vec<Expert> {
                         k_rank: Some(KEY_RANK),
                         v_rank: None,
                     }),
+                    stages: Vec::new(),
                     quant: Some(QuantSetting::new(bits(k), bits(v))),
                 });
             }

@@ -181,7 +181,7 @@ impl Method {
         Ok(Planned {
             plan: RoutingPlan {
                 sized_for: None,
-                layers: s.choice.iter().map(|&c| menu[g[c]]).collect(),
+                layers: s.choice.iter().map(|&c| menu[g[c]].clone()).collect(),
             },
             bytes: s.bytes,
             predicted_loss: Some(s.loss),

@@ -10,7 +10,10 @@ fn proxy_ranks_like_measured_kl() {
     let m = model();
     let full = solver::default_menu(axis_evict::ScorerKind::ExpectedAttention);
     // Spread over the menu: identity, light and heavy eviction and quantization.
-    let menu: Vec<router::Expert> = [0, 20, 37, 58, 75, 95].iter().map(|&i| full[i]).collect();
+    let menu: Vec<router::Expert> = [0, 20, 37, 58, 75, 95]
+        .iter()
+        .map(|&i| full[i].clone())
+        .collect();
     let axes = Axes::default();
     let opts = CalibrationOptions {
         context: 512,
@@ -29,7 +32,7 @@ fn proxy_ranks_like_measured_kl() {
     let layers = [0, 7, 14, 21, 29];
     let pairs: Vec<(usize, router::Expert)> = layers
         .iter()
-        .flat_map(|&l| menu.iter().map(move |&e| (l, e)))
+        .flat_map(|&l| menu.iter().map(move |e| (l, e.clone())))
         .collect();
     let ids = prose_tokens(700_000, 512 + 48);
     let measured =

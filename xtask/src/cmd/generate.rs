@@ -90,7 +90,7 @@ fn plan_caches(
     let caches = plan
         .layers
         .iter()
-        .map(|e| Box::new(axes.cache(*e)) as Box<dyn LayerCache<B>>)
+        .map(|e| Box::new(axes.cache(e.clone())) as Box<dyn LayerCache<B>>)
         .collect();
     Ok(PlanCaches {
         caches,

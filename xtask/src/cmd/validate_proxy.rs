@@ -58,7 +58,7 @@ fn validate_proxy(a: &ValidateProxy) -> Result<()> {
     let pairs: Vec<(usize, router::Expert)> = layers
         .iter()
         .flat_map(|&l| picks.iter().map(move |&e| (l, e)))
-        .map(|(l, e)| (l, table.menu[e]))
+        .map(|(l, e)| (l, table.menu[e].clone()))
         .collect();
     // A passage disjoint from the calibration passages.
     let ids = s.passage(900_000, context + continuation)?;
