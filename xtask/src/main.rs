@@ -49,6 +49,8 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // Before parsing: method names (`hetero+share`) and plan files name registered axes.
+    eval::register_axes();
     match Cli::parse().cmd {
         Cmd::FetchModel(c) => c.run(),
         Cmd::FetchData(c) => c.run(),

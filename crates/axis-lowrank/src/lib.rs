@@ -17,4 +17,4 @@ mod pca;
 mod invariants;
 
 pub use axis::{BASIS_BYTES, LowRank, LowRankSetting};
-pub use pca::{LowRankError, PcaAccumulator, PcaBases};
+pub use pca::{HeadBasis, LowRankError, PcaAccumulator, PcaBases};

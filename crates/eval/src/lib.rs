@@ -34,5 +34,8 @@ pub use error::{EvalError, Result};
 pub use options::EvalOptions;
 pub use progress::{Event, Progress, Silent};
 pub use run::{Outcome, run};
-pub use session::{MENU_SCORER, Session, SessionPaths, calibrated_axes, menu, sha256_file};
+pub use session::{
+    MENU_SCORER, SHARE_GROUP, Session, SessionPaths, calibrated_axes, menu, register_axes,
+    sha256_file, share_stage,
+};
 pub use tasks::Task;

@@ -121,6 +121,7 @@ pub fn default_methods(quick: bool) -> Vec<Method> {
             Method::OneD,
             Method::Hetero,
             Method::HeteroRank,
+            Method::HeteroStage(axis_share::AXIS),
             Method::Single(Streaming),
             Method::Single(Snapkv),
         ];
@@ -142,6 +143,7 @@ pub fn all_methods() -> Vec<Method> {
         Method::TwoD,
         Method::Hetero,
         Method::HeteroRank,
+        Method::HeteroStage(axis_share::AXIS),
         Method::Pyramid(Snapkv),
     ];
     // The redundancy-aware selection is left out: its greedy pass is quadratic in the kept
@@ -286,6 +288,57 @@ mod tests {
             menu,
             loss,
         }
+    }
+
+    /// A registered axis is a method name and a menu extension like the built-in ones:
+    /// `hetero+share` parses once eval registered it, its experts join the menu only when the
+    /// layers pair up, and the solver routes them in `hetero+share` alone.
+    #[test]
+    fn the_sharing_axis_is_a_method_and_a_menu_extension() {
+        crate::register_axes();
+        assert_eq!(
+            "hetero+share".parse::<Method>(),
+            Ok(Method::HeteroStage(axis_share::AXIS))
+        );
+        assert!("hetero+nothing".parse::<Method>().is_err());
+        let sharing = |m: &[Expert]| m.iter().filter(|e| !e.stages.is_empty()).count();
+        assert_eq!(sharing(&crate::menu(30)), 24);
+        assert_eq!(sharing(&crate::menu(29)), 0);
+        let menu = crate::menu(30);
+        let geo = geometry(KvLayout::new(30, 3, 9, 64).expect("layout"), 1024);
+        // Losses that make the sharing experts cheapest in loss: only hetero+share takes them.
+        let loss = |_: usize, e: usize| if menu[e].stages.is_empty() { 1.0 } else { 0.0 };
+        let budget = KvLayout::new(30, 3, 9, 64)
+            .expect("layout")
+            .fp16_bytes(1, 1024)
+            .get()
+            / 4;
+        let plan = |m: Method| {
+            m.plan(&menu, &loss, &geo, budget, true)
+                .expect("plans")
+                .plan
+        };
+        assert!(
+            plan(Method::HeteroStage(axis_share::AXIS))
+                .layers
+                .iter()
+                .all(|e| !e.stages.is_empty())
+        );
+        assert!(
+            plan(Method::Hetero)
+                .layers
+                .iter()
+                .all(|e| e.stages.is_empty())
+        );
+        assert!(
+            plan(Method::HeteroRank)
+                .layers
+                .iter()
+                .all(|e| e.stages.is_empty())
+        );
+        let p = plan(Method::HeteroStage(axis_share::AXIS));
+        let text = p.to_toml().expect("toml");
+        assert_eq!(RoutingPlan::from_toml(&text, 30, 64).expect("parses"), p);
     }
 
     /// Every planned entry fits its budget at the sample's length, names are unique per

@@ -45,10 +45,34 @@ const AXES_CONTEXT: usize = 2048;
 /// The scorer of every evicting expert in the calibrated menu.
 pub const MENU_SCORER: ScorerKind = ScorerKind::ExpectedAttention;
 
-/// The calibration menu: the default menu plus the low-rank extension.
-pub fn menu() -> Vec<router::Expert> {
+/// Adjacent layers per shared basis in the menu's cross-layer sharing experts.
+pub const SHARE_GROUP: usize = 2;
+
+/// The menu's cross-layer sharing stage (`axis-share`): keys projected to
+/// [`solver::KEY_RANK`] on a basis shared by each pair of adjacent layers, the same rank as the
+/// low-rank extension's so the two compare at equal coefficient bytes.
+pub fn share_stage() -> router::CustomStage {
+    router::CustomStage::new(axis_share::ShareSetting {
+        k_rank: Some(solver::KEY_RANK),
+        v_rank: None,
+        layers: SHARE_GROUP,
+    })
+}
+
+/// Registers the axes outside the router that eval routes, so plan files and method names
+/// (`hetero+share`) can name them. Idempotent; [`Session::open`] calls it too.
+pub fn register_axes() {
+    axis_share::register();
+}
+
+/// The calibration menu of a model with `layers` layers: the default menu, the low-rank
+/// extension and, when the layers pair up, the cross-layer sharing extension.
+pub fn menu(layers: usize) -> Vec<router::Expert> {
     let mut menu = solver::default_menu(MENU_SCORER);
     menu.extend(solver::rank_menu(MENU_SCORER));
+    if layers % SHARE_GROUP == 0 {
+        menu.extend(solver::stage_menu(MENU_SCORER, share_stage()));
+    }
     menu
 }
 
@@ -71,6 +95,7 @@ impl<B: KvBackend> Session<B> {
     /// Loads the model and the corpus, and loads the calibrated axes from `paths.calibration`
     /// (checked against the model's sha256) or fits and caches them.
     pub fn open(paths: &SessionPaths, device: &B::Device, progress: &dyn Progress) -> Result<Self> {
+        register_axes();
         let text = data::corpus(&paths.corpus)?;
         let model = models::load_gguf::<B>(&paths.model, device)?;
         let sha = sha256_file(&paths.model)?;
@@ -122,30 +147,59 @@ impl<B: KvBackend> Session<B> {
         out: Option<PathBuf>,
         progress: &dyn Progress,
     ) -> Result<SensitivityTable> {
-        let menu = menu();
+        let menu = menu(self.model.model.config.layers);
         let path = out.unwrap_or_else(|| {
             self.calibration
                 .join(format!("{}-ctx{context}-p{passages}.json", &self.sha[..12]))
         });
+        let mut cached = None;
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Ok(t) = serde_json::from_str::<SensitivityTable>(&text)
                 && t.model_sha256 == self.sha
                 && t.tokens == context
                 && t.loss.len() == self.model.model.config.layers
-                && t.menu == menu
             {
+                if t.menu == menu {
+                    progress.event(Event::Note(&format!(
+                        "calibration table: {}",
+                        path.display()
+                    )));
+                    return Ok(t);
+                }
+                cached = Some(t);
+            } else {
                 progress.event(Event::Note(&format!(
-                    "calibration table: {}",
+                    "{} is stale or invalid: recalibrating",
                     path.display()
                 )));
-                return Ok(t);
             }
+        }
+        // Each expert's loss is measured on its own, so a table for part of the menu keeps its
+        // columns and only the experts it lacks are calibrated.
+        let known = cached.map_or_else(Default::default, |t| known_losses(&t));
+        let missing: Vec<router::Expert> = menu
+            .iter()
+            .filter(|e| !known.iter().any(|(k, _)| k == *e))
+            .cloned()
+            .collect();
+        if !known.is_empty() {
             progress.event(Event::Note(&format!(
-                "{} is stale or invalid: recalibrating",
-                path.display()
+                "{}: calibrating the {} experts it lacks",
+                path.display(),
+                missing.len()
             )));
         }
-        let table = self.calibrate(menu, context, passages, progress)?;
+        let fresh = if missing.is_empty() {
+            SensitivityTable {
+                model_sha256: self.sha.clone(),
+                tokens: context,
+                menu: Vec::new(),
+                loss: vec![Vec::new(); self.model.model.config.layers],
+            }
+        } else {
+            self.calibrate(missing, context, passages, progress)?
+        };
+        let table = merge_losses(menu, &known, fresh);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).at(dir)?;
         }
@@ -157,6 +211,7 @@ impl<B: KvBackend> Session<B> {
         Ok(table)
     }
 
+    /// Calibrates `menu` (an empty menu costs nothing).
     fn calibrate(
         &self,
         menu: Vec<router::Expert>,
@@ -192,6 +247,39 @@ impl<B: KvBackend> Session<B> {
             menu,
             loss,
         })
+    }
+}
+
+/// Each expert of `t` with its loss at every layer.
+fn known_losses(t: &SensitivityTable) -> Vec<(router::Expert, Vec<f64>)> {
+    t.menu
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.clone(), t.loss.iter().map(|row| row[i]).collect()))
+        .collect()
+}
+
+/// The table over `menu` in its order, each column from `known` or else from `fresh`.
+fn merge_losses(
+    menu: Vec<router::Expert>,
+    known: &[(router::Expert, Vec<f64>)],
+    fresh: SensitivityTable,
+) -> SensitivityTable {
+    let mut columns = known_losses(&fresh);
+    columns.extend(known.iter().cloned());
+    let layers = fresh.loss.len();
+    let column = |e: &router::Expert| columns.iter().find(|(k, _)| k == e).map(|(_, c)| c);
+    let loss = (0..layers)
+        .map(|l| {
+            menu.iter()
+                .map(|e| column(e).map_or(f64::NAN, |c| c[l]))
+                .collect()
+        })
+        .collect();
+    SensitivityTable {
+        menu,
+        loss,
+        ..fresh
     }
 }
 
@@ -247,8 +335,17 @@ pub fn calibrated_axes<B: KvBackend>(
             (trig, pca)
         }
     };
-    Ok(Axes::new(
+    let axes = Axes::new(
         Evict::with_trig(Arc::new(trig)),
         Some(Arc::new(LowRank::new(&pca, device)?)),
-    ))
+    );
+    // Cross-layer shared bases come from the same PCA (pooled per pair of layers): nothing
+    // more to capture or cache. A model whose layers do not pair up has no sharing experts.
+    Ok(match axis_share::pooled_bases(&pca, SHARE_GROUP) {
+        Ok(pooled) => axes.with_stage(
+            axis_share::AXIS,
+            Arc::new(axis_share::Share::new(&pooled, SHARE_GROUP, device)?),
+        ),
+        Err(_) => axes,
+    })
 }

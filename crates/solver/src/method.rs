@@ -35,6 +35,9 @@ pub enum Method {
     Hetero,
     /// `hetero` plus the low-rank axis (experts that project keys).
     HeteroRank,
+    /// `hetero` plus the experts whose stages all come from one registered axis
+    /// (`hetero+share`): how a new axis is compared with the rest at matched bytes.
+    HeteroStage(&'static str),
     /// One scorer's uniform keep, 16-bit, matched to the budget (a kvpress press).
     Single(ScorerKind),
     /// AdaKV over a scorer: a uniform layer budget shared across heads by score.
@@ -67,6 +70,7 @@ impl Method {
             Method::TwoD => "2d".into(),
             Method::Hetero => "hetero".into(),
             Method::HeteroRank => "hetero+rank".into(),
+            Method::HeteroStage(axis) => format!("hetero+{axis}"),
             Method::Single(s) => s.name().into(),
             Method::AdaKv(s) => format!("adakv({s})"),
             Method::Pyramid(s) => format!("pyramid({s})"),
@@ -92,7 +96,7 @@ impl Method {
             .ok();
         let b = Bytes(budget);
         let baseline = match self {
-            Method::TwoD | Method::Hetero | Method::HeteroRank => {
+            Method::TwoD | Method::Hetero | Method::HeteroRank | Method::HeteroStage(_) => {
                 return self.solve(menu, loss, geometry, budget, use_exact);
             }
             Method::OneD => {
@@ -140,10 +144,7 @@ impl Method {
             .map(|e| e.footprint(&shape, tokens).total().get())
             .collect();
         let keep = |e: &Expert| e.evict.map_or(1.0, |s| s.keep.get());
-        // Only hetero+rank may use experts that project.
-        let plain: Vec<usize> = (0..menu.len())
-            .filter(|&i| self == Method::HeteroRank || menu[i].lowrank.is_none())
-            .collect();
+        let plain: Vec<usize> = (0..menu.len()).filter(|&i| self.allows(&menu[i])).collect();
         let groups: Vec<Vec<usize>> = match self {
             Method::TwoD => distinct(plain.iter().map(|&i| keep(&menu[i])))
                 .into_iter()
@@ -189,6 +190,20 @@ impl Method {
     }
 }
 
+impl Method {
+    /// Whether a solved method may route `e`: projecting experts only in `hetero+rank`, a
+    /// registered axis' stages only in `hetero+<axis>`, every other expert everywhere.
+    fn allows(self, e: &Expert) -> bool {
+        let own = match self {
+            Method::HeteroStage(axis) => {
+                e.lowrank.is_none() && e.stages.iter().all(|s| s.setting().axis() == axis)
+            }
+            _ => e.stages.is_empty(),
+        };
+        own && (e.lowrank.is_none() || self == Method::HeteroRank)
+    }
+}
+
 fn distinct(it: impl Iterator<Item = f64>) -> Vec<f64> {
     let mut v: Vec<f64> = Vec::new();
     for x in it {
@@ -214,6 +229,11 @@ impl FromStr for Method {
         if let Some(m) = named.into_iter().find(|m| m.name() == s) {
             return Ok(m);
         }
+        if let Some(axis) = s.strip_prefix("hetero+")
+            && let Some(&a) = router::registered_stages().iter().find(|&&a| a == axis)
+        {
+            return Ok(Method::HeteroStage(a));
+        }
         let wrapped = |prefix: &str| {
             s.strip_prefix(prefix)
                 .and_then(|r| r.strip_prefix('('))
@@ -228,8 +248,10 @@ impl FromStr for Method {
         }
         scorer(s).map(Method::Single).map_err(|_| {
             format!(
-                "unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank, a scorer \
-                 (snapkv, h2o, …), adakv(<scorer>), pyramid(<scorer>)"
+                "unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank, \
+                 hetero+<axis> for a registered axis ({}), a scorer (snapkv, h2o, …), \
+                 adakv(<scorer>), pyramid(<scorer>)",
+                router::registered_stages().join(", ")
             )
         })
     }
