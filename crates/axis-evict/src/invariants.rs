@@ -54,6 +54,9 @@ fn selection() -> impl Strategy<Value = Selection> {
         (0.0f64..2.0).prop_map(|l| Selection::Redundancy {
             lambda: Lambda::new(l).expect("lambda")
         }),
+        (1usize..32).prop_map(|c| Selection::Chunks {
+            size: std::num::NonZeroUsize::new(c).expect("nonzero")
+        }),
     ]
 }
 

@@ -12,6 +12,7 @@
 //! positions.
 #![warn(missing_docs)]
 
+pub mod chunks;
 pub mod decoding;
 mod evict;
 pub mod expected_attention;

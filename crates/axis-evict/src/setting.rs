@@ -45,6 +45,12 @@ pub enum Selection {
         /// Weight of the redundancy penalty.
         lambda: Lambda,
     },
+    /// ChunkKV span selection ([`crate::chunks`]): whole chunks of `size` consecutive tokens,
+    /// ranked by their mean score summed over heads, the same for every head.
+    Chunks {
+        /// Tokens per chunk (kvpress's default is 20).
+        size: std::num::NonZeroUsize,
+    },
 }
 
 impl Selection {

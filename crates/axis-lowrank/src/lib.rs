@@ -5,8 +5,9 @@
 //!   post-RoPE keys and of values accumulated in f64 over calibration prose, diagonalised with
 //!   nalgebra's symmetric eigendecomposition, saved to JSON with the model's sha256 and
 //!   validated on load.
-//! - [`LowRank`]: the `CompressionAxis` with setting `{ k_rank, v_rank }`.
-//! - [`reduced_scores`]: attention logits computed in the reduced space, `(q·P_r)·cᵀ`.
+//! - [`LowRank`]: the `CompressionAxis` with setting `{ k_rank, v_rank }`, which prices itself
+//!   as a stage (`PlanStage`). Attention scores projected keys in the reduced space,
+//!   `(P_rᵀq)·c`, in kv-tensor's host attention.
 #![warn(missing_docs)]
 
 mod axis;

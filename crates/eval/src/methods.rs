@@ -155,6 +155,7 @@ pub fn all_methods() -> Vec<Method> {
             .map(Method::Single),
     );
     m.push(Method::AdaKv(Snapkv));
+    m.push(Method::ChunkKv(Snapkv));
     m
 }
 

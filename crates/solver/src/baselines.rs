@@ -81,6 +81,16 @@ pub fn adakv() -> Selection {
     }
 }
 
+/// Tokens per chunk of `chunkkv(<scorer>)`: kvpress's `ChunkKVPress` default.
+pub const CHUNK_TOKENS: usize = 20;
+
+/// ChunkKV's span selection with chunks of [`CHUNK_TOKENS`].
+pub fn chunkkv() -> Selection {
+    Selection::Chunks {
+        size: std::num::NonZeroUsize::new(CHUNK_TOKENS).unwrap_or(std::num::NonZeroUsize::MIN),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,8 @@ pub enum Method {
     Single(ScorerKind),
     /// AdaKV over a scorer: a uniform layer budget shared across heads by score.
     AdaKv(ScorerKind),
+    /// ChunkKV over a scorer: a uniform keep of whole spans of consecutive tokens.
+    ChunkKv(ScorerKind),
     /// PyramidKV over a scorer: keeps fall linearly with depth, their mean matched.
     Pyramid(ScorerKind),
 }
@@ -62,7 +64,8 @@ impl Method {
     /// The methods solved over the calibrated menu.
     pub const SOLVED: [Method; 3] = [Method::TwoD, Method::Hetero, Method::HeteroRank];
 
-    /// The CLI / report name: `hetero`, `snapkv`, `adakv(snapkv)`, `pyramid(snapkv)`.
+    /// The CLI / report name: `hetero`, `snapkv`, `adakv(snapkv)`, `chunkkv(snapkv)`,
+    /// `pyramid(snapkv)`, `hetero+share`.
     pub fn name(self) -> String {
         match self {
             Method::OneD => "1d".into(),
@@ -73,6 +76,7 @@ impl Method {
             Method::HeteroStage(axis) => format!("hetero+{axis}"),
             Method::Single(s) => s.name().into(),
             Method::AdaKv(s) => format!("adakv({s})"),
+            Method::ChunkKv(s) => format!("chunkkv({s})"),
             Method::Pyramid(s) => format!("pyramid({s})"),
         }
     }
@@ -107,6 +111,9 @@ impl Method {
             }
             Method::Single(s) => baselines::matched_keep(s, Selection::TopK, None, geometry, b),
             Method::AdaKv(s) => baselines::matched_keep(s, baselines::adakv(), None, geometry, b),
+            Method::ChunkKv(s) => {
+                baselines::matched_keep(s, baselines::chunkkv(), None, geometry, b)
+            }
             Method::Pyramid(s) => baselines::pyramid(s, geometry, b),
         };
         let plan = baseline.ok_or(SolverError::NoKeepFits { budget })?;
@@ -216,8 +223,8 @@ fn distinct(it: impl Iterator<Item = f64>) -> Vec<f64> {
 
 impl FromStr for Method {
     type Err = String;
-    /// `1d`, `2d_uniform`, `2d`, `hetero`, `hetero+rank`, a scorer (`snapkv`), `adakv(<scorer>)`
-    /// or `pyramid(<scorer>)`.
+    /// `1d`, `2d_uniform`, `2d`, `hetero`, `hetero+rank`, `hetero+<registered axis>`, a scorer
+    /// (`snapkv`), `adakv(<scorer>)`, `chunkkv(<scorer>)` or `pyramid(<scorer>)`.
     fn from_str(s: &str) -> Result<Self, String> {
         let named = [
             Method::OneD,
@@ -246,11 +253,14 @@ impl FromStr for Method {
         if let Some(inner) = wrapped("pyramid") {
             return scorer(inner).map(Method::Pyramid);
         }
+        if let Some(inner) = wrapped("chunkkv") {
+            return scorer(inner).map(Method::ChunkKv);
+        }
         scorer(s).map(Method::Single).map_err(|_| {
             format!(
                 "unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank, \
                  hetero+<axis> for a registered axis ({}), a scorer (snapkv, h2o, …), \
-                 adakv(<scorer>), pyramid(<scorer>)",
+                 adakv(<scorer>), chunkkv(<scorer>), pyramid(<scorer>)",
                 router::registered_stages().join(", ")
             )
         })
@@ -290,7 +300,12 @@ mod tests {
             Method::HeteroRank,
         ];
         for s in ScorerKind::ALL {
-            all.extend([Method::Single(s), Method::AdaKv(s), Method::Pyramid(s)]);
+            all.extend([
+                Method::Single(s),
+                Method::AdaKv(s),
+                Method::ChunkKv(s),
+                Method::Pyramid(s),
+            ]);
         }
         for m in all {
             assert_eq!(m.name().parse::<Method>(), Ok(m), "{m}");

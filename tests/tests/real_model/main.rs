@@ -5,6 +5,7 @@
 mod eval_harness;
 mod evict;
 mod lowrank;
+mod needle;
 mod proxy_vs_kl;
 mod quant;
 mod qwen2_chat;

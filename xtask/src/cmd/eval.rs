@@ -17,12 +17,13 @@ pub struct Eval {
     budgets: Option<Vec<String>>,
     /// Budgeted methods compared besides full, KIVI and MoQAE [default: hetero, 1d, snapkv,
     /// trig]:
-    /// hetero, hetero+rank, 2d, 1d, 2d_uniform, a scorer (snapkv, …), adakv(<scorer>),
-    /// pyramid(<scorer>).
+    /// hetero, hetero+rank, hetero+share, 2d, 1d, 2d_uniform, a scorer (snapkv, …),
+    /// adakv(<scorer>), chunkkv(<scorer>), pyramid(<scorer>).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<solver::Method>>,
-    /// Every budgeted method kvnd implements (2d, 2d_uniform, hetero+rank, pyramid(snapkv) and
-    /// every single scorer), not only the default's hetero, 1d, snapkv and trig.
+    /// Every budgeted method kvnd implements (2d, 2d_uniform, hetero+rank, hetero+share,
+    /// pyramid(snapkv), adakv(snapkv), chunkkv(snapkv) and every single scorer), not only the
+    /// default's hetero, 1d, snapkv and trig.
     #[arg(long, conflicts_with = "methods")]
     all_methods: bool,
     /// Context lengths of the task samples, in tokens (up to the model's 8k less 512).
