@@ -253,7 +253,7 @@ fn style(name: &str, i: usize) -> (RGBAColor, u32) {
 type Field = fn(&router::Expert) -> f64;
 
 /// Panels of the plan plot: title and what each layer's expert shows there.
-const FIELDS: [(&str, Field); 5] = [
+const FIELDS: [(&str, Field); 6] = [
     ("keep ratio", |e| e.evict.map_or(1.0, |s| s.keep.get())),
     ("K bits (16 = fp16)", |e| {
         e.quant.map_or(16.0, |q| f64::from(q.k_bits.get()))
@@ -261,15 +261,28 @@ const FIELDS: [(&str, Field); 5] = [
     ("V bits (16 = fp16)", |e| {
         e.quant.map_or(16.0, |q| f64::from(q.v_bits.get()))
     }),
-    ("key rank (0 = not projected)", |e| {
-        e.lowrank.and_then(|l| l.k_rank).map_or(0.0, |r| r as f64)
-    }),
+    ("key rank (0 = not projected)", key_rank),
     ("scorer", |e| {
         e.evict
             .and_then(|s| ScorerKind::ALL.iter().position(|k| *k == s.scorer))
             .map_or(-1.0, |i| i as f64)
     }),
+    ("fp16 window (tokens)", |e| e.residual() as f64),
 ];
+
+/// The width keys reach quantization with, whichever stage projected them (low rank, shared
+/// bases); 0 when none did.
+fn key_rank(e: &router::Expert) -> f64 {
+    const WIDE: usize = 1 << 20;
+    let shape = kv_tensor::LayerShape {
+        batch: 1,
+        kv_heads: 1,
+        tokens: 1,
+        head_dim: WIDE,
+    };
+    let w = kv_tensor::output_shape(&e.plan_stages(), kv_tensor::Side::Keys, &shape).head_dim;
+    if w < WIDE { w as f64 } else { 0.0 }
+}
 
 fn draw_layers<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,

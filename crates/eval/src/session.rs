@@ -66,10 +66,12 @@ pub fn register_axes() {
 }
 
 /// The calibration menu of a model with `layers` layers: the default menu, the low-rank
-/// extension and, when the layers pair up, the cross-layer sharing extension.
+/// extension, small residual windows and, when the layers pair up, the cross-layer sharing
+/// extension.
 pub fn menu(layers: usize) -> Vec<router::Expert> {
     let mut menu = solver::default_menu(MENU_SCORER);
     menu.extend(solver::rank_menu(MENU_SCORER));
+    menu.extend(solver::window_menu(MENU_SCORER));
     if layers % SHARE_GROUP == 0 {
         menu.extend(solver::stage_menu(MENU_SCORER, share_stage()));
     }

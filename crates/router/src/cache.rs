@@ -1,6 +1,6 @@
 //! The routed cache: one layer's expert applied as eviction, then its stages in order.
+use crate::Expert;
 use crate::stage::{Registered, StageAxis};
-use crate::{Expert, RESIDUAL};
 use axis_evict::Evict;
 use axis_lowrank::LowRank;
 use axis_quant::Kivi;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 ///
 /// End of prefill: the prompt is evicted (if the expert evicts), then the oldest kept tokens
 /// go through the expert's stages (projection, registered axes' stages, quantization) in whole
-/// groups, leaving at least [`RESIDUAL`] recent tokens
+/// groups, leaving at least the expert's residual window of recent tokens
 /// untouched; every unquantized part is stored in fp16 (16 bits, two bytes per value). Decode:
 /// tokens land in the residual window; a full group beyond the window is projected/quantized and
 /// appended (never re-compressing history). Its footprint equals [`Expert::footprint`] after
@@ -185,14 +185,28 @@ impl<B: KvBackend> RoutedCache<B> {
                 let t = m.dims()[2];
                 m.slice_dim(2, t - candidates.min(t)..t)
             });
-            seg =
-                self.axes
-                    .evict
-                    .compress(seg, &axis_evict::EvictSetting { keep, ..*e }, &local)?;
+            // Protection within the candidates: the sinks only while nothing is compressed
+            // yet (then the candidates start at the prompt's first token), and never more than
+            // the budget has room for. Compressed tokens can already fill part of the recent
+            // window (a residual window smaller than the eviction's), and the layer must hold
+            // exactly what the expert keeps.
+            let sinks = if st.compressed == 0 {
+                e.sinks.min(target)
+            } else {
+                0
+            };
+            let window = e.window.min(target - sinks);
+            let local_setting = axis_evict::EvictSetting {
+                keep,
+                sinks,
+                window,
+                ..*e
+            };
+            seg = self.axes.evict.compress(seg, &local_setting, &local)?;
         }
         if self.expert.compresses_history() {
             let g = self.expert.group();
-            let q = seg.len().saturating_sub(RESIDUAL) / g * g;
+            let q = seg.len().saturating_sub(self.expert.residual()) / g * g;
             if q > 0 {
                 let (old, recent) = seg.split_at(q)?;
                 let old = self.compress_history(old, ctx)?;
@@ -227,7 +241,10 @@ impl<B: KvBackend> RoutedCache<B> {
         if !self.expert.compresses_history() {
             return Ok(());
         }
-        if let Some(seg) = self.layer.take_overflow(RESIDUAL, self.expert.group()) {
+        if let Some(seg) = self
+            .layer
+            .take_overflow(self.expert.residual(), self.expert.group())
+        {
             let seg = self.compress_history(seg, &ObservationCtx::bare(self.layer_idx))?;
             self.layer.push_segment(seg)?;
         }

@@ -7,7 +7,8 @@ use kv_tensor::{Bits, Footprint, LayerShape, PlanStage, Side, compose_footprint,
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Full-precision residual window (tokens) kept by a layer whose expert quantizes or projects.
+/// Default residual window (tokens) kept in fp16 by a layer whose expert quantizes or projects:
+/// the window of an expert that does not set its own.
 pub const RESIDUAL: usize = 64;
 
 /// Tokens projected at a time by an expert that projects without quantizing (the flush
@@ -32,6 +33,11 @@ pub struct Expert {
     /// Quantization (of the coefficients when the side is projected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quant: Option<QuantSetting>,
+    /// The newest tokens kept in fp16 while older ones go through the stages (default
+    /// [`RESIDUAL`]). A small window is what makes 1/14 and below plannable on short prompts;
+    /// 0 keeps only the partial quantization group in fp16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<usize>,
 }
 
 impl Expert {
@@ -41,7 +47,13 @@ impl Expert {
         lowrank: None,
         stages: Vec::new(),
         quant: None,
+        residual: None,
     };
+
+    /// Tokens of the residual window.
+    pub fn residual(&self) -> usize {
+        self.residual.unwrap_or(RESIDUAL)
+    }
 
     /// The byte plans of the history stages, in the order they run.
     pub fn plan_stages(&self) -> Vec<&dyn PlanStage> {
@@ -148,7 +160,7 @@ impl Expert {
         let n = self.kept(t);
         if self.compresses_history() {
             let g = self.group();
-            let quantized = n.saturating_sub(RESIDUAL) / g * g;
+            let quantized = n.saturating_sub(self.residual()) / g * g;
             (quantized, n - quantized)
         } else {
             (0, n)
@@ -193,6 +205,10 @@ impl fmt::Display for Expert {
         for s in &self.stages {
             write!(f, " {}", s.setting().label())?;
         }
-        write!(f, " K{k}V{v}")
+        write!(f, " K{k}V{v}")?;
+        match self.residual {
+            Some(w) => write!(f, " window {w}"),
+            None => Ok(()),
+        }
     }
 }

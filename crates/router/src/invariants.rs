@@ -29,8 +29,9 @@ fn expert() -> impl Strategy<Value = Expert> {
             prop::sample::select(vec![None, Some(32), Some(64)]),
         )),
         prop::option::of((1usize..=48, 1usize..=3)),
+        prop::option::of(prop::sample::select(vec![0usize, 5, 16, 64, 100])),
     )
-        .prop_map(|(keep, q, rank, keys)| Expert {
+        .prop_map(|(keep, q, rank, keys, residual)| Expert {
             evict: keep
                 .map(|k| EvictSetting::new(ScorerKind::Knorm, Ratio::new(k).expect("ratio"))),
             lowrank: rank.map(|(k_rank, v_rank)| LowRankSetting { k_rank, v_rank }),
@@ -39,6 +40,7 @@ fn expert() -> impl Strategy<Value = Expert> {
                 .into_iter()
                 .collect(),
             quant: q.map(|(k, v)| QuantSetting::new(k, v)),
+            residual,
         })
 }
 
@@ -234,6 +236,7 @@ fn plans_roundtrip_and_validate() {
             Bits::try_from(4).expect("b"),
             Bits::try_from(2).expect("b"),
         )),
+        residual: Some(16),
     };
     let plan = RoutingPlan {
         sized_for: None,
@@ -405,6 +408,7 @@ fn fork_is_an_independent_copy() {
             Bits::try_from(4).expect("bits"),
             Bits::try_from(2).expect("bits"),
         )),
+        residual: None,
     };
     let mut c = RoutedCache::<B>::with_axes(e, Axes::default());
     let kv = |t: usize| Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);

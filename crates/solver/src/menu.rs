@@ -26,6 +26,32 @@ pub fn default_menu(scorer: ScorerKind) -> Vec<Expert> {
                     lowrank: None,
                     stages: Vec::new(),
                     quant,
+                    residual: None,
+                });
+            }
+        }
+    }
+    menu
+}
+
+/// Residual windows of [`window_menu`]: smaller than the default 64 tokens, which alone is
+/// 1/16 of a 1k-token layer.
+pub const SMALL_WINDOWS: [usize; 2] = [16, 0];
+
+/// Experts whose residual window is smaller than the default, so budgets of 1/14 and below are
+/// plannable on short prompts: keep {0.25, 0.1} × (K, V) bits {(4, 4), (4, 2), (2, 2)} × window
+/// [`SMALL_WINDOWS`], evicting with `scorer`.
+pub fn window_menu(scorer: ScorerKind) -> Vec<Expert> {
+    let bits = |b: u8| Bits::try_from(b).unwrap_or(Bits::Full);
+    let mut menu = Vec::new();
+    for keep in [0.25, 0.1] {
+        for (k, v) in [(4, 4), (4, 2), (2, 2)] {
+            for w in SMALL_WINDOWS {
+                menu.push(Expert {
+                    evict: Ratio::new(keep).map(|r| EvictSetting::new(scorer, r)).ok(),
+                    quant: Some(QuantSetting::new(bits(k), bits(v))),
+                    residual: Some(w),
+                    ..Expert::FULL
                 });
             }
         }
@@ -83,4 +109,49 @@ fn extension_menu(scorer: ScorerKind, base: &Expert) -> Vec<Expert> {
         }
     }
     menu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Geometry, Method};
+    use kv_tensor::LayerShape;
+
+    /// At 1024 tokens of SmolLM2's geometry, the default window alone (64 of 1024 tokens in
+    /// fp16) makes 1/14 infeasible; the small-window experts make 1/14 and 1/20 plannable, and
+    /// their plans hold the budget.
+    #[test]
+    fn small_windows_make_one_in_fourteen_plannable_at_1k() {
+        let tokens = 1024;
+        let geo = Geometry {
+            layers: 30,
+            shape: LayerShape {
+                batch: 1,
+                kv_heads: 3,
+                tokens,
+                head_dim: 64,
+            },
+            tokens,
+        };
+        let fp16 = (2 * 30 * 3 * tokens * 64 * 2) as u64;
+        let base = default_menu(ScorerKind::Snapkv);
+        let mut with = base.clone();
+        with.extend(window_menu(ScorerKind::Snapkv));
+        let loss = |_: usize, _: usize| 1.0;
+        let plan = |menu: &[Expert], d: u64| Method::Hetero.plan(menu, &loss, &geo, fp16 / d, true);
+        assert!(
+            plan(&base, 14).is_err(),
+            "1/14 at 1k was infeasible with the 64-token window"
+        );
+        for d in [14, 20] {
+            let p = plan(&with, d).expect("plannable with small windows");
+            assert!(p.bytes.get() <= fp16 / d);
+            assert!(
+                p.plan
+                    .layers
+                    .iter()
+                    .any(|e| e.residual() < router::RESIDUAL)
+            );
+        }
+    }
 }
