@@ -23,11 +23,18 @@ impl<B: KvBackend, const D: usize> Fp16Tensor<B, D> {
         self.bits.device()
     }
 
-    /// Rounds `x` to the nearest binary16 value (saturating at ±65504) and stores its bits.
-    /// NaN is the caller's business: quantizers reject non-finite input before they get here.
+    /// Rounds `x` to the nearest binary16 value (saturating at ±65504) and stores its bits; an
+    /// empty tensor stays empty. NaN is the caller's business: quantizers reject non-finite input before they get here.
     pub fn encode(x: Tensor<B, D>) -> Self {
         let device = x.device();
         let dims = x.dims();
+        if dims.contains(&0) {
+            // Nothing to round (an empty residual window); the lookup below cannot reshape
+            // zero elements.
+            return Self {
+                bits: Tensor::<B, D, Int>::zeros(dims, &device).cast(IntDType::U16),
+            };
+        }
         let negative = x.clone().lower_elem(0.0);
         let a = x.abs().clamp_max(MAX_HALF);
         let subnormal = a.clone().lower_elem(MIN_NORMAL);
@@ -98,6 +105,9 @@ impl<B: KvBackend, const D: usize> Fp16Tensor<B, D> {
     pub fn decode(&self) -> Tensor<B, D> {
         let device = self.bits.device();
         let dims = self.bits.dims();
+        if dims.contains(&0) {
+            return Tensor::zeros(dims, &device);
+        }
         let b = self.bits.clone().cast(IntDType::I32);
         let negative = b.clone().greater_equal_elem(32768);
         let mag = b.clone().remainder_scalar(32768);
@@ -193,6 +203,15 @@ mod tests {
                 "x={x} got {d} want {reference}"
             );
         }
+    }
+
+    /// An empty window encodes to an empty tensor (it panicked in burn's reshape before).
+    #[test]
+    fn empty_stays_empty() {
+        let x = Tensor::<B, 4>::zeros([1, 3, 0, 64], &Default::default());
+        let h = Fp16Tensor::encode(x);
+        assert_eq!(h.dims(), [1, 3, 0, 64]);
+        assert_eq!(h.decode().dims(), [1, 3, 0, 64]);
     }
 
     #[test]

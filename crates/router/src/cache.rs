@@ -313,7 +313,10 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
             let (old, recent) = seg.split_at(compressed)?;
             let old = self.compress_history(old, ctx)?;
             self.layer.push_segment(old)?;
-            self.layer.push_segment(recent.into_half())?;
+            // A zero-token residual window leaves nothing recent.
+            if !recent.is_empty() {
+                self.layer.push_segment(recent.into_half())?;
+            }
         } else {
             self.layer.push_segment(seg.into_half())?;
         }

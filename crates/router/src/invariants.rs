@@ -393,6 +393,40 @@ fn projecting_without_bases_is_a_typed_error() {
     assert!(err.to_string().contains("bases"), "{err}");
 }
 
+/// A zero-token window: a prompt of whole groups is quantized entirely (no fp16 rows), and
+/// decoding keeps only the partial group in fp16.
+#[test]
+fn a_zero_window_holds_only_the_partial_group() {
+    let e = Expert {
+        quant: Some(QuantSetting::new(
+            Bits::try_from(4).expect("bits"),
+            Bits::try_from(4).expect("bits"),
+        )),
+        residual: Some(0),
+        ..Expert::FULL
+    };
+    let d = Default::default();
+    let mut c = RoutedCache::<B>::new(e.clone());
+    let k = Tensor::<B, 4>::random([1, 3, 256, 64], Distribution::Normal(0.0, 1.0), &d);
+    c.append(k.clone(), k).expect("append");
+    c.finish_prefill(&ObservationCtx::bare(0))
+        .expect("compress");
+    let shape = LayerShape {
+        batch: 1,
+        kv_heads: 3,
+        tokens: 256,
+        head_dim: 64,
+    };
+    assert_eq!(c.footprint(), e.footprint(&shape, 256));
+    assert_eq!(c.footprint().dense, Bytes(0));
+    for _ in 0..40 {
+        let x = Tensor::<B, 4>::random([1, 3, 1, 64], Distribution::Normal(0.0, 1.0), &d);
+        c.append(x.clone(), x).expect("append");
+    }
+    // 40 decoded tokens: one group of 32 quantized, 8 in the fp16 window.
+    assert_eq!(c.footprint().dense, Bytes((2 * 3 * 8 * 64 * 2) as u64));
+}
+
 /// A fork holds the same compressed state and then evolves on its own.
 #[test]
 fn fork_is_an_independent_copy() {
