@@ -73,28 +73,33 @@ fn setting(selection: Selection) -> EvictSetting {
         .with_selection(selection)
 }
 
-/// Per layer: how many of the value's positions are kept (of `value_at.len()`).
-fn kept_per_layer(n: &Needle, s: &EvictSetting) -> Vec<usize> {
-    capture(&n.context, 32)
-        .iter()
-        .map(|c| {
-            let (k, v) = c.keys_values().expect("kv");
-            let seg = Segment::dense(k, v, 0).expect("segment");
-            let out = Evict::<B>::new()
-                .compress(seg, s, c.observed().expect("observed"))
-                .expect("evicts");
-            let Positions::Explicit(p) = out.positions else {
-                panic!("eviction gives explicit positions")
-            };
-            let p: Vec<i64> = p.into_data().convert::<i64>().into_vec().expect("ints");
-            // Span selection keeps the same positions in every head; count head 0.
-            let head0 = &p[..p.len() / c.keys_values().expect("kv").0.dims()[1]];
-            n.value_at
-                .clone()
-                .filter(|&i| head0.contains(&(i as i64)))
-                .count()
-        })
-        .collect()
+/// Per selection, per layer: how many of the value's positions are kept (of `value_at.len()`),
+/// from one capture of the context.
+fn kept_per_layer(n: &Needle, settings: [&EvictSetting; 2]) -> [Vec<usize>; 2] {
+    let caches = capture(&n.context, 32);
+    settings.map(|s| {
+        caches
+            .iter()
+            .map(|c| {
+                let (k, v) = c.keys_values().expect("kv");
+                let heads = k.dims()[1];
+                let seg = Segment::dense(k, v, 0).expect("segment");
+                let out = Evict::<B>::new()
+                    .compress(seg, s, c.observed().expect("observed"))
+                    .expect("evicts");
+                let Positions::Explicit(p) = out.positions else {
+                    panic!("eviction gives explicit positions")
+                };
+                let p: Vec<i64> = p.into_data().convert::<i64>().into_vec().expect("ints");
+                // Span selection keeps the same positions in every head; count head 0.
+                let head0 = &p[..p.len() / heads];
+                n.value_at
+                    .clone()
+                    .filter(|&i| head0.contains(&(i as i64)))
+                    .count()
+            })
+            .collect()
+    })
 }
 
 /// Value digits whose teacher-forced argmax is right, through caches applying `expert`: the
@@ -163,10 +168,7 @@ fn span_selection_keeps_values_whole() {
             let dropped = kept.iter().filter(|&&k| k == 0).count();
             (whole, dropped, kept.len() - whole - dropped)
         };
-        let (t, c) = (
-            tally(&kept_per_layer(&n, &topk)),
-            tally(&kept_per_layer(&n, &chunks)),
-        );
+        let [t, c] = kept_per_layer(&n, [&topk, &chunks]).map(|k| tally(&k));
         let straddles = n.value_at.start / size != (n.value_at.end - 1) / size;
         let digits = [None, Some(topk), Some(chunks)].map(|e| recalled(&n, e, false));
         let aware = [topk, chunks].map(|e| recalled(&n, Some(e), true));
