@@ -16,8 +16,11 @@ pub struct Share<B: KvBackend> {
     bases: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
     group: usize,
     head_dim: usize,
-    sliced: Mutex<HashMap<(usize, Side, usize), Arc<Basis<B>>>>,
+    sliced: Mutex<HashMap<BasisKey, Arc<Basis<B>>>>,
 }
+
+/// A cut basis: group, side, rank.
+type BasisKey = (usize, Side, usize);
 
 impl<B: KvBackend> Share<B> {
     /// From pooled bases (see [`crate::pooled_bases`]) calibrated for groups of `group`.

@@ -46,7 +46,7 @@ pub enum ShareError {
 /// capture is needed). Entry `g` of the result covers layers `g·group .. (g+1)·group`.
 pub fn pooled_bases(pca: &PcaBases, group: usize) -> Result<PcaBases, ShareError> {
     let layers = pca.layers.len();
-    if group == 0 || layers % group != 0 {
+    if group == 0 || !layers.is_multiple_of(group) {
         return Err(ShareError::Grouping { layers, group });
     }
     let d = pca.head_dim;

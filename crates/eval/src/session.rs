@@ -72,7 +72,7 @@ pub fn menu(layers: usize) -> Vec<router::Expert> {
     let mut menu = solver::default_menu(MENU_SCORER);
     menu.extend(solver::rank_menu(MENU_SCORER));
     menu.extend(solver::window_menu(MENU_SCORER));
-    if layers % SHARE_GROUP == 0 {
+    if layers.is_multiple_of(SHARE_GROUP) {
         menu.extend(solver::stage_menu(MENU_SCORER, share_stage()));
     }
     menu

@@ -113,7 +113,7 @@ impl Expert {
             let stages = self.plan_stages();
             let before = &stages[..stages.len() - 1];
             let w = output_shape(before, Side::Values, &shape).head_dim;
-            if w != head_dim && w % q.group.get() != 0 {
+            if w != head_dim && !w.is_multiple_of(q.group.get()) {
                 return Err(format!(
                     "values reach quantization {w} wide, not a multiple of the quantization group {} (values are grouped along channels)",
                     q.group.get()
