@@ -470,7 +470,8 @@ fn fork_is_an_independent_copy() {
 
 proptest! {
     /// A plan needs the prefill's attention mass exactly when a layer evicts with H2O, bases
-    /// exactly when a layer projects, and trig statistics exactly when a layer uses TriAttention.
+    /// exactly when a layer projects, trig statistics exactly when a layer uses TriAttention, and
+    /// calibrated stages exactly when a layer runs a registered axis.
     #[test]
     fn needs_follow_the_layers(
         drawn in proptest::collection::vec((expert(), prop::sample::select(ScorerKind::ALL.to_vec())), 1..12),
@@ -491,6 +492,8 @@ proptest! {
         prop_assert_eq!(n.attention_mass, scorer(ScorerKind::H2o));
         prop_assert_eq!(n.trig_stats, scorer(ScorerKind::Trig));
         prop_assert_eq!(n.bases, layers.iter().any(|e| e.lowrank.is_some()));
+        prop_assert_eq!(n.stages, layers.iter().any(|e| !e.stages.is_empty()));
+        prop_assert_eq!(n.calibration(), n.bases || n.trig_stats || n.stages);
     }
 }
 

@@ -42,6 +42,16 @@ pub struct Needs {
     pub bases: bool,
     /// Calibrated TriAttention statistics (a layer evicts with `trig`).
     pub trig_stats: bool,
+    /// Registered axes' stages (a layer runs one): the calibrated axes must carry them.
+    pub stages: bool,
+}
+
+impl Needs {
+    /// Whether the caches need calibrated axes at all (anything beyond the uncalibrated
+    /// scorers and KIVI).
+    pub fn calibration(&self) -> bool {
+        self.bases || self.trig_stats || self.stages
+    }
 }
 
 impl Needs {
@@ -54,6 +64,7 @@ impl Needs {
                     || scorer.is_some_and(|s| s.needs().attention_mass),
                 bases: n.bases || e.lowrank.is_some(),
                 trig_stats: n.trig_stats || scorer == Some(axis_evict::ScorerKind::Trig),
+                stages: n.stages || !e.stages.is_empty(),
             }
         })
     }

@@ -75,7 +75,7 @@ fn plan_caches(
     let plan = router::RoutingPlan::from_toml(&text, layers, m.model.config.head_dim)
         .with_context(|| format!("loading {}", p.display()))?;
     let needs = plan.needs();
-    let axes = if needs.bases || needs.trig_stats {
+    let axes = if needs.calibration() {
         let model_path = crate::session::model_path(model)?;
         let sha = eval::sha256_file(&model_path)?;
         let text = eval::data::corpus(&crate::fetch::data(None)?)?;
