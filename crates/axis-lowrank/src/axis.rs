@@ -38,20 +38,7 @@ impl LowRankSetting {
 /// layer; an unprojected side passes through.
 impl PlanStage for LowRankSetting {
     fn plan_side(&self, side: Side, input: &LayerShape) -> SidePlan {
-        match self.rank(side) {
-            None => SidePlan::unchanged(input),
-            Some(r) => SidePlan {
-                output: LayerShape {
-                    head_dim: r,
-                    ..*input
-                },
-                fixed: Footprint {
-                    basis: Bytes((input.kv_heads * input.head_dim * r * BASIS_BYTES) as u64),
-                    ..Footprint::default()
-                },
-                stored: None,
-            },
-        }
+        SidePlan::projected(input, self.rank(side), BASIS_BYTES, 1)
     }
 }
 
@@ -96,19 +83,8 @@ impl<B: KvBackend> LowRank<B> {
                 }),
             });
         }
-        let x = e.decode()?;
-        let [b, h, t, _] = x.dims();
         let p = basis.clone().slice_dim(2, 0..r);
-        let coeffs = x
-            .swap_dims(0, 1)
-            .reshape([h, b * t, d])
-            .matmul(p.clone())
-            .reshape([h, b, t, r])
-            .swap_dims(0, 1);
-        Ok(Encoded::Projected {
-            coeffs: Box::new(Encoded::Dense(coeffs)),
-            basis: Basis::new(p),
-        })
+        Ok(Encoded::project(e.decode()?, Basis::new(p)))
     }
 }
 

@@ -69,18 +69,7 @@ impl<B: KvBackend> Share<B> {
             })));
         }
         let basis = self.basis(g, side, r).map_err(|e| method(Box::new(e)))?;
-        let x = e.decode()?;
-        let [b, h, t, _] = x.dims();
-        let coeffs = x
-            .swap_dims(0, 1)
-            .reshape([h, b * t, d])
-            .matmul(basis.tensor().clone())
-            .reshape([h, b, t, r])
-            .swap_dims(0, 1);
-        Ok(Encoded::Projected {
-            coeffs: Box::new(Encoded::Dense(coeffs)),
-            basis,
-        })
+        Ok(Encoded::project(e.decode()?, basis))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The per-layer knob and its byte plan.
 use axis_lowrank::BASIS_BYTES;
-use kv_tensor::{Footprint, LayerShape, PlanStage, Side, SidePlan, basis_bytes_per_layer};
+use kv_tensor::{LayerShape, PlanStage, Side, SidePlan};
 use serde::{Deserialize, Serialize};
 
 /// Ranks on the group's shared basis for keys and values (`None` = that side untouched), and
@@ -32,23 +32,7 @@ impl ShareSetting {
 /// charged `1/layers` to each member.
 impl PlanStage for ShareSetting {
     fn plan_side(&self, side: Side, input: &LayerShape) -> SidePlan {
-        match self.rank(side) {
-            None => SidePlan::unchanged(input),
-            Some(r) => SidePlan {
-                output: LayerShape {
-                    head_dim: r,
-                    ..*input
-                },
-                fixed: Footprint {
-                    basis: basis_bytes_per_layer(
-                        input.kv_heads * input.head_dim * r * BASIS_BYTES,
-                        self.layers,
-                    ),
-                    ..Footprint::default()
-                },
-                stored: None,
-            },
-        }
+        SidePlan::projected(input, self.rank(side), BASIS_BYTES, self.layers)
     }
 }
 

@@ -225,6 +225,24 @@ pub enum Encoded<B: KvBackend> {
 }
 
 impl<B: KvBackend> Encoded<B> {
+    /// `x` `[b, h, t, d]` projected onto `basis` `[h, d, r]`: its coefficients `x · basis`
+    /// (dense, per head as one batched matmul) with the basis, which [`Encoded::decode`] maps
+    /// back.
+    pub fn project(x: Tensor<B, 4>, basis: Arc<Basis<B>>) -> Self {
+        let [b, h, t, d] = x.dims();
+        let r = basis.tensor().dims()[2];
+        let coeffs = x
+            .swap_dims(0, 1)
+            .reshape([h, b * t, d])
+            .matmul(basis.tensor().clone())
+            .reshape([h, b, t, r])
+            .swap_dims(0, 1);
+        Encoded::Projected {
+            coeffs: Box::new(Encoded::Dense(coeffs)),
+            basis,
+        }
+    }
+
     /// Decodes to floats `[b, h, t, d]`.
     pub fn decode(&self) -> Result<Tensor<B, 4>, KvError> {
         match self {

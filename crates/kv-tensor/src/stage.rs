@@ -41,6 +41,29 @@ impl SidePlan {
             stored: None,
         }
     }
+
+    /// A projection of the side to `rank` coefficients per token onto a basis
+    /// `[kv_heads, head_dim, rank]` of `elem`-byte floats shared by `layers` layers (each
+    /// charged its share, as [`crate::Basis::bytes`] counts it); `None` leaves the side as is.
+    pub fn projected(input: &LayerShape, rank: Option<usize>, elem: usize, layers: usize) -> Self {
+        match rank {
+            None => Self::unchanged(input),
+            Some(r) => Self {
+                output: LayerShape {
+                    head_dim: r,
+                    ..*input
+                },
+                fixed: Footprint {
+                    basis: crate::basis_bytes_per_layer(
+                        input.kv_heads * input.head_dim * r * elem,
+                        layers,
+                    ),
+                    ..Footprint::default()
+                },
+                stored: None,
+            },
+        }
+    }
 }
 
 /// The byte plan of a stage's setting: backend-free, so plans are priced without a device.

@@ -55,21 +55,8 @@ struct KeyPrefix {
 
 impl PlanStage for KeyPrefix {
     fn plan_side(&self, side: Side, input: &LayerShape) -> SidePlan {
-        if side == Side::Values || self.width >= input.head_dim {
-            return SidePlan::unchanged(input);
-        }
-        let bytes = input.kv_heads * input.head_dim * self.width * 4;
-        SidePlan {
-            output: LayerShape {
-                head_dim: self.width,
-                ..*input
-            },
-            fixed: Footprint {
-                basis: kv_tensor::basis_bytes_per_layer(bytes, self.layers),
-                ..Footprint::default()
-            },
-            stored: None,
-        }
+        let narrows = side == Side::Keys && self.width < input.head_dim;
+        SidePlan::projected(input, narrows.then_some(self.width), 4, self.layers)
     }
 }
 
