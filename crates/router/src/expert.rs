@@ -94,14 +94,16 @@ impl Expert {
             head_dim,
         };
         for side in [Side::Keys, Side::Values] {
-            // A second reshaping stage would see decoded vectors, not the first one's
-            // coefficients, so its plan could not be priced from the first one's output.
+            // A second projecting stage would see decoded vectors, not the first one's
+            // coefficients, so its plan could not be priced from the first one's output. A
+            // stage projects a side when it narrows it or holds a basis for it (a full-rank
+            // projection keeps the width).
             let mut now = shape;
             let mut reshapes = 0;
             for st in self.plan_stages() {
-                let out = st.plan_side(side, &now).output;
-                reshapes += usize::from(out != now);
-                now = out;
+                let p = st.plan_side(side, &now);
+                reshapes += usize::from(p.output != now || p.fixed.basis.get() > 0);
+                now = p.output;
             }
             if reshapes > 1 {
                 return Err(format!(
