@@ -4,8 +4,11 @@
 //! [`ChunkRouter`]. The first chunk (attention sinks) is frozen at 16 bits.
 //!
 //! The router here is a heuristic ([`AttentionMassRouter`]); a learned router implements the
-//! same trait. One router can be shared by every layer, or [`PerLayer`] holds one per layer.
+//! same trait: [`learned`] is the paper's trained MLP. One router can be shared by every layer,
+//! or [`PerLayer`] holds one per layer.
 use crate::{Kivi, QuantSetting};
+
+pub mod learned;
 use burn::tensor::Tensor;
 use kv_tensor::KvBackend;
 use kv_tensor::{
@@ -28,6 +31,24 @@ pub struct ChunkFeatures {
 pub trait ChunkRouter: Send + Sync {
     /// One width per chunk, each from the router's expert set.
     fn route(&self, layer: usize, chunks: &[ChunkFeatures]) -> Vec<Bits>;
+
+    /// Whether the router reads the chunks' keys and values ([`ChunkRouter::route_content`]);
+    /// the cache gathers them only for routers that do.
+    fn reads_content(&self) -> bool {
+        false
+    }
+
+    /// One width per chunk from the chunks' content: `rows` holds one row per token (keys then
+    /// values of every KV head), the chunks' tokens in order.
+    fn route_content(
+        &self,
+        layer: usize,
+        chunks: &[ChunkFeatures],
+        rows: &[f32],
+    ) -> Result<Vec<Bits>, KvError> {
+        let _ = rows;
+        Ok(self.route(layer, chunks))
+    }
 }
 
 /// Heuristic router: for each chunk, the expert minimising
@@ -247,12 +268,20 @@ impl<B: KvBackend> MoqaeCache<B> {
                 })
                 .collect(),
         };
-        let mut bits = self.router.route(self.layer_idx, &features);
+        let segments: Vec<_> = (0..n)
+            .map(|_| self.layer.take_window(c).ok_or(KvError::Empty))
+            .collect::<Result<_, _>>()?;
+        let mut bits = if self.router.reads_content() {
+            let rows = content_rows(&segments)?;
+            self.router
+                .route_content(self.layer_idx, &features, &rows)?
+        } else {
+            self.router.route(self.layer_idx, &features)
+        };
         bits.resize(n, Bits::Full);
-        for (f, b) in features.iter().zip(bits) {
+        for ((f, b), seg) in features.iter().zip(bits).zip(segments) {
             // Attention sinks: the first chunk is never quantized.
             let b = if f.index == 0 { Bits::Full } else { b };
-            let seg = self.layer.take_window(c).ok_or(KvError::Empty)?;
             // 16-bit chunks are stored as fp16, as in the paper.
             let seg = if b == Bits::Full {
                 seg.into_half()
@@ -271,6 +300,26 @@ impl<B: KvBackend> MoqaeCache<B> {
         self.chunks_done += n;
         Ok(())
     }
+}
+
+/// One row per token of `segments` (batch 1): its keys then its values, every KV head in
+/// order — what a content-reading router sees.
+pub fn content_rows<B: KvBackend>(segments: &[kv_tensor::Segment<B>]) -> Result<Vec<f32>, KvError> {
+    let mut rows = Vec::new();
+    for s in segments {
+        let (k, v) = (s.k.decode()?, s.v.decode()?);
+        let [_, h, t, d] = k.dims();
+        // [1, h, t, d] → [t, h·d] for keys and values, side by side.
+        let tok = |x: Tensor<B, 4>| x.swap_dims(1, 2).reshape([t, h * d]);
+        let both = Tensor::cat(vec![tok(k), tok(v)], 1);
+        rows.extend(
+            both.into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| KvError::Backend(format!("{e:?}")))?,
+        );
+    }
+    Ok(rows)
 }
 
 impl<B: KvBackend> LayerCache<B> for MoqaeCache<B> {

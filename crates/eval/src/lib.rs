@@ -19,6 +19,7 @@ pub mod decode;
 mod error;
 pub mod measure;
 pub mod methods;
+pub mod moqae;
 mod options;
 pub mod paired;
 pub mod plot;

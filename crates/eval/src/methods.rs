@@ -3,6 +3,7 @@
 //! `solve` and in `generate --plan`.
 use axis_evict::ScorerKind;
 use axis_quant::QuantSetting;
+use axis_quant::moqae::learned::{LearnedBudgeted, LearnedRouter};
 use axis_quant::moqae::{BudgetedRouter, ChunkRouter, MoqaeCache};
 use kv_tensor::KvBackend;
 use kv_tensor::{Bits, FullCache, LayerCache, LayerShape};
@@ -17,8 +18,8 @@ pub enum Build {
     Full,
     /// A routing plan: one expert per layer.
     Plan(RoutingPlan),
-    /// MoQAE chunk routing at a budget.
-    Moqae(BudgetedRouter),
+    /// MoQAE chunk-level mixed precision with this router (the first chunk fp16).
+    Chunks(Arc<dyn ChunkRouter>),
 }
 
 /// A method at a budget, ready to build caches.
@@ -75,15 +76,12 @@ impl Entry {
                 .iter()
                 .map(|e| Box::new(axes.cache(e.clone())) as Box<dyn LayerCache<B>>)
                 .collect(),
-            Build::Moqae(r) => {
-                let router: Arc<dyn ChunkRouter> = Arc::new(*r);
-                (0..layers)
-                    .map(|l| {
-                        Box::new(MoqaeCache::<B>::new(router.clone(), l, MOQAE_CHUNK))
-                            as Box<dyn LayerCache<B>>
-                    })
-                    .collect()
-            }
+            Build::Chunks(router) => (0..layers)
+                .map(|l| {
+                    Box::new(MoqaeCache::<B>::new(router.clone(), l, MOQAE_CHUNK))
+                        as Box<dyn LayerCache<B>>
+                })
+                .collect(),
         }
     }
 }
@@ -161,13 +159,14 @@ pub fn all_methods() -> Vec<Method> {
 
 /// Every method at every budget: the budget-free references (full, KIVI-4, KIVI-2), then per
 /// budget each of `methods` planned by the solver crate (so a name is the plan `solve` writes)
-/// and, unless `quick`, MoQAE.
+/// and, unless `quick`, MoQAE with the `learned` router's ranking and with the heuristic's.
 pub fn entries(
     table: &SensitivityTable,
     geo: &Geometry,
     budgets: &[(String, u64)],
     quick: bool,
     methods: &[Method],
+    learned: Option<&Arc<LearnedRouter>>,
     skips: &mut Skips,
 ) -> Vec<Entry> {
     let mut out = vec![Entry {
@@ -197,9 +196,10 @@ pub fn entries(
                 Err(e) => skips.add(&m.name(), label, e),
             }
         }
-        if !quick {
-            // MoQAE: 4-bit for the chunks with the most attention, 2-bit for the rest (its
-            // expert set {16, 4, 2} with the first chunk at 16), shared to fit the budget.
+        if let (false, Some(learned)) = (quick, learned) {
+            // MoQAE: 4-bit for the chunks ranked first, 2-bit for the rest (its expert set
+            // {16, 4, 2} with the first chunk at 16), the share fitted to the budget. The same
+            // fit for both rankings, so the two meet at matched bytes.
             let shape = LayerShape {
                 tokens: geo.tokens,
                 ..geo.shape
@@ -212,14 +212,27 @@ pub fn entries(
                 geo.layers,
                 kv_tensor::Bytes(*bytes),
             );
-            match fit {
-                Some(r) => out.push(Entry {
-                    name: "moqae".into(),
-                    budget: label.clone(),
-                    build: Build::Moqae(r),
-                }),
-                None => skips.add("moqae", label, "quantization alone cannot reach the budget"),
-            }
+            let Some(budget) = fit else {
+                for name in ["moqae", "moqae-heuristic"] {
+                    skips.add(name, label, "quantization alone cannot reach the budget");
+                }
+                continue;
+            };
+            let ranked: Arc<dyn ChunkRouter> = Arc::new(LearnedBudgeted {
+                router: learned.clone(),
+                budget,
+                chunk: MOQAE_CHUNK,
+            });
+            out.push(Entry {
+                name: "moqae".into(),
+                budget: label.clone(),
+                build: Build::Chunks(ranked),
+            });
+            out.push(Entry {
+                name: "moqae-heuristic".into(),
+                budget: label.clone(),
+                build: Build::Chunks(Arc::new(budget)),
+            });
         }
     }
     out
@@ -358,7 +371,7 @@ mod tests {
                 .to_vec();
             let mut skips = Skips::default();
             let methods = all_methods();
-            let entries = entries(&t, &geo, &budgets, false, &methods, &mut skips);
+            let entries = entries(&t, &geo, &budgets, false, &methods, None, &mut skips);
             for (label, cap) in &budgets {
                 let here: Vec<&Entry> = entries.iter().filter(|e| &e.budget == label).collect();
                 for e in &here {

@@ -27,6 +27,8 @@ pub struct Findings<'a> {
     pub skipped: &'a [String],
     /// Wall seconds of the measurement.
     pub seconds: f64,
+    /// MoQAE's λ sweep on prose (empty when it did not run).
+    pub moqae: &'a [crate::moqae::SweepRow],
 }
 
 /// The results as markdown: the run's settings, one row per method and budget, the paired
@@ -102,6 +104,13 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
         for line in skipped {
             s.push_str(&format!("- {line}\n"));
         }
+    }
+    if !f.moqae.is_empty() {
+        s.push_str(&format!(
+            "\nMoQAE λ sweep on the prose samples (learned router: argmax and majority vote per {}-token chunk, trained at each λ; heuristic: attention-mass ranking fitted to the bytes the learned row reached):\n\n",
+            axis_quant::moqae::DEFAULT_CHUNK
+        ));
+        s.push_str(&crate::moqae::markdown(f.moqae));
     }
     s.push_str("\nBy context length (score / TF acc / cache bytes):\n\n| method | budget |");
     for l in &opts.lengths {
@@ -188,7 +197,7 @@ pub fn write(opts: &EvalOptions, f: &Findings<'_>) -> Result<Report> {
         "calibration_context": opts.calibration_context, "seed": opts.seed,
         "chunked_prefill": opts.chunked_prefill,
         "budgets": opts.budgets, "seconds": f.seconds, "summary": f.summary,
-        "comparisons": f.comparisons, "skipped": f.skipped,
+        "comparisons": f.comparisons, "skipped": f.skipped, "moqae_sweep": f.moqae,
     });
     let mut full = head.clone();
     full["plans"] = serde_json::to_value(f.plans)?;

@@ -58,7 +58,12 @@ pub fn run<B: KvBackend>(
     let table = session.table(opts.calibration_context, 1, None, progress)?;
     let groups = samples(session, opts, progress)?;
     let mut skips = Skips::default();
-    let plans = plan_all(session, &table, &groups, opts, &mut skips)?;
+    let learned = if opts.quick {
+        None
+    } else {
+        Some(session.moqae_router(crate::moqae::DEFAULT_LAMBDA, progress)?)
+    };
+    let plans = plan_all(session, &table, &groups, opts, learned.as_ref(), &mut skips)?;
     let skipped = skips.lines(groups.iter().map(|(_, s)| s.len()).sum());
     for line in &skipped {
         progress.event(Event::Note(line));
@@ -73,6 +78,19 @@ pub fn run<B: KvBackend>(
         .collect();
     let comparisons = paired::all(&records, &shown, opts.seed);
     let plan_records = plan_records(&groups, &plans);
+    let moqae = if opts.quick || opts.prose_samples == 0 {
+        Vec::new()
+    } else {
+        crate::moqae::sweep(
+            session,
+            &crate::moqae::SWEEP,
+            opts.prose_samples,
+            opts.prose_context,
+            opts.continuation,
+            opts.seed,
+            progress,
+        )?
+    };
     let findings = report::Findings {
         summary: &summary,
         records: &records,
@@ -80,6 +98,7 @@ pub fn run<B: KvBackend>(
         plans: &plan_records,
         skipped: &skipped,
         seconds,
+        moqae: &moqae,
     };
     let report = report::write(opts, &findings)?;
     let layout = session.model.model.config.kv_layout();
@@ -210,6 +229,7 @@ fn plan_all<B: KvBackend>(
     table: &solver::SensitivityTable,
     groups: &[Group],
     opts: &EvalOptions,
+    learned: Option<&std::sync::Arc<axis_quant::moqae::learned::LearnedRouter>>,
     skips: &mut Skips,
 ) -> Result<Vec<Vec<Vec<Entry>>>> {
     let layout = session.model.model.config.kv_layout();
@@ -231,6 +251,7 @@ fn plan_all<B: KvBackend>(
                 &budgets,
                 opts.quick,
                 &opts.methods,
+                learned,
                 skips,
             ));
         }

@@ -36,6 +36,7 @@ pub struct Session<B: KvBackend> {
     /// Trig statistics and low-rank bases fitted on this model.
     pub axes: Axes<B>,
     calibration: PathBuf,
+    device: B::Device,
 }
 
 /// Passages (of `AXES_CONTEXT` tokens) the calibrated axes are fitted on.
@@ -108,6 +109,7 @@ impl<B: KvBackend> Session<B> {
             text,
             axes,
             calibration: paths.calibration.clone(),
+            device: device.clone(),
         })
     }
 
@@ -127,7 +129,18 @@ impl<B: KvBackend> Session<B> {
             text,
             axes,
             calibration,
+            device: device.clone(),
         })
+    }
+
+    /// Where calibration files of this session are cached.
+    pub fn calibration_dir(&self) -> &Path {
+        &self.calibration
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
     }
 
     /// `n` tokens of the corpus starting near character `offset`.

@@ -209,7 +209,7 @@ fn accumulate<B: KvBackend>(
     Ok(())
 }
 
-fn capture<B: KvBackend>(
+pub(crate) fn capture<B: KvBackend>(
     model: &Llama<B>,
     ids: &[u32],
     opts: PrefillOptions,

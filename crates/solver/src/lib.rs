@@ -20,6 +20,7 @@ pub mod greedy;
 pub mod measured;
 mod menu;
 mod method;
+pub mod moqae;
 mod problem;
 mod table;
 // The crate's invariants (proptest), in the unit-test binary like every crate's tests: a

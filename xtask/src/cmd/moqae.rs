@@ -1,0 +1,46 @@
+//! `moqae`: train MoQAE's learned router at each λ (cached per model) and print the λ sweep on
+//! prose — average bits against continuation NLL — beside fp16, KIVI-4, KIVI-2 and the
+//! heuristic router at matched bytes.
+use crate::progress::Bars;
+use anyhow::Result;
+use clap::Args;
+
+/// Arguments of `moqae`.
+#[derive(Args)]
+pub struct Moqae {
+    /// λ values (weight of the model term against the memory term, each in [0, 1]).
+    #[arg(long, value_delimiter = ',', default_values_t = eval::moqae::SWEEP.to_vec())]
+    lambdas: Vec<f64>,
+    /// Prose samples the sweep is measured on.
+    #[arg(long, default_value_t = 4)]
+    prose_samples: usize,
+    /// Context tokens of each prose sample.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Continuation tokens scored after the context.
+    #[arg(long, default_value_t = 256)]
+    continuation: usize,
+    /// Seed of the prose samples (the eval's default is 1).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    model: crate::session::ModelArg,
+}
+
+impl Moqae {
+    /// Trains (or loads) the routers and prints the sweep as markdown.
+    pub fn run(self) -> Result<()> {
+        let s = crate::session::open(&self.model)?;
+        let rows = eval::moqae::sweep(
+            &s,
+            &self.lambdas,
+            self.prose_samples,
+            self.context,
+            self.continuation,
+            self.seed,
+            &Bars::default(),
+        )?;
+        print!("{}", eval::moqae::markdown(&rows));
+        Ok(())
+    }
+}
