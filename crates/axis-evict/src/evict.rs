@@ -119,6 +119,9 @@ impl<B: KvBackend> CompressionAxis<B> for Evict<B> {
         let idx = match s.selection {
             Selection::TopK => select::top_k(scores, n),
             Selection::Redundancy { lambda } => redundancy::select(scores, &v, n, lambda.get())?,
+            Selection::FacilityLocation { lambda } => {
+                crate::facility::select(scores, &v, n, lambda.get())?
+            }
             Selection::Chunks { size } => crate::chunks::select(scores, n, size.get())?,
             Selection::HeadWise { min_share } => {
                 let kept = headwise::select(scores, n, min_share.get())?;

@@ -54,6 +54,9 @@ fn selection() -> impl Strategy<Value = Selection> {
         (0.0f64..2.0).prop_map(|l| Selection::Redundancy {
             lambda: Lambda::new(l).expect("lambda")
         }),
+        (0.0f64..2.0).prop_map(|l| Selection::FacilityLocation {
+            lambda: Lambda::new(l).expect("lambda")
+        }),
         (1usize..32).prop_map(|c| Selection::Chunks {
             size: std::num::NonZeroUsize::new(c).expect("nonzero")
         }),
@@ -116,10 +119,12 @@ proptest! {
         let v = Tensor::<B, 4>::random([1, heads, t, 16], Distribution::Normal(0.0, 1.0), &device);
         let c = ctx(heads, 8);
         let base = EvictSetting::new(scorer, Ratio::new(keep).expect("ratio"));
-        let greedy = base.with_selection(Selection::Redundancy { lambda: Lambda::new(0.0).expect("0") });
         let a = Evict::new().compress(Segment::dense(k.clone(), v.clone(), 0).expect("seg"), &base, &c).expect("top-k");
-        let b = Evict::new().compress(Segment::dense(k, v, 0).expect("seg"), &greedy, &c).expect("greedy");
-        prop_assert_eq!(positions(&a.positions), positions(&b.positions));
+        let zero = Lambda::new(0.0).expect("0");
+        for sel in [Selection::Redundancy { lambda: zero }, Selection::FacilityLocation { lambda: zero }] {
+            let b = Evict::new().compress(Segment::dense(k.clone(), v.clone(), 0).expect("seg"), &base.with_selection(sel), &c).expect("greedy");
+            prop_assert_eq!(positions(&a.positions), positions(&b.positions));
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! registered by one line in `scorer.rs`) that gives every cached token an importance per KV
 //! head and declares what it reads ([`ScorerNeeds`]), and a *selection* (one file each: [`select`] keeps
 //! the best `ceil(keep × tokens)` of every head, [`headwise`] shares the layer's budget across
-//! heads AdaKV-style and stores them ragged, [`redundancy`] penalises near-duplicate values).
+//! heads AdaKV-style and stores them ragged, [`redundancy`] penalises near-duplicate values, [`facility`] is α's facility-location
+//! retention).
 //! [`decoding`] compresses again during long generations. The first `sinks` tokens and the most recent `window`
 //! tokens are always kept. Kept tokens keep their original positions, stored with the segment:
 //! keys are cached after RoPE, so nothing needs re-rotation and decoding continues at the right
@@ -16,6 +17,7 @@ pub mod chunks;
 pub mod decoding;
 mod evict;
 pub mod expected_attention;
+pub mod facility;
 pub mod h2o;
 pub mod headwise;
 pub mod knorm;

@@ -23,7 +23,7 @@ pub struct EvictSetting {
 }
 
 /// How the kept tokens are chosen from the scores (one file each: [`crate::select`],
-/// [`crate::headwise`], [`crate::redundancy`]).
+/// [`crate::headwise`], [`crate::redundancy`], [`crate::facility`], [`crate::chunks`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Selection {
@@ -43,6 +43,13 @@ pub enum Selection {
     /// the tokens already kept. `lambda = 0` is top-k.
     Redundancy {
         /// Weight of the redundancy penalty.
+        lambda: Lambda,
+    },
+    /// α's facility-location retention ([`crate::facility`]): the lazy greedy maximum of the
+    /// kept scores plus `lambda` × the importance-weighted V-space coverage of every token.
+    /// `lambda = 0` is top-k.
+    FacilityLocation {
+        /// Weight of the coverage term (α's tuned value is 0.5).
         lambda: Lambda,
     },
     /// ChunkKV span selection ([`crate::chunks`]): whole chunks of `size` consecutive tokens,

@@ -24,13 +24,17 @@ use std::sync::Arc;
 /// prefill.
 #[derive(Clone)]
 pub struct RoutedCache<B: KvBackend> {
-    layer: CompressedLayer<B>,
-    expert: Expert,
-    axes: Axes<B>,
-    layer_idx: usize,
+    pub(crate) layer: CompressedLayer<B>,
+    pub(crate) expert: Expert,
+    pub(crate) axes: Axes<B>,
+    pub(crate) layer_idx: usize,
     prefilled: bool,
     /// Set once the prefill compresses chunk by chunk.
     chunked: Option<Chunked>,
+    /// Queries attended with since the prefill (decode-time compression observes them).
+    pub(crate) recent: crate::decoding::Recent<B>,
+    /// Generated tokens since the last decode-time eviction.
+    pub(crate) since_evict: usize,
 }
 
 /// Where a chunk-by-chunk prefill stands: tokens (per head) already in final projected or
@@ -136,6 +140,8 @@ impl<B: KvBackend> RoutedCache<B> {
             layer_idx: 0,
             prefilled: false,
             chunked: None,
+            recent: Default::default(),
+            since_evict: 0,
         }
     }
 
@@ -232,6 +238,35 @@ impl<B: KvBackend> RoutedCache<B> {
             .is_some_and(|e| matches!(e.selection, axis_evict::Selection::HeadWise { .. }))
     }
 
+    /// Replaces everything held by `seg` (the kept tokens, oldest first), staged as at the end
+    /// of a prefill: whole groups beyond the residual window through the stages, the rest
+    /// fp16.
+    pub(crate) fn restage(
+        &mut self,
+        seg: Segment<B>,
+        ctx: &ObservationCtx<B>,
+    ) -> Result<(), AxisError> {
+        let plain = Expert {
+            evict: None,
+            ..self.expert.clone()
+        };
+        let (compressed, _) = plain.split(seg.len());
+        let first = if compressed > 0 {
+            let (old, recent) = seg.split_at(compressed)?;
+            let old = self.compress_history(old, ctx)?;
+            self.layer.replace_all(old)?;
+            recent
+        } else {
+            self.layer.replace_all(seg.into_half())?;
+            return Ok(());
+        };
+        // A zero-token residual window leaves nothing recent.
+        if !first.is_empty() {
+            self.layer.push_segment(first.into_half())?;
+        }
+        Ok(())
+    }
+
     /// The expert.
     pub fn expert(&self) -> &Expert {
         &self.expert
@@ -258,9 +293,11 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
     }
 
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        let t = k.dims()[2];
         self.layer.push(k, v)?;
         if self.prefilled {
-            self.flush_decode()
+            self.flush_decode()?;
+            self.decode_step(t)
         } else {
             Ok(())
         }
@@ -275,10 +312,16 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        if self.prefilled && self.expert.decode.is_some() {
+            self.recent.record(&q);
+        }
         self.layer.attend(q)
     }
 
     fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        if self.prefilled && self.expert.decode.is_some() {
+            self.recent.record(&q);
+        }
         self.layer.attend_with_mass(q)
     }
 
@@ -303,24 +346,10 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
         let Some(mut seg) = self.layer.take_window(usize::MAX) else {
             return Ok(());
         };
-        let t = seg.len();
         if let Some(e) = &self.expert.evict {
             seg = self.axes.evict.compress(seg, e, ctx)?;
         }
-        let (compressed, _) = self.expert.split(t);
-        // Whatever stays uncompressed is stored at 16 bits (fp16), as the expert says.
-        if compressed > 0 {
-            let (old, recent) = seg.split_at(compressed)?;
-            let old = self.compress_history(old, ctx)?;
-            self.layer.push_segment(old)?;
-            // A zero-token residual window leaves nothing recent.
-            if !recent.is_empty() {
-                self.layer.push_segment(recent.into_half())?;
-            }
-        } else {
-            self.layer.push_segment(seg.into_half())?;
-        }
-        Ok(())
+        self.restage(seg, ctx)
     }
 
     fn footprint(&self) -> Footprint {

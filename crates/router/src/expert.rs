@@ -38,7 +38,37 @@ pub struct Expert {
     /// 0 keeps only the partial quantization group in fp16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residual: Option<usize>,
+    /// Decode-time compression: while tokens are generated, the layer is evicted again with
+    /// its scorer whenever it has grown by `interval` tokens past `tokens` (see
+    /// [`DecodeBudget`]). Without it a layer grows by every generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<DecodeBudget>,
 }
+
+/// How a layer stays within its budget while tokens are generated: every `interval` generated
+/// tokens, if the layer holds more than `tokens` tokens (per KV head), it is evicted back to
+/// `tokens` by the expert's scorer and selection over everything it holds, observing the last
+/// queries it attended with; the survivors go through the expert's stages again (quantization
+/// composes, so re-quantized tokens carry a second rounding). Generated tokens count like
+/// prompt tokens: the layer never holds more than `tokens + interval`, and
+/// [`Expert::decode_peak`] prices that bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeBudget {
+    /// Tokens held after each re-eviction.
+    pub tokens: usize,
+    /// Generated tokens between re-evictions (the cadence: when this much of the window has
+    /// filled).
+    #[serde(default = "default_interval")]
+    pub interval: usize,
+}
+
+fn default_interval() -> usize {
+    PROJECT_GROUP
+}
+
+/// Recent decoding queries the scorers observe at a re-eviction.
+pub const DECODE_OBSERVE: usize = 32;
 
 impl Expert {
     /// The identity expert (full cache).
@@ -48,6 +78,7 @@ impl Expert {
         stages: Vec::new(),
         quant: None,
         residual: None,
+        decode: None,
     };
 
     /// Tokens of the residual window.
@@ -122,6 +153,9 @@ impl Expert {
                 ));
             }
         }
+        if let Some(d) = self.decode {
+            self.validate_decode(d)?;
+        }
         if let Some(e) = self.evict
             && matches!(e.selection, Selection::HeadWise { .. })
             && self.compresses_history()
@@ -132,6 +166,78 @@ impl Expert {
             );
         }
         Ok(())
+    }
+
+    fn validate_decode(&self, d: DecodeBudget) -> Result<(), String> {
+        let Some(e) = self.evict else {
+            return Err(
+                "decode-time compression needs an evicting expert (its scorer decides)".into(),
+            );
+        };
+        if d.interval == 0 {
+            return Err("decode interval must be at least 1 token".into());
+        }
+        if matches!(e.selection, Selection::HeadWise { .. }) {
+            return Err(
+                "head-wise (ragged) segments cannot be evicted again during decoding".into(),
+            );
+        }
+        if e.scorer.needs().attention_mass {
+            return Err(format!(
+                "{} needs the prefill's attention mass, which decoding does not produce",
+                e.scorer.name()
+            ));
+        }
+        if d.tokens < e.sinks + e.window {
+            return Err(format!(
+                "decode tokens {} are fewer than the {} protected tokens (sinks + window)",
+                d.tokens,
+                e.sinks + e.window
+            ));
+        }
+        Ok(())
+    }
+
+    /// An upper bound on the bytes the layer holds while generating after a `t`-token
+    /// prefill: with a decode budget, the larger of the prefill's cache grown to `tokens`
+    /// and the re-evicted `tokens`, each plus a full `interval` of new fp16 tokens; without
+    /// one, growth is unbounded, so `None`.
+    pub fn decode_peak(&self, shape: &LayerShape, t: usize) -> Option<Footprint> {
+        let d = self.decode?;
+        // Up to `interval` new tokens land (fp16 at most) on top of what is held, each with
+        // its position.
+        let grow = |mut f: Footprint, held: usize| {
+            let new = 2 * shape.batch * shape.kv_heads * d.interval * shape.head_dim * 2;
+            f.dense += kv_tensor::Bytes(new as u64);
+            f.indices =
+                kv_tensor::Bytes((shape.batch * shape.kv_heads * (held + d.interval) * 4) as u64);
+            f
+        };
+        // Until it first exceeds `tokens`, the layer grows from what the prefill kept; new
+        // tokens are priced at fp16, an upper bound (whole groups beyond the residual window
+        // are quantized as they fill).
+        let kept = self.kept(t);
+        let after_prefill = grow(self.footprint(shape, t), kept);
+        let growth = d.tokens.saturating_sub(kept);
+        let mut after_prefill = after_prefill;
+        after_prefill.dense += kv_tensor::Bytes(
+            (2 * shape.batch * shape.kv_heads * growth * shape.head_dim * 2) as u64,
+        );
+        after_prefill.indices = kv_tensor::Bytes(
+            (shape.batch * shape.kv_heads * (kept.max(d.tokens) + d.interval) * 4) as u64,
+        );
+        // A re-evicted layer holds `tokens` tokens split as after a prefill of that many.
+        let plain = Expert {
+            evict: None,
+            decode: None,
+            ..self.clone()
+        };
+        let steady = grow(plain.footprint(shape, d.tokens), d.tokens);
+        Some(if after_prefill.total() >= steady.total() {
+            after_prefill
+        } else {
+            steady
+        })
     }
 
     /// Whether old tokens are projected, quantized or otherwise staged (then a residual window
@@ -208,8 +314,11 @@ impl fmt::Display for Expert {
             write!(f, " {}", s.setting().label())?;
         }
         write!(f, " K{k}V{v}")?;
-        match self.residual {
-            Some(w) => write!(f, " window {w}"),
+        if let Some(w) = self.residual {
+            write!(f, " window {w}")?;
+        }
+        match self.decode {
+            Some(d) => write!(f, " decode ≤{}+{}", d.tokens, d.interval),
             None => Ok(()),
         }
     }

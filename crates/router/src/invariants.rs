@@ -41,6 +41,7 @@ fn expert() -> impl Strategy<Value = Expert> {
                 .collect(),
             quant: q.map(|(k, v)| QuantSetting::new(k, v)),
             residual,
+            decode: None,
         })
 }
 
@@ -224,6 +225,7 @@ fn plans_roundtrip_and_validate() {
             Bits::try_from(2).expect("b"),
         )),
         residual: Some(16),
+        decode: None,
     };
     let plan = RoutingPlan {
         sized_for: None,
@@ -390,6 +392,7 @@ fn a_zero_window_holds_only_the_partial_group() {
             Bits::try_from(4).expect("bits"),
         )),
         residual: Some(0),
+        decode: None,
         ..Expert::FULL
     };
     let d = Default::default();
@@ -430,6 +433,7 @@ fn fork_is_an_independent_copy() {
             Bits::try_from(2).expect("bits"),
         )),
         residual: None,
+        decode: None,
     };
     let mut c = RoutedCache::<B>::with_axes(e, Axes::default());
     let kv = |t: usize| Tensor::<B, 4>::random([1, 3, t, 64], Distribution::Normal(0.0, 1.0), &d);
@@ -500,4 +504,94 @@ fn sized_for_round_trips_and_is_optional() {
     assert_eq!(back.sized_for.map(|s| s.ratio()), Some(8.0));
     let old = RoutingPlan::from_toml("[[layers]]\n[[layers]]\n", 2, 64).expect("parses");
     assert_eq!(old.sized_for, None);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Decode-time compression keeps a generating layer within `tokens + interval`, under the
+    /// peak its expert prices, in position order with the newest token kept, for every scorer
+    /// that can run during decoding and with quantization composed.
+    #[test]
+    fn decode_budget_bounds_a_generating_layer(
+        scorer in prop::sample::select(vec![ScorerKind::Knorm, ScorerKind::Snapkv, ScorerKind::Streaming, ScorerKind::Tova]),
+        q in prop::option::of((bits(), bits())),
+        tokens in 40usize..90, interval in 1usize..24, prompt in 20usize..120, generated in 1usize..90,
+        residual in prop::sample::select(vec![None, Some(0usize), Some(16)]),
+    ) {
+        let d = Default::default();
+        let e = Expert {
+            evict: Some(EvictSetting::new(scorer, Ratio::new(0.5).expect("ratio"))),
+            quant: q.map(|(k, v)| QuantSetting::new(k, v)),
+            residual,
+            decode: Some(crate::DecodeBudget { tokens, interval }),
+            ..Expert::FULL
+        };
+        prop_assert!(e.validate(32).is_ok());
+        let shape = LayerShape { batch: 1, kv_heads: 2, tokens: prompt, head_dim: 32 };
+        let peak = e.decode_peak(&shape, prompt).expect("a decode budget").total().get();
+        let mut c = RoutedCache::<B>::new(e);
+        let kv = |t| Tensor::<B, 4>::random([1, 2, t, 32], Distribution::Normal(0.0, 1.0), &d);
+        let q4 = |t| Tensor::<B, 4>::random([1, 4, t, 32], Distribution::Normal(0.0, 1.0), &d);
+        c.append(kv(prompt), kv(prompt)).expect("append");
+        let ctx = ObservationCtx { window_queries: Some(q4(8.min(prompt))), ..ObservationCtx::bare(0) };
+        c.finish_prefill(&ctx).expect("prefill");
+        for step in 0..generated {
+            c.attend(q4(1)).expect("attend");
+            c.append(kv(1), kv(1)).expect("append");
+            prop_assert!(c.stored() <= tokens.max(c.expert().kept(prompt)) + interval, "step {step}: {}", c.stored());
+            prop_assert!(c.footprint().total().get() <= peak, "step {step}: {} > {peak}", c.footprint().total().get());
+        }
+        prop_assert_eq!(c.len(), prompt + generated);
+        let pos: Vec<i64> = c.layer.positions().expect("positions").into_data().convert::<i64>().to_vec().expect("ints");
+        for head in pos.chunks(c.stored()) {
+            prop_assert!(head.windows(2).all(|w| w[0] < w[1]), "{:?}", head);
+            prop_assert_eq!(*head.last().expect("a token"), (prompt + generated - 1) as i64);
+        }
+    }
+}
+
+#[test]
+fn decode_budgets_are_validated() {
+    let base = Expert {
+        evict: Some(EvictSetting::new(
+            ScorerKind::Knorm,
+            Ratio::new(0.5).expect("ratio"),
+        )),
+        decode: Some(crate::DecodeBudget {
+            tokens: 64,
+            interval: 16,
+        }),
+        ..Expert::FULL
+    };
+    assert!(base.validate(16).is_ok());
+    let no_evict = Expert {
+        evict: None,
+        ..base.clone()
+    };
+    assert!(no_evict.validate(16).is_err());
+    let mut h2o = base.clone();
+    h2o.evict = Some(EvictSetting::new(
+        ScorerKind::H2o,
+        Ratio::new(0.5).expect("ratio"),
+    ));
+    assert!(h2o.validate(16).is_err());
+    let tiny = Expert {
+        decode: Some(crate::DecodeBudget {
+            tokens: 8,
+            interval: 16,
+        }),
+        ..base.clone()
+    };
+    assert!(tiny.validate(16).is_err());
+    let text = "[[layers]]\n[layers.evict]\nscorer = \"knorm\"\nkeep = 0.5\n[layers.decode]\ntokens = 64\n";
+    let plan = RoutingPlan::from_toml(text, 1, 16).expect("parses");
+    assert_eq!(
+        plan.layers[0].decode,
+        Some(crate::DecodeBudget {
+            tokens: 64,
+            interval: 32
+        })
+    );
+    assert!(base.to_string().contains("decode"));
 }

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+mod decoding;
 mod expert;
 mod plan;
 pub mod stage;
@@ -20,6 +21,6 @@ pub mod stage;
 mod invariants;
 
 pub use cache::{Axes, RoutedCache};
-pub use expert::{Expert, RESIDUAL};
+pub use expert::{DECODE_OBSERVE, DecodeBudget, Expert, RESIDUAL};
 pub use plan::{Needs, RouterError, RoutingPlan, SizedFor};
 pub use stage::{CustomStage, StageAxis, StageSetting, register_stage, registered_stages};

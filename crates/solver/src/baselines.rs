@@ -42,6 +42,7 @@ pub fn matched_keep(
                 stages: Vec::new(),
                 quant,
                 residual: None,
+                decode: None,
             };
             Some(RoutingPlan::uniform(expert, geo.layers))
         },
@@ -128,7 +129,7 @@ mod tests {
                 let k = keep(&p, 0);
                 prop_assert!((0..30).all(|l| keep(&p, l) == k));
                 if let Ok(up) = Ratio::new(k + 0.01) {
-                    let bigger = RoutingPlan::uniform(Expert { evict: Some(EvictSetting::new(ScorerKind::Snapkv, up)), lowrank: None, stages: Vec::new(), quant: q, residual: None }, 30);
+                    let bigger = RoutingPlan::uniform(Expert { evict: Some(EvictSetting::new(ScorerKind::Snapkv, up)), lowrank: None, stages: Vec::new(), quant: q, residual: None, decode: None }, 30);
                     prop_assert!(plan_bytes(&bigger, &g) > budget);
                 }
             }

@@ -27,6 +27,7 @@ pub fn default_menu(scorer: ScorerKind) -> Vec<Expert> {
                     stages: Vec::new(),
                     quant,
                     residual: None,
+                    decode: None,
                 });
             }
         }
