@@ -36,6 +36,9 @@ enum Cmd {
     /// Validate the calibration proxy: end-to-end KL with only one layer compressed, for a
     /// subset of layers × experts, against the proxy; prints both and their Spearman correlation.
     ValidateProxy(cmd::validate_proxy::ValidateProxy),
+    /// The long-generation task: decode-time compression at fixed token budgets over a long
+    /// teacher-forced continuation (α's λ tuned on a development split first).
+    Longgen(cmd::longgen::LongGen),
     /// Train MoQAE's learned router at each λ (cached per model) and print the λ sweep on
     /// prose: average bits against NLL, beside fp16, KIVI and the heuristic router.
     Moqae(cmd::moqae::Moqae),
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
         Cmd::ValidateProxy(c) => c.run(),
         Cmd::Solve(c) => c.run(),
         Cmd::Moqae(c) => c.run(),
+        Cmd::Longgen(c) => c.run(),
         Cmd::Bench(c) => cmd::bench::bench(&c),
         Cmd::Test(c) => c.run(),
         Cmd::Generate(c) => c.run(),

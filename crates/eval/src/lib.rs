@@ -17,6 +17,7 @@ pub mod data;
 pub mod dataset;
 pub mod decode;
 mod error;
+pub mod longgen;
 pub mod measure;
 pub mod methods;
 pub mod moqae;

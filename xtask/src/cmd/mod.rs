@@ -5,6 +5,7 @@ pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod logits;
+pub mod longgen;
 pub mod moqae;
 pub mod solve;
 pub mod test;

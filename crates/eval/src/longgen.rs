@@ -1,0 +1,553 @@
+//! The long-generation task: where decode-time compression matters. A short prose prompt is
+//! followed by a long teacher-forced continuation of held-out prose, fed in blocks of the
+//! re-eviction interval as a generation would grow the cache; every method holds a fixed
+//! token budget per KV head (64, 128, 256, or a share of the final length) all the way. NLL
+//! and KL to the full cache are measured at every continuation position.
+//!
+//! Methods at each budget: `streaming`, `trig`, `α(trig)` (facility-location retention with λ
+//! tuned on a development split of the calibration prose and confirmed on the held-out split),
+//! and `hetero` solved for the final length at the bytes of the budget in fp16, each
+//! evicting layer given a decode budget of what it keeps at that length. H2O is not among
+//! them: it needs the prefill's attention mass, which decoding does not produce.
+use crate::data;
+use crate::error::{EvalError, Result};
+use crate::paired::{Interval, bootstrap};
+use crate::progress::{Event, Progress};
+use crate::session::Session;
+use axis_evict::{EvictSetting, Lambda, ScorerKind, Selection};
+use burn::tensor::Tensor;
+use burn::tensor::activation::log_softmax;
+use kv_tensor::{FullCache, KvBackend, LayerCache, Ratio};
+use models::{Logits, PrefillOptions};
+use router::{DecodeBudget, Expert};
+use serde::Serialize;
+use solver::Method;
+
+/// A decode-time budget: tokens per KV head, or a share of the final length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum TokenBudget {
+    /// A fixed number of tokens.
+    Tokens(usize),
+    /// A share of prompt + continuation.
+    Share(Ratio),
+}
+
+impl TokenBudget {
+    /// Tokens per head for a sequence of `total` tokens.
+    pub fn tokens(self, total: usize) -> usize {
+        match self {
+            TokenBudget::Tokens(n) => n,
+            TokenBudget::Share(r) => r.of(total),
+        }
+    }
+
+    /// `64` or `1/8`.
+    pub fn label(self) -> String {
+        match self {
+            TokenBudget::Tokens(n) => n.to_string(),
+            TokenBudget::Share(r) => format!("1/{:.0}", 1.0 / r.get()),
+        }
+    }
+}
+
+/// What the task runs.
+#[derive(Debug, Clone)]
+pub struct LongGenOptions {
+    /// Prompt tokens (prefilled, compressed at its end like any prompt).
+    pub prompt: usize,
+    /// Teacher-forced continuation tokens.
+    pub continuation: usize,
+    /// Budgets compared.
+    pub budgets: Vec<TokenBudget>,
+    /// Tokens per block (the re-eviction interval).
+    pub interval: usize,
+    /// Held-out samples (evaluation prose).
+    pub samples: usize,
+    /// Development samples (calibration prose) α's λ is tuned on.
+    pub dev_samples: usize,
+    /// λ values tried for α.
+    pub lambdas: Vec<f64>,
+    /// Budgets α's λ is tuned at.
+    pub tune_budgets: Vec<TokenBudget>,
+    /// Seed of the held-out samples and of the bootstrap.
+    pub seed: u64,
+}
+
+impl Default for LongGenOptions {
+    fn default() -> Self {
+        Self {
+            prompt: 256,
+            continuation: 1024,
+            budgets: vec![
+                TokenBudget::Tokens(64),
+                TokenBudget::Tokens(128),
+                TokenBudget::Tokens(256),
+                TokenBudget::Share(Ratio::new(0.125).unwrap_or(Ratio::ONE)),
+            ],
+            interval: 16,
+            samples: 4,
+            dev_samples: 2,
+            lambdas: vec![0.0, 0.25, 0.5, 1.0, 2.0],
+            tune_budgets: vec![TokenBudget::Tokens(64), TokenBudget::Tokens(128)],
+            seed: 1,
+        }
+    }
+}
+
+/// One method on one sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct LongRecord {
+    /// Method name.
+    pub method: String,
+    /// Budget label.
+    pub budget: String,
+    /// Sample index.
+    pub sample: usize,
+    /// Mean NLL over the scored continuation positions.
+    pub nll: f64,
+    /// Mean KL of next-token distributions to the full cache.
+    pub kl: f64,
+    /// Most cache bytes measured after any block.
+    pub peak_bytes: u64,
+    /// Mean NLL per 128 positions (the curve over the generation).
+    pub nll_curve: Vec<f64>,
+}
+
+/// A sample's prompt and continuation.
+struct Text {
+    prompt: Vec<u32>,
+    continuation: Vec<u32>,
+}
+
+/// One method's caches on one text, fed as a generation: the prompt prefilled (compressed at
+/// its end), then the continuation in blocks of `interval`. Returns the per-position
+/// log-probabilities of each block and the peak bytes.
+fn feed<B: KvBackend>(
+    session: &Session<B>,
+    caches: &mut [Box<dyn LayerCache<B>>],
+    text: &Text,
+    interval: usize,
+) -> Result<(Vec<Tensor<B, 2>>, u64)> {
+    let m = &session.model.model;
+    m.prefill(&text.prompt, caches, &PrefillOptions::default())?;
+    let mut peak = 0u64;
+    let mut blocks = Vec::new();
+    let n = text.continuation.len();
+    for start in (0..n - 1).step_by(interval.max(1)) {
+        let end = (start + interval).min(n - 1);
+        let logits = m.forward(&text.continuation[start..end], caches, Logits::All)?;
+        blocks.push(log_softmax(logits, 1));
+        let bytes: u64 = caches.iter().map(|c| c.footprint().total().get()).sum();
+        peak = peak.max(bytes);
+    }
+    Ok((blocks, peak))
+}
+
+/// Scores `blocks` against the continuation (and the full cache's blocks).
+fn score<B: KvBackend>(
+    blocks: &[Tensor<B, 2>],
+    reference: &[Tensor<B, 2>],
+    text: &Text,
+) -> (f64, f64, Vec<f64>) {
+    let mut nlls = Vec::new();
+    let mut kl = 0.0;
+    let mut at = 1;
+    for (b, r) in blocks.iter().zip(reference) {
+        let rows = b.dims()[0];
+        let v: Vec<f32> = b.clone().into_data().iter::<f32>().collect();
+        let vocab = b.dims()[1];
+        for i in 0..rows {
+            let t = text.continuation[at + i] as usize;
+            nlls.push(-(v[i * vocab + t] as f64));
+        }
+        kl += solver::measured::kl(r, b) * rows as f64;
+        at += rows;
+    }
+    let n = nlls.len().max(1) as f64;
+    let curve = nlls
+        .chunks(128)
+        .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+        .collect();
+    (nlls.iter().sum::<f64>() / n, kl / n, curve)
+}
+
+/// An evicting expert with `scorer` and `selection` that holds `tokens` tokens from the end of
+/// the prompt on.
+fn single(
+    scorer: ScorerKind,
+    selection: Selection,
+    prompt: usize,
+    tokens: usize,
+    interval: usize,
+) -> Result<Expert> {
+    let keep = Ratio::new((tokens as f64 / prompt as f64).min(1.0))?;
+    let mut evict = EvictSetting::new(scorer, keep).with_selection(selection);
+    evict.window = evict.window.min(tokens.saturating_sub(evict.sinks));
+    Ok(Expert {
+        evict: Some(evict),
+        decode: Some(DecodeBudget { tokens, interval }),
+        ..Expert::FULL
+    })
+}
+
+/// `hetero` solved for the final length at the fp16 bytes of `tokens` tokens, each evicting
+/// layer held during decoding at what it keeps at that length.
+fn hetero<B: KvBackend>(
+    session: &Session<B>,
+    table: &solver::SensitivityTable,
+    total: usize,
+    tokens: usize,
+    interval: usize,
+) -> Result<Vec<Expert>> {
+    let geo = session.geometry(total);
+    let bytes = session
+        .model
+        .model
+        .config
+        .kv_layout()
+        .fp16_bytes(1, tokens)
+        .get();
+    let loss = |l: usize, e: usize| table.loss[l][e];
+    let planned = Method::Hetero.plan(&table.menu, &loss, &geo, bytes, true)?;
+    Ok(planned
+        .plan
+        .layers
+        .into_iter()
+        .map(|mut e| {
+            if e.evict.is_some() {
+                e.decode = Some(DecodeBudget {
+                    tokens: e.kept(total),
+                    interval,
+                });
+            }
+            e
+        })
+        .collect())
+}
+
+/// Caches of a plan (one expert per layer) or, for `None`, the full cache.
+fn caches<B: KvBackend>(
+    session: &Session<B>,
+    plan: Option<&[Expert]>,
+) -> Vec<Box<dyn LayerCache<B>>> {
+    let layers = session.model.model.config.layers;
+    match plan {
+        None => (0..layers)
+            .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
+            .collect(),
+        Some(p) => p
+            .iter()
+            .map(|e| Box::new(session.axes.cache(e.clone())) as Box<dyn LayerCache<B>>)
+            .collect(),
+    }
+}
+
+fn texts<B: KvBackend>(
+    session: &Session<B>,
+    opts: &LongGenOptions,
+    dev: bool,
+) -> Result<Vec<Text>> {
+    let n = opts.prompt + opts.continuation;
+    let split = |ids: Vec<u32>| Text {
+        prompt: ids[..opts.prompt].to_vec(),
+        continuation: ids[opts.prompt..].to_vec(),
+    };
+    if dev {
+        // Calibration prose, away from the passages the axes and routers are fitted on.
+        return (0..opts.dev_samples)
+            .map(|i| Ok(split(session.passage(1_000_000 + i * 150_000, n)?)))
+            .collect();
+    }
+    let samples = data::prose_samples(
+        &session.model.tokenizer,
+        &session.text,
+        opts.samples,
+        opts.prompt,
+        opts.continuation,
+        opts.seed ^ 0x10_6e,
+    )?;
+    Ok(samples
+        .into_iter()
+        .map(|s| match s {
+            data::Sample::Prose {
+                context,
+                continuation,
+            } => Text {
+                prompt: context,
+                continuation,
+            },
+            data::Sample::Task(t) => Text {
+                prompt: t.context,
+                continuation: t.target,
+            },
+        })
+        .collect())
+}
+
+/// Every (method, budget) of `methods` on `texts`.
+fn measure<B: KvBackend>(
+    session: &Session<B>,
+    texts: &[Text],
+    methods: &[(String, String, Option<Vec<Expert>>)],
+    interval: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<LongRecord>> {
+    let mut out = Vec::new();
+    for (si, text) in texts.iter().enumerate() {
+        let (reference, _) = feed(session, &mut caches(session, None), text, interval)?;
+        for (name, budget, plan) in methods {
+            progress.event(Event::Message(&format!("{name}@{budget}")));
+            let (blocks, peak) = feed(
+                session,
+                &mut caches(session, plan.as_deref()),
+                text,
+                interval,
+            )?;
+            let (nll, kl, nll_curve) = score(&blocks, &reference, text);
+            out.push(LongRecord {
+                method: name.clone(),
+                budget: budget.clone(),
+                sample: si,
+                nll,
+                kl,
+                peak_bytes: peak,
+                nll_curve,
+            });
+            progress.event(Event::Step);
+        }
+    }
+    Ok(out)
+}
+
+/// α's tuning: every λ at every tuning budget, on the development and the held-out split.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlphaTuning {
+    /// `(λ, budget, development NLL, held-out NLL)`.
+    pub rows: Vec<(f64, String, f64, f64)>,
+    /// The λ with the lowest development NLL summed over the tuning budgets.
+    pub chosen: f64,
+}
+
+/// Tunes α's λ on the development split and measures every λ on the held-out split too.
+pub fn tune_alpha<B: KvBackend>(
+    session: &Session<B>,
+    opts: &LongGenOptions,
+    progress: &dyn Progress,
+) -> Result<AlphaTuning> {
+    let total = opts.prompt + opts.continuation;
+    let layers = session.model.model.config.layers;
+    let mut methods = Vec::new();
+    for &l in &opts.lambdas {
+        for b in &opts.tune_budgets {
+            let sel = Selection::FacilityLocation {
+                lambda: Lambda::new(l)?,
+            };
+            let e = single(
+                ScorerKind::Trig,
+                sel,
+                opts.prompt,
+                b.tokens(total),
+                opts.interval,
+            )?;
+            methods.push((format!("α λ={l}"), b.label(), Some(vec![e; layers])));
+        }
+    }
+    progress.event(Event::Start {
+        what: "tune α",
+        total: ((opts.dev_samples + opts.samples) * methods.len()) as u64,
+    });
+    let dev = measure(
+        session,
+        &texts(session, opts, true)?,
+        &methods,
+        opts.interval,
+        progress,
+    )?;
+    let held = measure(
+        session,
+        &texts(session, opts, false)?,
+        &methods,
+        opts.interval,
+        progress,
+    )?;
+    progress.event(Event::Finish);
+    let mean = |rs: &[LongRecord], m: &str, b: &str| {
+        let v: Vec<f64> = rs
+            .iter()
+            .filter(|r| r.method == m && r.budget == b)
+            .map(|r| r.nll)
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let mut rows = Vec::new();
+    for &l in &opts.lambdas {
+        for b in &opts.tune_budgets {
+            let (m, b) = (format!("α λ={l}"), b.label());
+            rows.push((l, b.clone(), mean(&dev, &m, &b), mean(&held, &m, &b)));
+        }
+    }
+    let chosen = opts
+        .lambdas
+        .iter()
+        .copied()
+        .min_by(|a, b| {
+            let total = |l: f64| -> f64 { rows.iter().filter(|r| r.0 == l).map(|r| r.2).sum() };
+            total(*a).total_cmp(&total(*b))
+        })
+        .ok_or_else(|| EvalError::Options("α needs at least one λ".into()))?;
+    Ok(AlphaTuning { rows, chosen })
+}
+
+/// What the task found.
+#[derive(Debug, Clone, Serialize)]
+pub struct LongGenReport {
+    /// α's tuning.
+    pub alpha: AlphaTuning,
+    /// Every method, budget and held-out sample.
+    pub records: Vec<LongRecord>,
+    /// Per method and budget: mean NLL, mean KL, mean peak bytes, the paired NLL difference
+    /// to `trig` at the same budget.
+    pub rows: Vec<LongRow>,
+}
+
+/// One method at one budget, over the held-out samples.
+#[derive(Debug, Clone, Serialize)]
+pub struct LongRow {
+    /// Method.
+    pub method: String,
+    /// Budget label.
+    pub budget: String,
+    /// Mean NLL.
+    pub nll: f64,
+    /// Mean KL to the full cache.
+    pub kl: f64,
+    /// Mean peak bytes.
+    pub peak_bytes: f64,
+    /// Paired NLL difference (row − trig) with its 95 % bootstrap interval.
+    pub vs_trig: Option<Interval>,
+}
+
+/// Tunes α, then measures every method at every budget on the held-out samples.
+pub fn run<B: KvBackend>(
+    session: &Session<B>,
+    opts: &LongGenOptions,
+    progress: &dyn Progress,
+) -> Result<LongGenReport> {
+    let alpha = tune_alpha(session, opts, progress)?;
+    let table = session.table(2048, 1, None, progress)?;
+    let total = opts.prompt + opts.continuation;
+    let layers = session.model.model.config.layers;
+    let mut methods = Vec::new();
+    for b in &opts.budgets {
+        let n = b.tokens(total);
+        let label = b.label();
+        let fl = Selection::FacilityLocation {
+            lambda: Lambda::new(alpha.chosen)?,
+        };
+        for (name, scorer, sel) in [
+            ("streaming", ScorerKind::Streaming, Selection::TopK),
+            ("trig", ScorerKind::Trig, Selection::TopK),
+            ("α(trig)", ScorerKind::Trig, fl),
+        ] {
+            let e = single(scorer, sel, opts.prompt, n, opts.interval)?;
+            methods.push((name.to_string(), label.clone(), Some(vec![e; layers])));
+        }
+        match hetero(session, &table, total, n, opts.interval) {
+            Ok(p) => methods.push(("hetero".into(), label.clone(), Some(p))),
+            Err(e) => progress.event(Event::Note(&format!("hetero at {label}: {e}"))),
+        }
+    }
+    progress.event(Event::Start {
+        what: "long generation",
+        total: (opts.samples * methods.len()) as u64,
+    });
+    let records = measure(
+        session,
+        &texts(session, opts, false)?,
+        &methods,
+        opts.interval,
+        progress,
+    )?;
+    progress.event(Event::Finish);
+    let rows = rows(&records, opts.seed);
+    Ok(LongGenReport {
+        alpha,
+        records,
+        rows,
+    })
+}
+
+fn rows(records: &[LongRecord], seed: u64) -> Vec<LongRow> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in records {
+        let k = (r.method.clone(), r.budget.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(m, b)| {
+            let of = |name: &str| -> Vec<&LongRecord> {
+                records
+                    .iter()
+                    .filter(|r| r.method == name && r.budget == b)
+                    .collect()
+            };
+            let mine = of(&m);
+            let n = mine.len().max(1) as f64;
+            let trig = of("trig");
+            let diffs: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| {
+                    trig.iter()
+                        .find(|t| t.sample == r.sample)
+                        .map(|t| r.nll - t.nll)
+                })
+                .collect();
+            LongRow {
+                nll: mine.iter().map(|r| r.nll).sum::<f64>() / n,
+                kl: mine.iter().map(|r| r.kl).sum::<f64>() / n,
+                peak_bytes: mine.iter().map(|r| r.peak_bytes as f64).sum::<f64>() / n,
+                vs_trig: if m == "trig" {
+                    None
+                } else {
+                    bootstrap(&diffs, seed)
+                },
+                method: m,
+                budget: b,
+            }
+        })
+        .collect()
+}
+
+/// The report as markdown: α's tuning, then the comparison.
+pub fn markdown(r: &LongGenReport, opts: &LongGenOptions) -> String {
+    let mut s = format!(
+        "Long generation: {} prompt tokens, {} teacher-forced continuation tokens fed in blocks of {} (the re-eviction interval); {} held-out sample(s), {} development sample(s).\n\n",
+        opts.prompt, opts.continuation, opts.interval, opts.samples, opts.dev_samples
+    );
+    s.push_str("α(trig) λ, tuned on the development split (calibration prose) and measured on the held-out split:\n\n| λ | budget | dev NLL | held-out NLL |\n|---:|---|---:|---:|\n");
+    for (l, b, d, h) in &r.alpha.rows {
+        s.push_str(&format!("| {l} | {b} | {d:.4} | {h:.4} |\n"));
+    }
+    s.push_str(&format!(
+        "\nChosen λ = {} (lowest development NLL over the tuning budgets).\n\n",
+        r.alpha.chosen
+    ));
+    s.push_str("| method | budget | peak bytes | NLL ↓ | KL ↓ | Δ NLL vs trig [95 % CI] |\n|---|---|---:|---:|---:|---|\n");
+    for row in &r.rows {
+        let vs = row.vs_trig.map_or("-".into(), |i| {
+            let t = crate::stats::interval_text(&i, 3);
+            if i.resolved() { format!("**{t}**") } else { t }
+        });
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.4} | {:.4} | {vs} |\n",
+            row.method,
+            row.budget,
+            kv_tensor::Bytes(row.peak_bytes as u64),
+            row.nll,
+            row.kl
+        ));
+    }
+    s
+}
