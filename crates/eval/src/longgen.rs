@@ -20,6 +20,7 @@ use burn::tensor::activation::log_softmax;
 use kv_tensor::{FullCache, KvBackend, LayerCache, Ratio};
 use models::{Logits, PrefillOptions};
 use router::{DecodeBudget, Expert};
+
 use serde::Serialize;
 use solver::Method;
 
@@ -84,11 +85,11 @@ impl Default for LongGenOptions {
                 TokenBudget::Tokens(256),
                 TokenBudget::Share(Ratio::new(0.125).unwrap_or(Ratio::ONE)),
             ],
-            interval: 16,
-            samples: 4,
+            interval: 32,
+            samples: 3,
             dev_samples: 2,
-            lambdas: vec![0.0, 0.25, 0.5, 1.0, 2.0],
-            tune_budgets: vec![TokenBudget::Tokens(64), TokenBudget::Tokens(128)],
+            lambdas: vec![0.0, 0.5, 1.0],
+            tune_budgets: vec![TokenBudget::Tokens(64)],
             seed: 1,
         }
     }
@@ -209,20 +210,7 @@ fn hetero<B: KvBackend>(
         .get();
     let loss = |l: usize, e: usize| table.loss[l][e];
     let planned = Method::Hetero.plan(&table.menu, &loss, &geo, bytes, true)?;
-    Ok(planned
-        .plan
-        .layers
-        .into_iter()
-        .map(|mut e| {
-            if e.evict.is_some() {
-                e.decode = Some(DecodeBudget {
-                    tokens: e.kept(total),
-                    interval,
-                });
-            }
-            e
-        })
-        .collect())
+    Ok(planned.plan.with_decode(total, interval).layers)
 }
 
 /// Caches of a plan (one expert per layer) or, for `None`, the full cache.

@@ -2,8 +2,9 @@
 //!
 //! Not every burn backend stores `f16` floats (burn-ndarray does not), so the half-precision
 //! value is kept as its IEEE-754 binary16 bit pattern in a `u16` integer tensor: two bytes per
-//! value on every backend, as the footprint says. Encoding and decoding are tensor ops; powers of
-//! two come from a 32-entry table so decoding is exact.
+//! value on every backend, as the footprint says. Encoding and decoding are tensor ops (on host
+//! backends encoding is one pass of the `half` crate); powers of two come from a 32-entry table
+//! so decoding is exact.
 use crate::Bytes;
 use crate::KvBackend;
 use burn::tensor::{Int, IntDType, Tensor, TensorData};
@@ -35,6 +36,27 @@ impl<B: KvBackend, const D: usize> Fp16Tensor<B, D> {
                 bits: Tensor::<B, D, Int>::zeros(dims, &device).cast(IntDType::U16),
             };
         }
+        if crate::host::is_host(&x)
+            && let Ok(v) = x.to_data().into_vec::<f32>()
+        {
+            // Host memory: one pass with the `half` crate (round to nearest even), saturated
+            // like the tensor path. The tensor ops below cost a dozen passes and a log.
+            let bits: Vec<i32> = v
+                .iter()
+                .map(|a| half::f16::from_f32(a.clamp(-MAX_HALF, MAX_HALF)).to_bits() as i32)
+                .collect();
+            let bits = Tensor::<B, D, Int>::from_data(TensorData::new(bits, dims), &device);
+            return Self {
+                bits: bits.cast(IntDType::U16),
+            };
+        }
+        Self::encode_ops(x)
+    }
+
+    /// [`Self::encode`] as tensor ops, for backends whose tensors do not live on the host.
+    fn encode_ops(x: Tensor<B, D>) -> Self {
+        let device = x.device();
+        let dims = x.dims();
         let negative = x.clone().lower_elem(0.0);
         let a = x.abs().clamp_max(MAX_HALF);
         let subnormal = a.clone().lower_elem(MIN_NORMAL);
@@ -182,7 +204,17 @@ mod tests {
         let device = Default::default();
         let n = values.len();
         let t = Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
-        let enc = Fp16Tensor::encode(t);
+        // The host pass and the tensor ops (the GPU path) each round to nearest.
+        for enc in [
+            Fp16Tensor::encode(t.clone()),
+            Fp16Tensor::encode_ops(t.clone()),
+        ] {
+            check_encoded(&values, enc);
+        }
+    }
+
+    fn check_encoded(values: &[f32], enc: Fp16Tensor<B, 1>) {
+        let n = values.len();
         assert_eq!(enc.bytes(), Bytes(2 * n as u64));
         let bits: Vec<i64> = enc
             .bits

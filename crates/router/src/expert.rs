@@ -64,7 +64,12 @@ pub struct DecodeBudget {
 }
 
 fn default_interval() -> usize {
-    PROJECT_GROUP
+    DecodeBudget::DEFAULT_INTERVAL
+}
+
+impl DecodeBudget {
+    /// The default cadence: one projection group of generated tokens.
+    pub const DEFAULT_INTERVAL: usize = PROJECT_GROUP;
 }
 
 /// Recent decoding queries the scorers observe at a re-eviction.

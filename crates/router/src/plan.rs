@@ -111,6 +111,26 @@ impl RoutingPlan {
         }
     }
 
+    /// The plan held through a generation to `total` tokens (prompt + generated): every layer
+    /// that evicts with a scorer able to run during decoding gets a decode budget of what it
+    /// keeps of `total` tokens, re-evicting every `interval` generated tokens, so the cache
+    /// stays at the plan's bytes for `total` tokens however the generation grows. Layers that
+    /// do not evict, or whose scorer needs the prefill's attention mass (H2O), keep growing.
+    pub fn with_decode(mut self, total: usize, interval: usize) -> Self {
+        for e in &mut self.layers {
+            if let Some(ev) = e.evict
+                && !ev.scorer.needs().attention_mass
+                && !matches!(ev.selection, axis_evict::Selection::HeadWise { .. })
+            {
+                e.decode = Some(crate::DecodeBudget {
+                    tokens: e.kept(total).max(ev.sinks + ev.window),
+                    interval,
+                });
+            }
+        }
+        self
+    }
+
     /// Parses and validates a plan for a model with `layers` layers of head dimension
     /// `head_dim`. Bit widths, ratios and group sizes are validated by their types during
     /// parsing; unknown keys are rejected; ranks and combinations by [`Expert::validate`].

@@ -40,6 +40,7 @@ pub fn bench(args: &Bench) -> Result<()> {
             solver: "greedy".into(),
             table: None,
             context: None,
+            generate: None,
             out,
             json: true,
             model: model.clone(),

@@ -49,7 +49,11 @@ impl LongGen {
         let opts = LongGenOptions {
             prompt: self.prompt,
             continuation: self.continuation,
-            budgets: self.budgets.iter().map(|b| budget(b)).collect::<Result<_>>()?,
+            budgets: self
+                .budgets
+                .iter()
+                .map(|b| budget(b))
+                .collect::<Result<_>>()?,
             samples: self.samples,
             dev_samples: self.dev_samples,
             ..Default::default()
@@ -63,9 +67,16 @@ impl LongGen {
         };
         std::fs::create_dir_all(&out)?;
         std::fs::write(out.join("longgen.md"), &md)?;
-        std::fs::write(out.join("longgen.json"), serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(
+            out.join("longgen.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
         print!("{md}");
-        println!("\n{:.0} s; written to {}", t0.elapsed().as_secs_f64(), out.display());
+        println!(
+            "\n{:.0} s; written to {}",
+            t0.elapsed().as_secs_f64(),
+            out.display()
+        );
         Ok(())
     }
 }

@@ -25,6 +25,11 @@ pub struct Solve {
     /// whole quantization groups make a plan's ratio drift at other lengths.
     #[arg(long)]
     pub context: Option<usize>,
+    /// Tokens to be generated after the prompt: the plan is solved for prompt + generated
+    /// tokens, and every evicting layer gets a decode budget that holds it there while
+    /// generating (re-evicting every 32 generated tokens with its scorer).
+    #[arg(long)]
+    pub generate: Option<usize>,
     /// Where to write the plan.
     #[arg(long, default_value = "plan.toml")]
     pub out: PathBuf,
@@ -89,7 +94,7 @@ pub fn solve(a: &Solve) -> Result<()> {
         table.loss.len(),
         layout.layers
     );
-    let tokens = a.context.unwrap_or(table.tokens);
+    let tokens = a.context.unwrap_or(table.tokens) + a.generate.unwrap_or(0);
     anyhow::ensure!(tokens > 0, "--context must be at least one token");
     let geo = eval::methods::geometry(layout, tokens);
     let fp16 = layout.fp16_bytes(1, tokens);
@@ -100,6 +105,9 @@ pub fn solve(a: &Solve) -> Result<()> {
         bytes,
         predicted_loss,
     } = method.plan(&table.menu, &loss, &geo, budget_bytes, exact)?;
+    if a.generate.is_some() {
+        plan = plan.with_decode(tokens, router::DecodeBudget::DEFAULT_INTERVAL);
+    }
     plan.sized_for = Some(router::SizedFor {
         tokens,
         bytes: bytes.get(),
@@ -107,7 +115,12 @@ pub fn solve(a: &Solve) -> Result<()> {
     });
     std::fs::write(out, plan.to_toml()?).with_context(|| format!("writing {}", out.display()))?;
     let loss_at = |l: usize, e: &router::Expert| {
-        let i = table.menu.iter().position(|m| m == e)?;
+        // A decode budget is added after solving: the menu's expert is the one without it.
+        let plain = router::Expert {
+            decode: None,
+            ..e.clone()
+        };
+        let i = table.menu.iter().position(|m| *m == plain)?;
         Some(table.loss[l][i])
     };
     let show = |x: Option<f64>| x.map_or_else(|| "-".into(), |x| format!("{x:.4}"));
