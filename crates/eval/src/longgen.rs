@@ -539,3 +539,53 @@ pub fn markdown(r: &LongGenReport, opts: &LongGenOptions) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(method: &str, sample: usize, nll: f64) -> LongRecord {
+        LongRecord {
+            method: method.into(),
+            budget: "64".into(),
+            sample,
+            nll,
+            kl: 0.0,
+            peak_bytes: 100,
+            nll_curve: vec![nll],
+        }
+    }
+
+    #[test]
+    fn budgets_read_as_tokens_or_shares() {
+        assert_eq!(TokenBudget::Tokens(64).tokens(1280), 64);
+        let eighth = TokenBudget::Share(Ratio::new(0.125).expect("ratio"));
+        assert_eq!(eighth.tokens(1280), 160);
+        assert_eq!(eighth.label(), "1/8");
+    }
+
+    /// Rows pair each method with trig on the same samples; a method better on every sample
+    /// resolves below zero, trig itself has no interval.
+    #[test]
+    fn rows_pair_with_trig_per_sample() {
+        let mut rs = Vec::new();
+        for s in 0..4 {
+            rs.push(record("trig", s, 3.0 + s as f64 * 0.1));
+            rs.push(record(
+                "hetero",
+                s,
+                2.8 + s as f64 * 0.1 + (s % 2) as f64 * 0.01,
+            ));
+        }
+        let rows = rows(&rs, 1);
+        let trig = rows.iter().find(|r| r.method == "trig").expect("trig row");
+        assert!(trig.vs_trig.is_none());
+        let h = rows
+            .iter()
+            .find(|r| r.method == "hetero")
+            .expect("hetero row");
+        let i = h.vs_trig.expect("interval");
+        assert!(i.resolved() && i.hi < 0.0, "{i:?}");
+        assert!((h.nll - 2.955).abs() < 1e-9);
+    }
+}

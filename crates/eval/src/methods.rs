@@ -355,6 +355,60 @@ mod tests {
         assert_eq!(RoutingPlan::from_toml(&text, 30, 64).expect("parses"), p);
     }
 
+    /// MoQAE's two rankings meet at matched bytes: where quantization alone reaches the
+    /// budget both are planned with the same fitted share, elsewhere both are reported skipped.
+    #[test]
+    fn learned_and_heuristic_moqae_share_the_budget_fit() {
+        use axis_quant::moqae::learned::{LearnedRouter, RouterMlp};
+        let f = 2 * 3 * 64;
+        let mlp = RouterMlp {
+            mean: vec![0.0; f],
+            scale: vec![1.0; f],
+            w1: vec![0.0; f * 4],
+            w2: vec![0.0; f * 4],
+            w3: vec![0.0; 4 * 3],
+            hidden: 4,
+        };
+        let learned = Arc::new(LearnedRouter {
+            experts: axis_quant::moqae::AttentionMassRouter::default_experts(),
+            lambda: 0.5,
+            layers_per_router: 30,
+            mlps: vec![mlp],
+        });
+        let tokens = 2048;
+        let layout = KvLayout::new(30, 3, 9, 64).expect("layout");
+        let geo = geometry(layout, tokens);
+        let fp16 = layout.fp16_bytes(1, tokens).get();
+        let budgets: Vec<(String, u64)> = vec![("1/4".into(), fp16 / 4), ("1/8".into(), fp16 / 8)];
+        let mut skips = Skips::default();
+        let e = entries(
+            &table(tokens),
+            &geo,
+            &budgets,
+            false,
+            &[],
+            Some(&learned),
+            &mut skips,
+        );
+        let names: Vec<(&str, &str)> = e
+            .iter()
+            .map(|x| (x.name.as_str(), x.budget.as_str()))
+            .collect();
+        assert!(names.contains(&("moqae", "1/4")) && names.contains(&("moqae-heuristic", "1/4")));
+        assert!(!names.iter().any(|(_, b)| *b == "1/8"));
+        let lines = skips.lines(1);
+        assert!(
+            lines.iter().any(|l| l.starts_with("moqae at 1/8")),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("moqae-heuristic at 1/8")),
+            "{lines:?}"
+        );
+    }
+
     /// Every planned entry fits its budget at the sample's length, names are unique per
     /// budget, and what could not be planned is reported, not dropped silently.
     #[test]

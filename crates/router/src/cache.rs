@@ -340,6 +340,13 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         self.prefilled = true;
         self.layer_idx = ctx.layer;
+        if self.expert.decode.is_some()
+            && let Some(q) = &ctx.window_queries
+        {
+            // The prompt's observation window is what the first re-eviction sees until
+            // decoding queries replace it.
+            self.recent.record(q);
+        }
         if self.chunked.is_some() {
             return self.compress_step(ctx);
         }

@@ -10,3 +10,4 @@ mod proxy_vs_kl;
 mod quant;
 mod qwen2_chat;
 mod reference_logits;
+mod seeds;
