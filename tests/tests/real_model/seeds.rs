@@ -38,9 +38,15 @@ fn continuation_nll(caches: &mut [Box<dyn LayerCache<B>>], prompt: &[u32], ids: 
 fn learned_moqae_router_trains_on_the_frozen_model() {
     let m = model();
     let ids = prose_tokens(300_000, 512 + 64);
-    let set =
-        solver::moqae::training_set(&m.model, &[ids.clone()], 512, 64, DEFAULT_CHUNK, |_, _| {})
-            .expect("training set");
+    let set = solver::moqae::training_set(
+        &m.model,
+        std::slice::from_ref(&ids),
+        512,
+        64,
+        DEFAULT_CHUNK,
+        |_, _| {},
+    )
+    .expect("training set");
     assert_eq!(
         set.features,
         2 * m.model.config.kv_heads * m.model.config.head_dim

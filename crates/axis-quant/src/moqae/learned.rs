@@ -49,14 +49,15 @@ impl RouterMlp {
 
     /// Routing logits of one token.
     fn logits(&self, x: &[f32], experts: usize) -> Vec<f32> {
-        let (f, h) = (self.features(), self.hidden);
+        let h = self.hidden;
         let mut a = vec![0f32; h];
         let mut b = vec![0f32; h];
-        for i in 0..f {
-            let xi = (x[i] - self.mean[i]) / self.scale[i];
-            for j in 0..h {
-                a[j] += xi * self.w1[i * h + j];
-                b[j] += xi * self.w2[i * h + j];
+        for (i, ((xv, m), s)) in x.iter().zip(&self.mean).zip(&self.scale).enumerate() {
+            let xi = (xv - m) / s;
+            let (r1, r2) = (&self.w1[i * h..][..h], &self.w2[i * h..][..h]);
+            for (((aj, bj), w1), w2) in a.iter_mut().zip(b.iter_mut()).zip(r1).zip(r2) {
+                *aj += xi * w1;
+                *bj += xi * w2;
             }
         }
         let mut out = vec![0f32; experts];
@@ -97,7 +98,7 @@ impl LearnedRouter {
     /// Per-token expert probabilities of `rows` (`[tokens × features]`) at `layer`.
     pub fn probabilities(&self, layer: usize, rows: &[f32]) -> Result<Vec<Vec<f32>>, KvError> {
         let f = self.features();
-        if f == 0 || rows.len() % f != 0 {
+        if f == 0 || !rows.len().is_multiple_of(f) {
             return Err(KvError::Shape {
                 context: "MoQAE router features",
                 expected: vec![f],
@@ -275,7 +276,7 @@ impl Default for TrainOptions {
             steps: 300,
             batch: 2048,
             learning_rate: 1e-2,
-            seed: 0x6d6f_7161_65,
+            seed: 0x006d_6f71_6165,
         }
     }
 }
