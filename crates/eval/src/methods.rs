@@ -18,8 +18,9 @@ pub enum Build {
     Full,
     /// A routing plan: one expert per layer.
     Plan(RoutingPlan),
-    /// MoQAE chunk-level mixed precision with this router (the first chunk fp16).
-    Chunks(Arc<dyn ChunkRouter>),
+    /// MoQAE chunk-level mixed precision with this router over chunks of this many tokens
+    /// (the first chunk fp16).
+    Chunks(Arc<dyn ChunkRouter>, usize),
 }
 
 /// A method at a budget, ready to build caches.
@@ -76,9 +77,9 @@ impl Entry {
                 .iter()
                 .map(|e| Box::new(axes.cache(e.clone())) as Box<dyn LayerCache<B>>)
                 .collect(),
-            Build::Chunks(router) => (0..layers)
+            Build::Chunks(router, chunk) => (0..layers)
                 .map(|l| {
-                    Box::new(MoqaeCache::<B>::new(router.clone(), l, MOQAE_CHUNK))
+                    Box::new(MoqaeCache::<B>::new(router.clone(), l, *chunk))
                         as Box<dyn LayerCache<B>>
                 })
                 .collect(),
@@ -226,12 +227,12 @@ pub fn entries(
             out.push(Entry {
                 name: "moqae".into(),
                 budget: label.clone(),
-                build: Build::Chunks(ranked),
+                build: Build::Chunks(ranked, MOQAE_CHUNK),
             });
             out.push(Entry {
                 name: "moqae-heuristic".into(),
                 budget: label.clone(),
-                build: Build::Chunks(Arc::new(budget)),
+                build: Build::Chunks(Arc::new(budget), MOQAE_CHUNK),
             });
         }
     }

@@ -20,8 +20,62 @@ pub const TRAIN_PASSAGES: usize = 2;
 pub const TRAIN_CONTEXT: usize = 1024;
 /// Held-out continuation tokens whose attention weighs the routed tokens.
 pub const TRAIN_FUTURE: usize = 64;
-/// λ of the router the budgeted `moqae` entries rank chunks with.
-pub const DEFAULT_LAMBDA: f64 = 0.5;
+/// How a learned router is trained and used: λ, tokens per chunk (a multiple of the KIVI
+/// group, 32) and adjacent layers per router (routing sharing; `usize::MAX`: one router).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterConfig {
+    /// Weight of the model term against the memory term, in [0, 1].
+    pub lambda: f64,
+    /// Tokens per routed chunk.
+    pub chunk: usize,
+    /// Adjacent layers sharing one router.
+    pub layers_per_router: usize,
+}
+
+impl Default for RouterConfig {
+    /// The router the budgeted `moqae` entries rank chunks with: λ = 0.5, MoQAE's 32-token
+    /// chunks, one router shared by every layer (the paper's routing sharing).
+    fn default() -> Self {
+        Self {
+            lambda: 0.5,
+            chunk: DEFAULT_CHUNK,
+            layers_per_router: usize::MAX,
+        }
+    }
+}
+
+impl RouterConfig {
+    fn check(&self) -> Result<()> {
+        let group = axis_quant::GroupSize::DEFAULT.get();
+        if self.chunk == 0 || !self.chunk.is_multiple_of(group) {
+            return Err(crate::EvalError::Options(format!(
+                "MoQAE chunk {} tokens: a multiple of the quantization group ({group})",
+                self.chunk
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.lambda) || self.layers_per_router == 0 {
+            return Err(crate::EvalError::Options(format!(
+                "MoQAE λ {} (in [0, 1]) and {} layers per router (at least 1)",
+                self.lambda, self.layers_per_router
+            )));
+        }
+        Ok(())
+    }
+
+    fn file_name(&self, sha: &str) -> String {
+        let share = if self.layers_per_router == usize::MAX {
+            String::new()
+        } else {
+            format!("-g{}", self.layers_per_router)
+        };
+        format!(
+            "{}-moqae-l{}-c{}{share}.json",
+            &sha[..12],
+            self.lambda,
+            self.chunk
+        )
+    }
+}
 /// λ values of the sweep.
 pub const SWEEP: [f64; 5] = [0.2, 0.35, 0.5, 0.65, 0.8];
 
@@ -35,13 +89,17 @@ pub fn experts() -> Vec<Bits> {
 }
 
 impl<B: KvBackend> Session<B> {
-    /// The router trained at `lambda` on this model's calibration prose, from the calibration
-    /// directory (`<sha12>-moqae-l<λ>.json`, checked against the model's features) or trained
-    /// and written there.
-    pub fn moqae_router(&self, lambda: f64, progress: &dyn Progress) -> Result<Arc<LearnedRouter>> {
-        let path = self
-            .calibration_dir()
-            .join(format!("{}-moqae-l{lambda}.json", &self.sha[..12]));
+    /// The router trained as `cfg` says on this model's calibration prose, from the calibration
+    /// directory (`<sha12>-moqae-l<λ>-c<chunk>[-g<layers>].json`, checked against the model's
+    /// features) or trained and written there.
+    pub fn moqae_router(
+        &self,
+        cfg: &RouterConfig,
+        progress: &dyn Progress,
+    ) -> Result<Arc<LearnedRouter>> {
+        cfg.check()?;
+        let lambda = cfg.lambda;
+        let path = self.calibration_dir().join(cfg.file_name(&self.sha));
         let layout = self.model.model.config.kv_layout();
         let features = 2 * layout.kv_heads * layout.head_dim;
         if let Ok(text) = std::fs::read_to_string(&path) {
@@ -65,11 +123,12 @@ impl<B: KvBackend> Session<B> {
             &ids,
             TRAIN_CONTEXT,
             TRAIN_FUTURE,
-            DEFAULT_CHUNK,
+            cfg.chunk,
             |_, _| {},
         )?;
         let opts = TrainOptions {
             lambda,
+            layers_per_router: cfg.layers_per_router,
             ..Default::default()
         };
         progress.event(Event::Start {
@@ -111,6 +170,7 @@ pub struct SweepRow {
 pub fn sweep<B: KvBackend>(
     session: &Session<B>,
     lambdas: &[f64],
+    base: &RouterConfig,
     prose_samples: usize,
     context: usize,
     continuation: usize,
@@ -119,7 +179,10 @@ pub fn sweep<B: KvBackend>(
 ) -> Result<Vec<SweepRow>> {
     let routers: Vec<(f64, Arc<LearnedRouter>)> = lambdas
         .iter()
-        .map(|&l| Ok((l, session.moqae_router(l, progress)?)))
+        .map(|&lambda| {
+            let cfg = RouterConfig { lambda, ..*base };
+            Ok((lambda, session.moqae_router(&cfg, progress)?))
+        })
         .collect::<Result<_>>()?;
     let m = &session.model;
     let samples = data::prose_samples(
@@ -180,19 +243,28 @@ pub fn sweep<B: KvBackend>(
                 low: bits(b),
                 share: kv_tensor::Ratio::ONE,
             });
-            let r = measure(name, Build::Chunks(router), reference.as_ref())?;
+            let r = measure(name, Build::Chunks(router, base.chunk), reference.as_ref())?;
             add(name, row(&r.record));
         }
         for (lambda, router) in &routers {
             let voting: Arc<dyn ChunkRouter> = Arc::new(Voting {
                 router: router.clone(),
-                chunk: DEFAULT_CHUNK,
+                chunk: base.chunk,
             });
-            let learned = measure("moqae", Build::Chunks(voting), reference.as_ref())?;
+            let learned = measure(
+                "moqae",
+                Build::Chunks(voting, base.chunk),
+                reference.as_ref(),
+            )?;
             add(&format!("moqae λ={lambda}"), row(&learned.record));
             let shape: LayerShape = layout.layer_shape(1, sample.context().len());
-            let heuristic = matched_heuristic(&shape, layout.layers, learned.record.bytes);
-            let r = measure("heuristic", Build::Chunks(heuristic), reference.as_ref())?;
+            let heuristic =
+                matched_heuristic(&shape, layout.layers, learned.record.bytes, base.chunk);
+            let r = measure(
+                "heuristic",
+                Build::Chunks(heuristic, base.chunk),
+                reference.as_ref(),
+            )?;
             add(&format!("moqae-heuristic @ λ={lambda}"), row(&r.record));
         }
     }
@@ -211,13 +283,18 @@ pub fn sweep<B: KvBackend>(
 
 /// The heuristic (attention-mass ranking) at `bytes`: the widest adjacent pair of MoQAE's
 /// experts whose narrower width alone fits, with the largest share of the wider that fits.
-fn matched_heuristic(shape: &LayerShape, layers: usize, bytes: u64) -> Arc<dyn ChunkRouter> {
+fn matched_heuristic(
+    shape: &LayerShape,
+    layers: usize,
+    bytes: u64,
+    chunk: usize,
+) -> Arc<dyn ChunkRouter> {
     for (high, low) in [(16, 4), (4, 2)] {
         if let Some(r) = BudgetedRouter::fit(
             bits(high),
             bits(low),
             shape,
-            DEFAULT_CHUNK,
+            chunk,
             layers,
             kv_tensor::Bytes(bytes),
         ) {

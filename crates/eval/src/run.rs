@@ -61,7 +61,7 @@ pub fn run<B: KvBackend>(
     let learned = if opts.quick {
         None
     } else {
-        Some(session.moqae_router(crate::moqae::DEFAULT_LAMBDA, progress)?)
+        Some(session.moqae_router(&crate::moqae::RouterConfig::default(), progress)?)
     };
     let plans = plan_all(session, &table, &groups, opts, learned.as_ref(), &mut skips)?;
     let skipped = skips.lines(groups.iter().map(|(_, s)| s.len()).sum());
@@ -84,6 +84,7 @@ pub fn run<B: KvBackend>(
         crate::moqae::sweep(
             session,
             &crate::moqae::SWEEP,
+            &crate::moqae::RouterConfig::default(),
             opts.prose_samples,
             opts.prose_context,
             opts.continuation,

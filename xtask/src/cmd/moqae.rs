@@ -11,6 +11,12 @@ pub struct Moqae {
     /// λ values (weight of the model term against the memory term, each in [0, 1]).
     #[arg(long, value_delimiter = ',', default_values_t = eval::moqae::SWEEP.to_vec())]
     lambdas: Vec<f64>,
+    /// Tokens per routed chunk (a multiple of 32, the quantization group).
+    #[arg(long, default_value_t = axis_quant::moqae::DEFAULT_CHUNK)]
+    chunk: usize,
+    /// Adjacent layers sharing one router (routing sharing) [default: one router for all].
+    #[arg(long)]
+    layers_per_router: Option<usize>,
     /// Prose samples the sweep is measured on.
     #[arg(long, default_value_t = 4)]
     prose_samples: usize,
@@ -34,6 +40,11 @@ impl Moqae {
         let rows = eval::moqae::sweep(
             &s,
             &self.lambdas,
+            &eval::moqae::RouterConfig {
+                chunk: self.chunk,
+                layers_per_router: self.layers_per_router.unwrap_or(usize::MAX),
+                ..Default::default()
+            },
             self.prose_samples,
             self.context,
             self.continuation,
