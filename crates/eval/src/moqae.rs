@@ -165,19 +165,33 @@ pub struct SweepRow {
     pub kl: f64,
 }
 
+/// What the λ sweep measures.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// λ values, each its own trained router.
+    pub lambdas: Vec<f64>,
+    /// Chunk size and routing sharing (its λ is replaced by each of `lambdas`).
+    pub router: RouterConfig,
+    /// Prose samples.
+    pub prose_samples: usize,
+    /// Context tokens of each.
+    pub context: usize,
+    /// Continuation tokens scored.
+    pub continuation: usize,
+    /// Seed of the samples (the eval's, for the eval's samples).
+    pub seed: u64,
+}
+
 /// The sweep on prose samples (the eval's, for the same seed): each learned λ routed as trained (argmax and
 /// majority vote), each followed by the heuristic fitted to the bytes it reached.
 pub fn sweep<B: KvBackend>(
     session: &Session<B>,
-    lambdas: &[f64],
-    base: &RouterConfig,
-    prose_samples: usize,
-    context: usize,
-    continuation: usize,
-    seed: u64,
+    opts: &SweepOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<SweepRow>> {
-    let routers: Vec<(f64, Arc<LearnedRouter>)> = lambdas
+    let base = &opts.router;
+    let routers: Vec<(f64, Arc<LearnedRouter>)> = opts
+        .lambdas
         .iter()
         .map(|&lambda| {
             let cfg = RouterConfig { lambda, ..*base };
@@ -188,15 +202,15 @@ pub fn sweep<B: KvBackend>(
     let samples = data::prose_samples(
         &m.tokenizer,
         &session.text,
-        prose_samples,
-        context,
-        continuation,
-        seed,
+        opts.prose_samples,
+        opts.context,
+        opts.continuation,
+        opts.seed,
     )?;
-    let groups = vec![(context, samples)];
+    let groups = vec![(opts.context, samples)];
     let recs = prefill_all(m, &groups, &PrefillOptions::default(), progress)?;
     let layout = m.model.config.kv_layout();
-    let fp16 = layout.fp16_bytes(1, context).get();
+    let fp16 = layout.fp16_bytes(1, opts.context).get();
     let mut sums: Vec<(String, [f64; 3])> = Vec::new();
     let mut add = |name: &str, v: [f64; 3]| match sums.iter_mut().find(|(n, _)| n == name) {
         Some((_, s)) => (0..3).for_each(|i| s[i] += v[i]),
@@ -213,7 +227,7 @@ pub fn sweep<B: KvBackend>(
             rec,
             own_prefill: None,
             sample,
-            length: context,
+            length: opts.context,
             index: i,
             fp16,
         };

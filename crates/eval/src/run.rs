@@ -81,16 +81,15 @@ pub fn run<B: KvBackend>(
     let moqae = if opts.quick || opts.prose_samples == 0 {
         Vec::new()
     } else {
-        crate::moqae::sweep(
-            session,
-            &crate::moqae::SWEEP,
-            &crate::moqae::RouterConfig::default(),
-            opts.prose_samples,
-            opts.prose_context,
-            opts.continuation,
-            opts.seed,
-            progress,
-        )?
+        let sweep = crate::moqae::SweepOptions {
+            lambdas: crate::moqae::SWEEP.to_vec(),
+            router: crate::moqae::RouterConfig::default(),
+            prose_samples: opts.prose_samples,
+            context: opts.prose_context,
+            continuation: opts.continuation,
+            seed: opts.seed,
+        };
+        crate::moqae::sweep(session, &sweep, progress)?
     };
     let findings = report::Findings {
         summary: &summary,

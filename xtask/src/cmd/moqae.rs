@@ -37,20 +37,19 @@ impl Moqae {
     /// Trains (or loads) the routers and prints the sweep as markdown.
     pub fn run(self) -> Result<()> {
         let s = crate::session::open(&self.model)?;
-        let rows = eval::moqae::sweep(
-            &s,
-            &self.lambdas,
-            &eval::moqae::RouterConfig {
+        let opts = eval::moqae::SweepOptions {
+            lambdas: self.lambdas,
+            router: eval::moqae::RouterConfig {
                 chunk: self.chunk,
                 layers_per_router: self.layers_per_router.unwrap_or(usize::MAX),
                 ..Default::default()
             },
-            self.prose_samples,
-            self.context,
-            self.continuation,
-            self.seed,
-            &Bars::default(),
-        )?;
+            prose_samples: self.prose_samples,
+            context: self.context,
+            continuation: self.continuation,
+            seed: self.seed,
+        };
+        let rows = eval::moqae::sweep(&s, &opts, &Bars::default())?;
         print!("{}", eval::moqae::markdown(&rows));
         Ok(())
     }
