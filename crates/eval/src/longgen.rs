@@ -526,7 +526,14 @@ pub fn markdown(r: &LongGenReport, opts: &LongGenOptions) -> String {
     for row in &r.rows {
         let vs = row.vs_trig.map_or("-".into(), |i| {
             let t = crate::stats::interval_text(&i, 3);
-            if i.resolved() { format!("**{t}**") } else { t }
+            if i.lo.abs().max(i.hi.abs()) < 1e-9 {
+                // Same kept tokens up to float rounding (α at λ = 0 is top-k).
+                "0 (the same selection)".into()
+            } else if i.resolved() {
+                format!("**{t}**")
+            } else {
+                t
+            }
         });
         s.push_str(&format!(
             "| {} | {} | {} | {:.4} | {:.4} | {vs} |\n",
