@@ -76,8 +76,12 @@ impl RouterConfig {
         )
     }
 }
-/// λ values of the sweep.
+/// λ values of `cargo xtask moqae`'s sweep.
 pub const SWEEP: [f64; 5] = [0.2, 0.35, 0.5, 0.65, 0.8];
+
+/// λ values of the sweep at the end of the default eval (its ends and middle, to keep the run's
+/// time).
+pub const EVAL_SWEEP: [f64; 3] = [0.2, 0.5, 0.8];
 
 fn bits(b: u8) -> Bits {
     Bits::try_from(b).unwrap_or(Bits::Full)

@@ -82,7 +82,7 @@ pub fn run<B: KvBackend>(
         Vec::new()
     } else {
         let sweep = crate::moqae::SweepOptions {
-            lambdas: crate::moqae::SWEEP.to_vec(),
+            lambdas: crate::moqae::EVAL_SWEEP.to_vec(),
             router: crate::moqae::RouterConfig::default(),
             prose_samples: opts.prose_samples,
             context: opts.prose_context,
