@@ -219,8 +219,18 @@ pub fn all(records: &[Record], rows: &[(String, String)], seed: u64) -> Vec<Comp
     for (m, b) in rows.iter().filter(|(_, b)| b != "-") {
         let mine = of(m, b);
         out.push(compare(&mine, &full, [m, b, "full"], seed));
-        if let Some(o) = best_other(records, rows, m, b) {
+        let best = best_other(records, rows, m, b);
+        if let Some(o) = best {
             out.push(compare(&mine, &of(o, b), [m, b, o], seed));
+        }
+        // MoQAE's two rankings run at matched bytes to settle one question: does the learned
+        // router beat the heuristic? Always asked, whichever method is best otherwise.
+        let (learned, heuristic) = ("moqae", "moqae-heuristic");
+        if m == learned
+            && best != Some(heuristic)
+            && rows.iter().any(|(x, y)| x == heuristic && y == b)
+        {
+            out.push(compare(&mine, &of(heuristic, b), [m, b, heuristic], seed));
         }
     }
     out
@@ -235,6 +245,29 @@ mod tests {
         let mut r = crate::measure::test_record(method, "1/8", "vt", 50.0, logp);
         r.sample = sample;
         r
+    }
+
+    /// The learned MoQAE row is always paired with the heuristic one, even when another
+    /// method is its best rival.
+    #[test]
+    fn learned_moqae_is_always_compared_with_the_heuristic() {
+        let mut records = Vec::new();
+        for s in 0..3 {
+            records.push(rec("hetero", s, -0.5));
+            records.push(rec("moqae", s, -1.0 - s as f64 * 0.1));
+            records.push(rec("moqae-heuristic", s, -1.2));
+        }
+        let rows: Vec<(String, String)> = ["hetero", "moqae", "moqae-heuristic"]
+            .iter()
+            .map(|m| (m.to_string(), "1/8".to_string()))
+            .collect();
+        let c = all(&records, &rows, 1);
+        let against: Vec<&str> = c
+            .iter()
+            .filter(|c| c.method == "moqae")
+            .map(|c| c.against.as_str())
+            .collect();
+        assert_eq!(against, vec!["full", "hetero", "moqae-heuristic"]);
     }
 
     #[test]
