@@ -86,7 +86,7 @@ impl Default for LongGenOptions {
                 TokenBudget::Share(Ratio::new(0.125).unwrap_or(Ratio::ONE)),
             ],
             interval: 32,
-            samples: 3,
+            samples: 4,
             dev_samples: 2,
             lambdas: vec![0.0, 0.5, 1.0],
             tune_budgets: vec![TokenBudget::Tokens(64)],

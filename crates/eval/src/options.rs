@@ -44,6 +44,8 @@ pub struct EvalOptions {
     /// A user's data set in RULER's jsonl format, measured beside the built-in suite (or
     /// instead of it, with no `tasks` and no prose samples).
     pub dataset: Option<crate::dataset::Dataset>,
+    /// Also run the long-generation task ([`crate::longgen`]) and append it to the report.
+    pub long_generation: Option<crate::longgen::LongGenOptions>,
     /// Where results.md, results.json and the plots go.
     pub out: PathBuf,
 }
@@ -70,6 +72,7 @@ impl EvalOptions {
             chunked_prefill: false,
             qa_dir: None,
             dataset: None,
+            long_generation: None,
             out,
         }
     }

@@ -29,6 +29,11 @@ pub struct Findings<'a> {
     pub seconds: f64,
     /// MoQAE's λ sweep on prose (empty when it did not run).
     pub moqae: &'a [crate::moqae::SweepRow],
+    /// The long-generation task and its options, when it ran.
+    pub long_generation: Option<(
+        &'a crate::longgen::LongGenReport,
+        &'a crate::longgen::LongGenOptions,
+    )>,
 }
 
 /// The results as markdown: the run's settings, one row per method and budget, the paired
@@ -104,6 +109,10 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
         for line in skipped {
             s.push_str(&format!("- {line}\n"));
         }
+    }
+    if let Some((r, o)) = f.long_generation {
+        s.push('\n');
+        s.push_str(&crate::longgen::markdown(r, o));
     }
     if !f.moqae.is_empty() {
         s.push_str(&format!(
@@ -198,6 +207,7 @@ pub fn write(opts: &EvalOptions, f: &Findings<'_>) -> Result<Report> {
         "chunked_prefill": opts.chunked_prefill,
         "budgets": opts.budgets, "seconds": f.seconds, "summary": f.summary,
         "comparisons": f.comparisons, "skipped": f.skipped, "moqae_sweep": f.moqae,
+        "long_generation": f.long_generation.map(|(r, _)| r),
     });
     let mut full = head.clone();
     full["plans"] = serde_json::to_value(f.plans)?;

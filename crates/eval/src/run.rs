@@ -91,6 +91,10 @@ pub fn run<B: KvBackend>(
         };
         crate::moqae::sweep(session, &sweep, progress)?
     };
+    let long = match &opts.long_generation {
+        Some(lg) => Some(crate::longgen::run(session, lg, progress)?),
+        None => None,
+    };
     let findings = report::Findings {
         summary: &summary,
         records: &records,
@@ -99,6 +103,7 @@ pub fn run<B: KvBackend>(
         skipped: &skipped,
         seconds,
         moqae: &moqae,
+        long_generation: long.as_ref().zip(opts.long_generation.as_ref()),
     };
     let report = report::write(opts, &findings)?;
     let layout = session.model.model.config.kv_layout();

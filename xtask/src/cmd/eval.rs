@@ -75,6 +75,10 @@ pub struct Eval {
     /// must appear) or part (string_match_part: any reference, RULER's QA metric).
     #[arg(long, default_value = "all")]
     dataset_metric: String,
+    /// Also run the long-generation task (as `cargo xtask longgen` with its defaults; about
+    /// 30 more minutes on a 2-core CPU) and append it to results.md and results.json.
+    #[arg(long)]
+    long_generation: bool,
     /// Only the data set: no built-in tasks and no prose samples.
     #[arg(long, requires = "dataset")]
     dataset_only: bool,
@@ -123,6 +127,12 @@ impl Eval {
         o.raw = self.raw;
         o.seed = self.seed;
         o.chunked_prefill = self.chunked_prefill;
+        if self.long_generation {
+            o.long_generation = Some(eval::longgen::LongGenOptions {
+                seed: self.seed,
+                ..Default::default()
+            });
+        }
         if let Some(path) = self.dataset {
             let metric = match self.dataset_metric.as_str() {
                 "all" => eval::tasks::Metric::All,
