@@ -13,10 +13,13 @@
 //! exact: a token whose stale gain is below the best fresh one is never re-evaluated.
 //! Protected tokens (infinite scores) are kept first. The selection reads only the segment it
 //! compresses, so it runs at the end of prefill and again on each decoding re-eviction.
+use crate::redundancy::{host, normalised};
 use burn::tensor::{Int, Tensor, TensorData};
 use kv_tensor::{AxisError, KvBackend};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+
+const METHOD: &str = "facility-location selection";
 
 /// Indices `[b, h, n]` (ascending) chosen from `scores` `[b, h, t]` (protected = +∞) with
 /// values `v` `[b, h, t, d]`.
@@ -34,8 +37,8 @@ pub fn select<B: KvBackend>(
     let unit = v.clone().reshape([b * h, t, d]);
     let norm = unit.clone().square().sum_dim(2).sqrt().clamp_min(1e-12);
     let unit = unit / norm;
-    let sims = host(unit.clone().matmul(unit.swap_dims(1, 2)))?;
-    let s = host(scores)?;
+    let sims = host(unit.clone().matmul(unit.swap_dims(1, 2)), METHOD)?;
+    let s = host(scores, METHOD)?;
     let mut out = Vec::with_capacity(b * h * n);
     for row in 0..b * h {
         let picks = greedy(&s[row * t..][..t], &sims[row * t * t..][..t * t], n, lambda);
@@ -119,37 +122,6 @@ pub fn greedy(scores: &[f32], sims: &[f32], n: usize, lambda: f64) -> Vec<usize>
     }
     order.sort_unstable();
     order
-}
-
-/// Scores min-max normalised over the finite ones; ±∞ stay.
-fn normalised(scores: &[f32]) -> Vec<f64> {
-    let finite = scores.iter().copied().filter(|x| x.is_finite());
-    let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
-        (lo.min(x), hi.max(x))
-    });
-    let span = if hi > lo { (hi - lo) as f64 } else { 1.0 };
-    scores
-        .iter()
-        .map(|&x| {
-            if x.is_finite() {
-                (x - lo) as f64 / span
-            } else if x > 0.0 {
-                f64::INFINITY
-            } else {
-                f64::NEG_INFINITY
-            }
-        })
-        .collect()
-}
-
-fn host<B: KvBackend, const D: usize>(x: Tensor<B, D>) -> Result<Vec<f32>, AxisError> {
-    x.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| AxisError::Method {
-            method: "facility-location selection",
-            source: format!("{e:?}").into(),
-        })
 }
 
 #[cfg(test)]

@@ -21,8 +21,8 @@ pub fn select<B: KvBackend>(
     let [b, h, t] = scores.dims();
     let d = v.dims()[3];
     let device = scores.device();
-    let s = host(scores)?;
-    let vals = host(v.clone())?;
+    let s = host(scores, "redundancy selection")?;
+    let vals = host(v.clone(), "redundancy selection")?;
     let n = n.min(t);
     let mut out = Vec::with_capacity(b * h * n);
     let mut unit = vec![0f32; t * d];
@@ -47,23 +47,7 @@ pub fn select<B: KvBackend>(
 /// The greedy picks of one head, ascending.
 pub fn greedy(scores: &[f32], unit_values: &[f32], d: usize, n: usize, lambda: f64) -> Vec<usize> {
     let t = scores.len();
-    let finite = scores.iter().copied().filter(|x| x.is_finite());
-    let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
-        (lo.min(x), hi.max(x))
-    });
-    let span = if hi > lo { (hi - lo) as f64 } else { 1.0 };
-    let norm: Vec<f64> = scores
-        .iter()
-        .map(|&x| {
-            if x.is_finite() {
-                (x - lo) as f64 / span
-            } else if x > 0.0 {
-                f64::INFINITY
-            } else {
-                f64::NEG_INFINITY
-            }
-        })
-        .collect();
+    let norm = normalised(scores);
     let mut picked = vec![false; t];
     let mut maxsim = vec![0f64; t];
     let mut order = Vec::with_capacity(n);
@@ -101,12 +85,38 @@ pub fn greedy(scores: &[f32], unit_values: &[f32], d: usize, n: usize, lambda: f
     order
 }
 
-fn host<B: KvBackend, const D: usize>(x: Tensor<B, D>) -> Result<Vec<f32>, AxisError> {
+/// Scores min-max normalised over the finite ones (so λ means the same for every scorer);
+/// ±∞ (protected, excluded) stay. Shared with [`crate::facility`].
+pub(crate) fn normalised(scores: &[f32]) -> Vec<f64> {
+    let finite = scores.iter().copied().filter(|x| x.is_finite());
+    let (lo, hi) = finite.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), x| {
+        (lo.min(x), hi.max(x))
+    });
+    let span = if hi > lo { (hi - lo) as f64 } else { 1.0 };
+    scores
+        .iter()
+        .map(|&x| {
+            if x.is_finite() {
+                (x - lo) as f64 / span
+            } else if x > 0.0 {
+                f64::INFINITY
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect()
+}
+
+/// A tensor's values on the host as f32, a failure named after `method`.
+pub(crate) fn host<B: KvBackend, const D: usize>(
+    x: Tensor<B, D>,
+    method: &'static str,
+) -> Result<Vec<f32>, AxisError> {
     x.into_data()
         .convert::<f32>()
         .into_vec()
         .map_err(|e| AxisError::Method {
-            method: "redundancy selection",
+            method,
             source: format!("{e:?}").into(),
         })
 }
