@@ -62,13 +62,62 @@ impl DecodingSetting {
     }
 }
 
+/// The last `capacity` queries a cache attended with: the scorers' observation window during
+/// decoding (this cache's, and the router's decode budgets'). Cloning copies the history, so a
+/// forked cache observes on its own.
+#[derive(Debug)]
+pub struct RecentQueries<B: KvBackend> {
+    seen: Mutex<Option<Tensor<B, 4>>>,
+    capacity: usize,
+}
+
+impl<B: KvBackend> RecentQueries<B> {
+    /// No queries yet; at most `capacity` kept.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            seen: Mutex::new(None),
+            capacity,
+        }
+    }
+
+    /// The kept queries `[b, q_heads, ≤ capacity, d]`, oldest first.
+    pub fn get(&self) -> Option<Tensor<B, 4>> {
+        self.seen.lock().ok().and_then(|q| q.clone())
+    }
+
+    /// Appends `q` `[b, q_heads, t, d]`, dropping the oldest beyond the capacity.
+    pub fn record(&self, q: &Tensor<B, 4>) {
+        if let Ok(mut seen) = self.seen.lock() {
+            let all = match seen.take() {
+                Some(old) => Tensor::cat(vec![old, q.clone()], 2),
+                None => q.clone(),
+            };
+            let n = all.dims()[2];
+            *seen = Some(if n > self.capacity {
+                all.slice_dim(2, n - self.capacity..n)
+            } else {
+                all
+            });
+        }
+    }
+}
+
+impl<B: KvBackend> Clone for RecentQueries<B> {
+    fn clone(&self) -> Self {
+        Self {
+            seen: Mutex::new(self.get()),
+            capacity: self.capacity,
+        }
+    }
+}
+
 /// A cache that evicts at the end of prefill and again during decoding (see the module doc).
 #[derive(Debug)]
 pub struct DecodingEvictCache<B: KvBackend> {
     layer: CompressedLayer<B>,
     axis: Evict<B>,
     setting: DecodingSetting,
-    queries: Mutex<Option<Tensor<B, 4>>>,
+    queries: RecentQueries<B>,
     since: usize,
     prefilled: bool,
     layer_idx: usize,
@@ -82,7 +131,7 @@ impl<B: KvBackend> DecodingEvictCache<B> {
             layer: CompressedLayer::new(),
             axis,
             setting,
-            queries: Mutex::new(None),
+            queries: RecentQueries::new(setting.observe),
             since: 0,
             prefilled: false,
             layer_idx: 0,
@@ -126,7 +175,7 @@ impl<B: KvBackend> LayerCache<B> for DecodingEvictCache<B> {
             if self.since >= self.setting.interval {
                 self.since = 0;
                 let mut ctx = ObservationCtx::bare(self.layer_idx);
-                ctx.window_queries = self.queries.lock().map(|q| q.clone()).unwrap_or(None);
+                ctx.window_queries = self.queries.get();
                 self.compress(&ctx)?;
             }
         }
@@ -142,20 +191,8 @@ impl<B: KvBackend> LayerCache<B> for DecodingEvictCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
-        if self.prefilled
-            && let Ok(mut seen) = self.queries.lock()
-        {
-            let w = self.setting.observe;
-            let all = match seen.take() {
-                Some(old) => Tensor::cat(vec![old, q.clone()], 2),
-                None => q.clone(),
-            };
-            let n = all.dims()[2];
-            *seen = Some(if n > w {
-                all.slice_dim(2, n - w..n)
-            } else {
-                all
-            });
+        if self.prefilled {
+            self.queries.record(&q);
         }
         self.layer.attend(q)
     }

@@ -35,7 +35,7 @@ pub mod trig;
 #[cfg(test)]
 mod invariants;
 
-pub use decoding::{DecodingEvictCache, DecodingSetting};
+pub use decoding::{DecodingEvictCache, DecodingSetting, RecentQueries};
 pub use evict::Evict;
 pub use scorer::{ScoreInput, Scorer, ScorerKind, ScorerNeeds, ScorerType};
 pub use setting::{EvictSetting, Lambda, Selection};

@@ -32,7 +32,7 @@ pub struct RoutedCache<B: KvBackend> {
     /// Set once the prefill compresses chunk by chunk.
     chunked: Option<Chunked>,
     /// Queries attended with since the prefill (decode-time compression observes them).
-    pub(crate) recent: crate::decoding::Recent<B>,
+    pub(crate) recent: axis_evict::RecentQueries<B>,
     /// Generated tokens since the last decode-time eviction.
     pub(crate) since_evict: usize,
 }
@@ -140,7 +140,7 @@ impl<B: KvBackend> RoutedCache<B> {
             layer_idx: 0,
             prefilled: false,
             chunked: None,
-            recent: Default::default(),
+            recent: axis_evict::RecentQueries::new(crate::DECODE_OBSERVE),
             since_evict: 0,
         }
     }

@@ -1,46 +1,12 @@
 //! Decode-time compression of a routed layer ([`crate::DecodeBudget`]): the queries the layer
-//! attends with are remembered, and every `interval` generated tokens a layer holding more
+//! attends with are remembered (`axis_evict::RecentQueries`), and every `interval` generated tokens a layer holding more
 //! than its budget is evicted back to it by its expert's scorer and selection, the survivors
 //! re-staged as after a prefill of that many tokens.
-use crate::{DECODE_OBSERVE, RoutedCache};
-use burn::tensor::Tensor;
+use crate::RoutedCache;
 use kv_tensor::{
     AxisError, CompressionAxis, Encoded, KvBackend, KvError, ObservationCtx, Positions, Ratio,
     Segment,
 };
-use std::sync::Mutex;
-
-/// The last [`DECODE_OBSERVE`] queries a layer attended with (the scorers' observation window
-/// during decoding). Cloning copies the history, so a forked cache observes on its own.
-#[derive(Debug, Default)]
-pub(crate) struct Recent<B: KvBackend>(Mutex<Option<Tensor<B, 4>>>);
-
-impl<B: KvBackend> Clone for Recent<B> {
-    fn clone(&self) -> Self {
-        Self(Mutex::new(self.get()))
-    }
-}
-
-impl<B: KvBackend> Recent<B> {
-    pub(crate) fn get(&self) -> Option<Tensor<B, 4>> {
-        self.0.lock().ok().and_then(|q| q.clone())
-    }
-
-    pub(crate) fn record(&self, q: &Tensor<B, 4>) {
-        if let Ok(mut seen) = self.0.lock() {
-            let all = match seen.take() {
-                Some(old) => Tensor::cat(vec![old, q.clone()], 2),
-                None => q.clone(),
-            };
-            let n = all.dims()[2];
-            *seen = Some(if n > DECODE_OBSERVE {
-                all.slice_dim(2, n - DECODE_OBSERVE..n)
-            } else {
-                all
-            });
-        }
-    }
-}
 
 impl<B: KvBackend> RoutedCache<B> {
     /// After `t` generated tokens: re-evicts when the interval is up and the layer is over its
