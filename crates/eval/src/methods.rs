@@ -222,7 +222,6 @@ pub fn entries(
             let ranked: Arc<dyn ChunkRouter> = Arc::new(LearnedBudgeted {
                 router: learned.clone(),
                 budget,
-                chunk: MOQAE_CHUNK,
             });
             out.push(Entry {
                 name: "moqae".into(),

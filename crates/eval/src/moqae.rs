@@ -267,7 +267,6 @@ pub fn sweep<B: KvBackend>(
         for (lambda, router) in &routers {
             let voting: Arc<dyn ChunkRouter> = Arc::new(Voting {
                 router: router.clone(),
-                chunk: base.chunk,
             });
             let learned = measure(
                 "moqae",

@@ -77,7 +77,6 @@ fn learned_moqae_router_trains_on_the_frozen_model() {
     assert!(low < high, "λ 0.05: {low} bits, λ 0.9: {high} bits");
     let voting: Arc<dyn ChunkRouter> = Arc::new(Voting {
         router: Arc::new(router),
-        chunk: DEFAULT_CHUNK,
     });
     let mut caches: Vec<Box<dyn LayerCache<B>>> = (0..m.model.config.layers)
         .map(|l| {

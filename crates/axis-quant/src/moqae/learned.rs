@@ -167,13 +167,27 @@ impl LearnedRouter {
     }
 }
 
+impl LearnedRouter {
+    /// Tokens per chunk of `rows` split into `chunks` chunks (what the cache handed over: the
+    /// chunk size is the cache's, never a second copy that could disagree).
+    fn chunk_tokens(&self, rows: &[f32], chunks: usize) -> Result<usize, KvError> {
+        let per = self.features() * chunks;
+        if per == 0 || !rows.len().is_multiple_of(per) {
+            return Err(KvError::Shape {
+                context: "MoQAE router chunks",
+                expected: vec![chunks, self.features()],
+                got: vec![rows.len()],
+            });
+        }
+        Ok(rows.len() / per)
+    }
+}
+
 /// The learned router used as trained: argmax and majority vote.
 #[derive(Debug, Clone)]
 pub struct Voting {
     /// The trained router.
     pub router: std::sync::Arc<LearnedRouter>,
-    /// Tokens per chunk.
-    pub chunk: usize,
 }
 
 impl ChunkRouter for Voting {
@@ -188,10 +202,11 @@ impl ChunkRouter for Voting {
     fn route_content(
         &self,
         layer: usize,
-        _chunks: &[ChunkFeatures],
+        chunks: &[ChunkFeatures],
         rows: &[f32],
     ) -> Result<Vec<Bits>, KvError> {
-        self.router.vote(layer, rows, self.chunk)
+        let chunk = self.router.chunk_tokens(rows, chunks.len())?;
+        self.router.vote(layer, rows, chunk)
     }
 }
 
@@ -204,8 +219,6 @@ pub struct LearnedBudgeted {
     pub router: std::sync::Arc<LearnedRouter>,
     /// Widths and share, fitted to the budget.
     pub budget: BudgetedRouter,
-    /// Tokens per chunk.
-    pub chunk: usize,
 }
 
 impl ChunkRouter for LearnedBudgeted {
@@ -223,7 +236,8 @@ impl ChunkRouter for LearnedBudgeted {
         chunks: &[ChunkFeatures],
         rows: &[f32],
     ) -> Result<Vec<Bits>, KvError> {
-        let need = self.router.expected_bits(layer, rows, self.chunk)?;
+        let chunk = self.router.chunk_tokens(rows, chunks.len())?;
+        let need = self.router.expected_bits(layer, rows, chunk)?;
         let ranked: Vec<ChunkFeatures> = chunks
             .iter()
             .zip(need)
