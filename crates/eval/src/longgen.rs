@@ -272,18 +272,35 @@ fn texts<B: KvBackend>(
         .collect())
 }
 
-/// Every (method, budget) of `methods` on `texts`.
+/// A method's name, budget label and plan (`None`: the full cache).
+type Method3 = (String, String, Option<Vec<Expert>>);
+
+/// Every (method, budget) of `methods` on `texts`, text by text in `methods` order; a plan
+/// equal to an earlier one is measured once.
 fn measure<B: KvBackend>(
     session: &Session<B>,
     texts: &[Text],
-    methods: &[(String, String, Option<Vec<Expert>>)],
+    methods: &[Method3],
     interval: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<LongRecord>> {
-    let mut out = Vec::new();
+    let mut out: Vec<LongRecord> = Vec::new();
     for (si, text) in texts.iter().enumerate() {
         let (reference, _) = feed(session, &mut caches(session, None), text, interval)?;
-        for (name, budget, plan) in methods {
+        let first = out.len();
+        for (mi, (name, budget, plan)) in methods.iter().enumerate() {
+            // A plan measured already on this text (α at the chosen λ is also a tuning row):
+            // its record, under this name.
+            if let Some(j) = methods[..mi].iter().position(|m| m.2 == *plan) {
+                let twin = LongRecord {
+                    method: name.clone(),
+                    budget: budget.clone(),
+                    ..out[first + j].clone()
+                };
+                out.push(twin);
+                progress.event(Event::Step);
+                continue;
+            }
             progress.event(Event::Message(&format!("{name}@{budget}")));
             let (blocks, peak) = feed(
                 session,
@@ -316,14 +333,9 @@ pub struct AlphaTuning {
     pub chosen: f64,
 }
 
-/// Tunes α's λ on the development split and measures every λ on the held-out split too.
-pub fn tune_alpha<B: KvBackend>(
-    session: &Session<B>,
-    opts: &LongGenOptions,
-    progress: &dyn Progress,
-) -> Result<AlphaTuning> {
+/// α's methods: every λ at every tuning budget.
+fn alpha_methods(opts: &LongGenOptions, layers: usize) -> Result<Vec<Method3>> {
     let total = opts.prompt + opts.continuation;
-    let layers = session.model.model.config.layers;
     let mut methods = Vec::new();
     for &l in &opts.lambdas {
         for b in &opts.tune_budgets {
@@ -337,53 +349,39 @@ pub fn tune_alpha<B: KvBackend>(
                 b.tokens(total),
                 opts.interval,
             )?;
-            methods.push((format!("α λ={l}"), b.label(), Some(vec![e; layers])));
+            methods.push((alpha_name(l), b.label(), Some(vec![e; layers])));
         }
     }
-    progress.event(Event::Start {
-        what: "tune α",
-        total: ((opts.dev_samples + opts.samples) * methods.len()) as u64,
-    });
-    let dev = measure(
-        session,
-        &texts(session, opts, true)?,
-        &methods,
-        opts.interval,
-        progress,
-    )?;
-    let held = measure(
-        session,
-        &texts(session, opts, false)?,
-        &methods,
-        opts.interval,
-        progress,
-    )?;
-    progress.event(Event::Finish);
-    let mean = |rs: &[LongRecord], m: &str, b: &str| {
-        let v: Vec<f64> = rs
+    Ok(methods)
+}
+
+fn alpha_name(lambda: f64) -> String {
+    format!("α λ={lambda}")
+}
+
+/// Mean NLL of `method` at `budget` in `records`.
+fn mean_nll(records: &[LongRecord], method: &str, budget: &str) -> f64 {
+    let v: Vec<f64> = records
+        .iter()
+        .filter(|r| r.method == method && r.budget == budget)
+        .map(|r| r.nll)
+        .collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The λ with the lowest development NLL summed over the tuning budgets.
+fn choose_lambda(opts: &LongGenOptions, dev: &[LongRecord]) -> Result<f64> {
+    let total = |l: f64| -> f64 {
+        opts.tune_budgets
             .iter()
-            .filter(|r| r.method == m && r.budget == b)
-            .map(|r| r.nll)
-            .collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
+            .map(|b| mean_nll(dev, &alpha_name(l), &b.label()))
+            .sum()
     };
-    let mut rows = Vec::new();
-    for &l in &opts.lambdas {
-        for b in &opts.tune_budgets {
-            let (m, b) = (format!("α λ={l}"), b.label());
-            rows.push((l, b.clone(), mean(&dev, &m, &b), mean(&held, &m, &b)));
-        }
-    }
-    let chosen = opts
-        .lambdas
+    opts.lambdas
         .iter()
         .copied()
-        .min_by(|a, b| {
-            let total = |l: f64| -> f64 { rows.iter().filter(|r| r.0 == l).map(|r| r.2).sum() };
-            total(*a).total_cmp(&total(*b))
-        })
-        .ok_or_else(|| EvalError::Options("α needs at least one λ".into()))?;
-    Ok(AlphaTuning { rows, chosen })
+        .min_by(|a, b| total(*a).total_cmp(&total(*b)))
+        .ok_or_else(|| EvalError::Options("α needs at least one λ".into()))
 }
 
 /// What the task found.
@@ -421,16 +419,31 @@ pub fn run<B: KvBackend>(
     opts: &LongGenOptions,
     progress: &dyn Progress,
 ) -> Result<LongGenReport> {
-    let alpha = tune_alpha(session, opts, progress)?;
+    let layers = session.model.model.config.layers;
+    // α's λ is chosen on the development split alone; the held-out split then measures every
+    // λ and every method in one pass (one full-cache reference per text).
+    let tuning = alpha_methods(opts, layers)?;
+    progress.event(Event::Start {
+        what: "tune α",
+        total: (opts.dev_samples * tuning.len()) as u64,
+    });
+    let dev = measure(
+        session,
+        &texts(session, opts, true)?,
+        &tuning,
+        opts.interval,
+        progress,
+    )?;
+    progress.event(Event::Finish);
+    let chosen = choose_lambda(opts, &dev)?;
     let table = session.table(2048, 1, None, progress)?;
     let total = opts.prompt + opts.continuation;
-    let layers = session.model.model.config.layers;
     let mut methods = Vec::new();
     for b in &opts.budgets {
         let n = b.tokens(total);
         let label = b.label();
         let fl = Selection::FacilityLocation {
-            lambda: Lambda::new(alpha.chosen)?,
+            lambda: Lambda::new(chosen)?,
         };
         for (name, scorer, sel) in [
             ("streaming", ScorerKind::Streaming, Selection::TopK),
@@ -445,11 +458,13 @@ pub fn run<B: KvBackend>(
             Err(e) => progress.event(Event::Note(&format!("hetero at {label}: {e}"))),
         }
     }
+    let compared = methods.len();
+    methods.extend(tuning);
     progress.event(Event::Start {
         what: "long generation",
         total: (opts.samples * methods.len()) as u64,
     });
-    let records = measure(
+    let measured = measure(
         session,
         &texts(session, opts, false)?,
         &methods,
@@ -457,6 +472,31 @@ pub fn run<B: KvBackend>(
         progress,
     )?;
     progress.event(Event::Finish);
+    // Per text, the compared methods first, then α's tuning rows.
+    let (mut records, mut held) = (Vec::new(), Vec::new());
+    for (i, r) in measured.into_iter().enumerate() {
+        if i % methods.len() < compared {
+            records.push(r);
+        } else {
+            held.push(r);
+        }
+    }
+    let mut tuned = Vec::new();
+    for &l in &opts.lambdas {
+        for b in &opts.tune_budgets {
+            let (m, b) = (alpha_name(l), b.label());
+            tuned.push((
+                l,
+                b.clone(),
+                mean_nll(&dev, &m, &b),
+                mean_nll(&held, &m, &b),
+            ));
+        }
+    }
+    let alpha = AlphaTuning {
+        rows: tuned,
+        chosen,
+    };
     let rows = rows(&records, opts.seed);
     Ok(LongGenReport {
         alpha,
