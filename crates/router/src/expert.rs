@@ -209,35 +209,27 @@ impl Expert {
     /// one, growth is unbounded, so `None`.
     pub fn decode_peak(&self, shape: &LayerShape, t: usize) -> Option<Footprint> {
         let d = self.decode?;
-        // Up to `interval` new tokens land (fp16 at most) on top of what is held, each with
+        // `new` tokens landing on a layer that holds `held`, each priced at fp16 (an upper
+        // bound: whole groups beyond the residual window are staged as they fill) and each with
         // its position.
-        let grow = |mut f: Footprint, held: usize| {
-            let new = 2 * shape.batch * shape.kv_heads * d.interval * shape.head_dim * 2;
-            f.dense += kv_tensor::Bytes(new as u64);
-            f.indices =
-                kv_tensor::Bytes((shape.batch * shape.kv_heads * (held + d.interval) * 4) as u64);
+        let grow = |mut f: Footprint, held: usize, new: usize| {
+            let dense = 2 * shape.batch * shape.kv_heads * new * shape.head_dim * 2;
+            f.dense += kv_tensor::Bytes(dense as u64);
+            f.indices = kv_tensor::Bytes((shape.batch * shape.kv_heads * (held + new) * 4) as u64);
             f
         };
-        // Until it first exceeds `tokens`, the layer grows from what the prefill kept; new
-        // tokens are priced at fp16, an upper bound (whole groups beyond the residual window
-        // are quantized as they fill).
+        // Until it first exceeds `tokens`, the layer grows from what the prefill kept, then by
+        // up to an interval more.
         let kept = self.kept(t);
-        let after_prefill = grow(self.footprint(shape, t), kept);
         let growth = d.tokens.saturating_sub(kept);
-        let mut after_prefill = after_prefill;
-        after_prefill.dense += kv_tensor::Bytes(
-            (2 * shape.batch * shape.kv_heads * growth * shape.head_dim * 2) as u64,
-        );
-        after_prefill.indices = kv_tensor::Bytes(
-            (shape.batch * shape.kv_heads * (kept.max(d.tokens) + d.interval) * 4) as u64,
-        );
+        let after_prefill = grow(self.footprint(shape, t), kept, growth + d.interval);
         // A re-evicted layer holds `tokens` tokens split as after a prefill of that many.
         let plain = Expert {
             evict: None,
             decode: None,
             ..self.clone()
         };
-        let steady = grow(plain.footprint(shape, d.tokens), d.tokens);
+        let steady = grow(plain.footprint(shape, d.tokens), d.tokens, d.interval);
         Some(if after_prefill.total() >= steady.total() {
             after_prefill
         } else {
