@@ -286,7 +286,7 @@ fn missing_observations_are_typed_errors() {
             &EvictSetting::new(scorer, Ratio::new(0.5).expect("r")),
             &ObservationCtx::bare(0),
         );
-        if n.window_queries || n.attention_mass || n.calibration {
+        if n.window_queries || n.attention_mass || n.calibration || n.reconstruction {
             let e = r.expect_err("needs observations");
             assert!(e.to_string().contains("needs"), "{scorer}: {e}");
         } else {

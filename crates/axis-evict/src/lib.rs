@@ -1,7 +1,7 @@
 //! The token axis: evict the cached tokens that matter least.
 //!
 //! As in NVIDIA's kvpress, a method is a *scorer* (one [`Scorer`] per file: [`streaming`],
-//! [`knorm`], [`snapkv`], [`h2o`], [`tova`], [`expected_attention`], [`random`], [`trig`],
+//! [`knorm`], [`snapkv`], [`h2o`], [`tova`], [`expected_attention`], [`random`], [`trig`], [`kvzip`],
 //! registered by one line in `scorer.rs`) that gives every cached token an importance per KV
 //! head and declares what it reads ([`ScorerNeeds`]), and a *selection* (one file each: [`select`] keeps
 //! the best `ceil(keep × tokens)` of every head, [`headwise`] shares the layer's budget across
@@ -21,6 +21,7 @@ pub mod facility;
 pub mod h2o;
 pub mod headwise;
 pub mod knorm;
+pub mod kvzip;
 pub mod random;
 pub mod redundancy;
 mod scorer;

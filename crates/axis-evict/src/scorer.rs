@@ -18,6 +18,8 @@ pub struct ScorerNeeds {
     pub attention_mass: bool,
     /// Statistics calibrated offline on the model (the scorer is built from them).
     pub calibration: bool,
+    /// The context-reconstruction pass's peak attention (`ObservationCtx::reconstruction`).
+    pub reconstruction: bool,
 }
 
 impl ScorerNeeds {
@@ -26,6 +28,7 @@ impl ScorerNeeds {
         window_queries: false,
         attention_mass: false,
         calibration: false,
+        reconstruction: false,
     };
 }
 
@@ -158,6 +161,8 @@ scorers! {
     /// TriAttention: calibrated pre-RoPE query centres give each head a distance preference
     /// (a trigonometric series over the RoPE frequencies) plus a key-norm term.
     Trig => "trig", crate::trig::Trig;
+    /// KVzip: the peak attention of a pass that makes the model repeat its context.
+    Kvzip => "kvzip", crate::kvzip::Kvzip;
 }
 
 impl std::fmt::Display for ScorerKind {

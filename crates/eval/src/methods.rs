@@ -110,7 +110,9 @@ fn bits(b: u8) -> Bits {
 /// The budgeted methods the eval compares by default, in report order (MoQAE, not a routing
 /// plan, is added after them unless `quick`): hetero, the one-dimensional baseline `1d` (the
 /// menu scorer's uniform keep), and the single scorers that were hetero's best rival somewhere
-/// in two 26-sample runs at 1/4, 1/8 and 1/14 (`snapkv`, `trig`; MoQAE at 1/4). The rest of
+/// in two 26-sample runs at 1/4, 1/8 and 1/14 (`snapkv`, `trig`; MoQAE at 1/4), KVzip (the
+/// strongest question-agnostic press in kvpress's benchmarks) and `hetero` without the scorer
+/// axis (`hetero(expected_attention)`), which shows what the axis adds. The rest of
 /// [`all_methods`] never was and is one flag away (`--all-methods`), so the default run can
 /// afford more samples.
 pub fn default_methods(quick: bool) -> Vec<Method> {
@@ -127,9 +129,11 @@ pub fn default_methods(quick: bool) -> Vec<Method> {
     }
     vec![
         Method::Hetero,
+        Method::HeteroScorer(crate::session::MENU_SCORER),
         Method::OneD,
         Method::Single(Snapkv),
         Method::Single(Trig),
+        Method::Single(Kvzip),
     ]
 }
 
@@ -141,6 +145,7 @@ pub fn all_methods() -> Vec<Method> {
         Method::TwoDUniform,
         Method::TwoD,
         Method::Hetero,
+        Method::HeteroScorer(crate::session::MENU_SCORER),
         Method::HeteroRank,
         Method::HeteroStage(axis_share::AXIS),
         Method::Pyramid(Snapkv),
@@ -149,9 +154,18 @@ pub fn all_methods() -> Vec<Method> {
     // tokens (it would take a quarter of the default run) and it lost to plain top-k on every
     // real-model measurement (`tests/tests/real_model/evict.rs`).
     m.extend(
-        [Streaming, Snapkv, Knorm, Tova, H2o, ExpectedAttention, Trig]
-            .into_iter()
-            .map(Method::Single),
+        [
+            Streaming,
+            Snapkv,
+            Knorm,
+            Tova,
+            H2o,
+            ExpectedAttention,
+            Trig,
+            Kvzip,
+        ]
+        .into_iter()
+        .map(Method::Single),
     );
     m.push(Method::AdaKv(Snapkv));
     m.push(Method::ChunkKv(Snapkv));

@@ -314,12 +314,17 @@ fn measure_all<B: KvBackend>(
         .flatten()
         .flat_map(|e| e.plan_layers());
     // One full prefill per sample, shared by every method: all of them first, on every core.
+    let needs = router::Needs::of(plan_layers);
     let popts = PrefillOptions {
-        attention_mass: router::Needs::of(plan_layers).attention_mass,
+        attention_mass: needs.attention_mass,
+        reconstruction: needs.reconstruction,
         ..Default::default()
     };
+    // KVzip's pass needs the whole context: a KVzip layer cannot compress chunk by chunk and
+    // reports the missing pass.
     let chunked = PrefillOptions {
         compress_chunks: true,
+        reconstruction: false,
         ..popts
     };
     let mut recordings = prefill_all(&session.model, groups, &popts, progress)?.into_iter();

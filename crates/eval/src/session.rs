@@ -67,12 +67,13 @@ pub fn register_axes() {
 }
 
 /// The calibration menu of a model with `layers` layers: the default menu, the low-rank
-/// extension, small residual windows and, when the layers pair up, the cross-layer sharing
-/// extension.
+/// extension, small residual windows, the other scorers (the scorer axis) and, when the layers
+/// pair up, the cross-layer sharing extension.
 pub fn menu(layers: usize) -> Vec<router::Expert> {
     let mut menu = solver::default_menu(MENU_SCORER);
     menu.extend(solver::rank_menu(MENU_SCORER));
     menu.extend(solver::window_menu(MENU_SCORER));
+    menu.extend(solver::scorer_menu(&solver::ROUTED_SCORERS));
     if layers.is_multiple_of(SHARE_GROUP) {
         menu.extend(solver::stage_menu(MENU_SCORER, share_stage()));
     }

@@ -41,7 +41,7 @@ pub fn attention_padded<B: KvBackend>(
     v: Tensor<B, 4>,
     padding: Option<Tensor<B, 3, Bool>>,
 ) -> Result<Tensor<B, 4>, KvError> {
-    Ok(attention_inner(q, k, v, padding, false)?.0)
+    Ok(attention_inner(q, k, v, padding, None)?.0)
 }
 
 /// [`attention_padded`] that also returns the attention mass every cached key received:
@@ -54,8 +54,31 @@ pub fn attention_with_mass<B: KvBackend>(
     v: Tensor<B, 4>,
     padding: Option<Tensor<B, 3, Bool>>,
 ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
-    let (out, mass) = attention_inner(q, k, v, padding, true)?;
+    let (out, mass) = attention_inner(q, k, v, padding, Some(Reduce::Sum))?;
     Ok((out, mass.ok_or(KvError::Empty)?))
+}
+
+/// [`attention_padded`] that also returns the largest attention weight every cached key
+/// received from any query and any query head of its KV head: `[b, kv_heads, tk]` (KVzip's
+/// statistic over its reconstruction queries). Keys after a query's position count as weight 0
+/// for it, so the newest keys' peaks come only from the queries that see them.
+pub fn attention_with_peak<B: KvBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    padding: Option<Tensor<B, 3, Bool>>,
+) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+    let (out, peak) = attention_inner(q, k, v, padding, Some(Reduce::Max))?;
+    Ok((out, peak.ok_or(KvError::Empty)?))
+}
+
+/// How the softmax weights a key received are reduced over queries and grouped heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduce {
+    /// Summed (H2O's attention mass).
+    Sum,
+    /// The largest (KVzip's peak).
+    Max,
 }
 
 fn attention_inner<B: KvBackend>(
@@ -63,7 +86,7 @@ fn attention_inner<B: KvBackend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     padding: Option<Tensor<B, 3, Bool>>,
-    want_mass: bool,
+    reduce: Option<Reduce>,
 ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
     let [b, qh, tq, d] = q.dims();
     let [kb, kvh, tk, kd] = k.dims();
@@ -128,16 +151,21 @@ fn attention_inner<B: KvBackend>(
             scores = scores.mask_fill(mask, f32::NEG_INFINITY);
         }
         let probs = softmax(scores, 2);
-        if want_mass {
-            let m = probs.clone().sum_dim(1).reshape([b * kvh, visible]);
+        if let Some(reduce) = reduce {
+            let m = match reduce {
+                Reduce::Sum => probs.clone().sum_dim(1),
+                Reduce::Max => probs.clone().max_dim(1),
+            }
+            .reshape([b * kvh, visible]);
             let m = if visible < tk {
                 Tensor::cat(vec![m, Tensor::zeros([b * kvh, tk - visible], &device)], 1)
             } else {
                 m
             };
-            mass = Some(match mass.take() {
-                Some(prev) => prev + m,
-                None => m,
+            mass = Some(match (mass.take(), reduce) {
+                (Some(prev), Reduce::Sum) => prev + m,
+                (Some(prev), Reduce::Max) => prev.max_pair(m),
+                (None, _) => m,
             });
         }
         outs.push(probs.matmul(vc).reshape([b * kvh, g, c, d]));

@@ -263,3 +263,38 @@ fn attention_mass_is_the_column_sum_of_the_same_softmax() {
         assert_within(&got, &want, 1e-4, &format!("mass, {tq} over {tk}"));
     }
 }
+
+/// Naive peak: for each KV head, the largest weight any of the last `tq` queries of any grouped
+/// query head pays each key (0 from a query the key lies after).
+fn naive_peak(q: &[f32], k: &[f32], tq: usize, tk: usize) -> Vec<f32> {
+    let g = QH / KVH;
+    let mut peak = vec![0f64; KVH * tk];
+    for h in 0..QH {
+        for i in 0..tq {
+            for (j, p) in naive_probs(q, k, h, i, tq, tk).into_iter().enumerate() {
+                let m = &mut peak[(h / g) * tk + j];
+                *m = m.max(p);
+            }
+        }
+    }
+    peak.into_iter().map(|x| x as f32).collect()
+}
+
+#[test]
+fn attention_peak_is_the_largest_weight_of_the_same_softmax() {
+    let dev = Default::default();
+    // One query, a causal square, and more queries than one query chunk holds.
+    let long = crate::ATTENTION_QUERY_CHUNK + 9;
+    for (tq, tk) in [(1usize, 9usize), (6, 6), (long, long + 14)] {
+        let q = Tensor::<B, 4>::random([1, QH, tq, D], Distribution::Normal(0.0, 1.0), &dev);
+        let k = Tensor::<B, 4>::random([1, KVH, tk, D], Distribution::Normal(0.0, 1.0), &dev);
+        let v = Tensor::<B, 4>::random([1, KVH, tk, D], Distribution::Normal(0.0, 1.0), &dev);
+        let (out, peak) = crate::attention_with_peak(q.clone(), k.clone(), v.clone(), None)
+            .expect("shapes agree");
+        let want_out = naive(&to_vec(q.clone()), &to_vec(k.clone()), &to_vec(v), tq, tk);
+        assert_close(&to_vec(out), &want_out, &format!("output, {tq} over {tk}"));
+        let want = naive_peak(&to_vec(q), &to_vec(k), tq, tk);
+        let got: Vec<f32> = peak.into_data().to_vec().expect("f32 data");
+        assert_within(&got, &want, 1e-5, &format!("peak, {tq} over {tk}"));
+    }
+}

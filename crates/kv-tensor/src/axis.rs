@@ -20,6 +20,9 @@ pub struct ObservationCtx<B: KvBackend> {
     pub attention_mass: Option<Tensor<B, 3>>,
     /// Pre-RoPE queries of the observation window `[b, q_heads, w, d]` (TriAttention-style).
     pub pre_rope_queries: Option<Tensor<B, 4>>,
+    /// The largest attention each cached token received from any query of a second pass
+    /// that makes the model repeat the context `[b, kv_heads, tokens]` (KVzip).
+    pub reconstruction: Option<Tensor<B, 3>>,
 }
 
 impl<B: KvBackend> ObservationCtx<B> {
@@ -40,6 +43,7 @@ impl<B: KvBackend> ObservationCtx<B> {
             window_queries: None,
             attention_mass: None,
             pre_rope_queries: None,
+            reconstruction: None,
         }
     }
 }

@@ -94,6 +94,9 @@ pub enum ModelError {
     /// An empty prompt.
     #[error("empty prompt")]
     EmptyPrompt,
+    /// Options that cannot be combined.
+    #[error("incompatible options: {0}")]
+    IncompatibleOptions(&'static str),
     /// A cache error during the forward pass.
     #[error("layer {layer}: {source}")]
     Cache {

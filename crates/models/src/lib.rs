@@ -28,7 +28,7 @@ pub use config::{LlamaConfig, RopeLayout};
 pub use dequant::GgmlType;
 pub use error::ModelError;
 pub use generate::{GenerateOptions, Generation, Sampling, generate, pick};
-pub use llama::{Llama, Logits, PrefillOptions};
+pub use llama::{Llama, Logits, PrefillOptions, REPEAT_PROMPT};
 pub use loader::{LoadedModel, load_gguf};
 pub use rope::Rope;
 pub use tokenizer::Tokenizer;

@@ -47,6 +47,10 @@ pub struct PrefillOptions {
     /// memory follows the caches' budgets instead of the prompt. Off, caches compress once at
     /// the end (the kvpress protocol: question-agnostic compression of the whole prompt).
     pub compress_chunks: bool,
+    /// Also run KVzip's reconstruction pass before the caches compress (see
+    /// [`REPEAT_PROMPT`]): about one more prefill, in pieces of `chunk` context tokens. It
+    /// needs the whole context, so it cannot be combined with `compress_chunks`.
+    pub reconstruction: bool,
 }
 
 impl Default for PrefillOptions {
@@ -57,6 +61,7 @@ impl Default for PrefillOptions {
             pre_rope: false,
             attention_mass: false,
             compress_chunks: false,
+            reconstruction: false,
         }
     }
 }
@@ -84,9 +89,13 @@ pub struct Llama<B: KvBackend> {
     /// Host copies of norms, biases and RoPE tables for one-token decode steps, present while
     /// every projection has its host copy.
     host: Option<host_forward::HostParams>,
+    /// Tokens before each repeated piece of context in KVzip's reconstruction pass.
+    reconstruction_prompt: Vec<u32>,
 }
 
 mod host_forward;
+mod reconstruction;
+pub use reconstruction::REPEAT_PROMPT;
 
 /// Columns per block of the output head.
 const HEAD_BLOCK: usize = 3072;
@@ -252,6 +261,7 @@ impl<B: KvBackend> Llama<B> {
             head,
             rope,
             host: None,
+            reconstruction_prompt: Vec::new(),
         };
         model.refresh_host();
         Ok(model)
@@ -317,13 +327,28 @@ impl<B: KvBackend> Llama<B> {
         caches: &mut [C],
         opts: &PrefillOptions,
     ) -> Result<Tensor<B, 2>, ModelError> {
+        if opts.reconstruction && opts.compress_chunks {
+            return Err(ModelError::IncompatibleOptions(
+                "KVzip's reconstruction pass needs the whole context, so it cannot run with \
+                 a prefill that compresses chunk by chunk",
+            ));
+        }
         let (logits, observed) = self.run(ids, caches, Logits::Last, Some(opts))?;
+        let mut peaks = if opts.reconstruction {
+            self.reconstruction_peaks(ids, caches, opts.chunk)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (layer, (cache, obs)) in caches.iter_mut().zip(observed).enumerate() {
             let ctx = ObservationCtx {
                 layer,
                 window_queries: obs.queries,
                 attention_mass: obs.mass,
                 pre_rope_queries: obs.pre_q,
+                reconstruction: peaks.get_mut(layer).and_then(Option::take),
             };
             cache
                 .finish_prefill(&ctx)
@@ -645,6 +670,7 @@ fn compress_chunk<B: KvBackend, C: LayerCache<B>>(
         window_queries: ob.queries.clone(),
         attention_mass: ob.mass.clone(),
         pre_rope_queries: ob.pre_q.clone(),
+        reconstruction: None,
     };
     cache
         .after_prefill_chunk(&ctx)

@@ -33,7 +33,8 @@ pub fn load_gguf<B: KvBackend>(
         }
         Err(_) => None,
     };
-    let model = Llama::load(config, &g, device)?;
+    let mut model = Llama::load(config, &g, device)?;
+    model.set_reconstruction_prompt(tokenizer.encode(crate::REPEAT_PROMPT)?);
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -187,10 +187,12 @@ impl<B: KvBackend> RoutedCache<B> {
             // A keep ratio whose ceiling over the candidates is exactly `target`.
             let keep = kv_tensor::Ratio::new((target as f64 - 0.5).max(0.5) / candidates as f64)?;
             let mut local = ctx.clone();
-            local.attention_mass = ctx.attention_mass.clone().map(|m| {
+            let tail = |m: Tensor<B, 3>| {
                 let t = m.dims()[2];
                 m.slice_dim(2, t - candidates.min(t)..t)
-            });
+            };
+            local.attention_mass = ctx.attention_mass.clone().map(tail);
+            local.reconstruction = ctx.reconstruction.clone().map(tail);
             // Protection within the candidates: the sinks only while nothing is compressed
             // yet (then the candidates start at the prompt's first token), and never more than
             // the budget has room for. Compressed tokens can already fill part of the recent

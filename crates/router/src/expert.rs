@@ -187,10 +187,16 @@ impl Expert {
                 "head-wise (ragged) segments cannot be evicted again during decoding".into(),
             );
         }
-        if e.scorer.needs().attention_mass {
+        let needs = e.scorer.needs();
+        if needs.attention_mass || needs.reconstruction {
             return Err(format!(
-                "{} needs the prefill's attention mass, which decoding does not produce",
-                e.scorer.name()
+                "{} needs a statistic of the prefill ({}), which decoding does not produce",
+                e.scorer.name(),
+                if needs.attention_mass {
+                    "attention mass"
+                } else {
+                    "the reconstruction pass"
+                }
             ));
         }
         if d.tokens < e.sinks + e.window {

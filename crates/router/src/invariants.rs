@@ -460,7 +460,8 @@ fn fork_is_an_independent_copy() {
 }
 
 proptest! {
-    /// A plan needs the prefill's attention mass exactly when a layer evicts with H2O, bases
+    /// A plan needs the prefill's attention mass exactly when a layer evicts with H2O, the
+    /// reconstruction pass exactly when one evicts with KVzip, bases
     /// exactly when a layer projects, trig statistics exactly when a layer uses TriAttention, and
     /// calibrated stages exactly when a layer runs a registered axis.
     #[test]
@@ -481,6 +482,7 @@ proptest! {
         let n = plan.needs();
         let scorer = |k| layers.iter().any(|e| e.evict.is_some_and(|s| s.scorer == k));
         prop_assert_eq!(n.attention_mass, scorer(ScorerKind::H2o));
+        prop_assert_eq!(n.reconstruction, scorer(ScorerKind::Kvzip));
         prop_assert_eq!(n.trig_stats, scorer(ScorerKind::Trig));
         prop_assert_eq!(n.bases, layers.iter().any(|e| e.lowrank.is_some()));
         prop_assert_eq!(n.stages, layers.iter().any(|e| !e.stages.is_empty()));

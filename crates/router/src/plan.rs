@@ -38,6 +38,8 @@ pub enum RouterError {
 pub struct Needs {
     /// The attention every key received during the prefill (H2O).
     pub attention_mass: bool,
+    /// KVzip's context-reconstruction pass after the prefill.
+    pub reconstruction: bool,
     /// Calibrated low-rank bases (a layer projects).
     pub bases: bool,
     /// Calibrated TriAttention statistics (a layer evicts with `trig`).
@@ -62,6 +64,8 @@ impl Needs {
             Needs {
                 attention_mass: n.attention_mass
                     || scorer.is_some_and(|s| s.needs().attention_mass),
+                reconstruction: n.reconstruction
+                    || scorer.is_some_and(|s| s.needs().reconstruction),
                 bases: n.bases || e.lowrank.is_some(),
                 trig_stats: n.trig_stats || scorer == Some(axis_evict::ScorerKind::Trig),
                 stages: n.stages || !e.stages.is_empty(),
@@ -115,11 +119,13 @@ impl RoutingPlan {
     /// that evicts with a scorer able to run during decoding gets a decode budget of what it
     /// keeps of `total` tokens, re-evicting every `interval` generated tokens, so the cache
     /// stays at the plan's bytes for `total` tokens however the generation grows. Layers that
-    /// do not evict, or whose scorer needs the prefill's attention mass (H2O), keep growing.
+    /// do not evict, or whose scorer needs a statistic only the prefill produces (H2O's
+    /// attention mass, KVzip's reconstruction pass), keep growing.
     pub fn with_decode(mut self, total: usize, interval: usize) -> Self {
         for e in &mut self.layers {
             if let Some(ev) = e.evict
                 && !ev.scorer.needs().attention_mass
+                && !ev.scorer.needs().reconstruction
                 && !matches!(ev.selection, axis_evict::Selection::HeadWise { .. })
             {
                 e.decode = Some(crate::DecodeBudget {

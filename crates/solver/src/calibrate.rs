@@ -48,7 +48,7 @@ pub fn calibrate<B: KvBackend>(
 ) -> Result<Vec<Vec<f64>>, ModelError> {
     let layers = model.config.layers;
     let (c, f) = (opts.context, opts.future);
-    let needs_mass = router::Needs::of(menu).attention_mass;
+    let needs = router::Needs::of(menu);
     let mut loss = vec![vec![0f64; menu.len()]; layers];
     let total = passages.len() * layers;
     for (pi, ids) in passages.iter().enumerate() {
@@ -67,7 +67,8 @@ pub fn calibrate<B: KvBackend>(
                     &ids[..c],
                     PrefillOptions {
                         observe_window: opts.observe_window,
-                        attention_mass: needs_mass,
+                        attention_mass: needs.attention_mass,
+                        reconstruction: needs.reconstruction,
                         ..Default::default()
                     },
                 )

@@ -31,7 +31,10 @@ mod invariants;
 pub use budget::Budget;
 pub use calibrate::{CalibrationOptions, calibrate, fit_axes};
 pub use measured::{MeasuredKl, spearman};
-pub use menu::{KEY_RANK, SMALL_WINDOWS, default_menu, rank_menu, stage_menu, window_menu};
+pub use menu::{
+    KEY_RANK, ROUTED_SCORERS, SMALL_WINDOWS, default_menu, rank_menu, scorer_menu, stage_menu,
+    window_menu,
+};
 pub use method::{Geometry, Method, Planned};
 pub use problem::{Problem, Solution, SolverError};
 pub use table::{LossPredictor, SensitivityTable};

@@ -41,13 +41,14 @@ impl MeasuredKl {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
         let layers = model.config.layers;
-        let needs_mass = router::Needs::of(pairs.iter().map(|(_, e)| e)).attention_mass;
+        let needs = router::Needs::of(pairs.iter().map(|(_, e)| e));
         let mut rec: Vec<RecordingCache<B>> = (0..layers).map(|_| RecordingCache::new()).collect();
         model.prefill(
             context,
             &mut rec,
             &PrefillOptions {
-                attention_mass: needs_mass,
+                attention_mass: needs.attention_mass,
+                reconstruction: needs.reconstruction,
                 ..Default::default()
             },
         )?;

@@ -60,6 +60,45 @@ pub fn window_menu(scorer: ScorerKind) -> Vec<Expert> {
     menu
 }
 
+/// The scorers [`scorer_menu`] crosses with keep and bits besides the menu's own: every
+/// shipped scorer except the random control.
+pub const ROUTED_SCORERS: [ScorerKind; 7] = [
+    ScorerKind::Snapkv,
+    ScorerKind::Tova,
+    ScorerKind::H2o,
+    ScorerKind::Trig,
+    ScorerKind::Knorm,
+    ScorerKind::Streaming,
+    ScorerKind::Kvzip,
+];
+
+/// The scorer axis (PolyKV inside MoE-nD): each of `scorers` × keep {0.5, 0.25, 0.1} ×
+/// (K, V) bits {(16, 16), (4, 4), (4, 2), (2, 2)}, so the solver can pick a layer's scorer
+/// together with its keep and bits.
+///
+/// Why this grid and not the default menu's whole 6 × 4 × 4: a scorer matters only where a
+/// layer evicts much (at keep 0.9 and 0.75 every scorer keeps nearly the same tokens), and the
+/// plans solved at 1/4 to 1/14 use the symmetric and V-lighter bit pairs. Twelve experts per
+/// scorer keep the calibration of the default menu within its time budget (a full cross would
+/// calibrate 80 experts per scorer).
+pub fn scorer_menu(scorers: &[ScorerKind]) -> Vec<Expert> {
+    let bits = |b: u8| Bits::try_from(b).unwrap_or(Bits::Full);
+    let mut menu = Vec::new();
+    for &scorer in scorers {
+        for keep in [0.5, 0.25, 0.1] {
+            for (k, v) in [(16, 16), (4, 4), (4, 2), (2, 2)] {
+                let quant = (k != 16 || v != 16).then(|| QuantSetting::new(bits(k), bits(v)));
+                menu.push(Expert {
+                    evict: Ratio::new(keep).map(|r| EvictSetting::new(scorer, r)).ok(),
+                    quant,
+                    ..Expert::FULL
+                });
+            }
+        }
+    }
+    menu
+}
+
 /// Rank of projected keys in [`rank_menu`]: keys keep 89–97% of their variance at rank 32 on
 /// SmolLM2 (values only 74–94%, so values are not projected).
 pub const KEY_RANK: usize = 32;

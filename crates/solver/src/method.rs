@@ -31,8 +31,12 @@ pub enum Method {
     TwoDUniform,
     /// One keep for every layer (from the menu), per-layer K/V bits from the solver.
     TwoD,
-    /// Per-layer keep, K bits and V bits jointly from the solver (MoE-nD).
+    /// Per-layer keep, K bits, V bits and scorer jointly from the solver (MoE-nD with
+    /// PolyKV's per-layer scorer choice).
     Hetero,
+    /// `hetero` with one scorer for every evicting layer (MoE-nD as its paper defines it):
+    /// `hetero(expected_attention)` is `hetero` without the scorer axis.
+    HeteroScorer(ScorerKind),
     /// `hetero` plus the low-rank axis (experts that project keys).
     HeteroRank,
     /// `hetero` plus the experts whose stages all come from one registered axis
@@ -64,14 +68,15 @@ impl Method {
     /// The methods solved over the calibrated menu.
     pub const SOLVED: [Method; 3] = [Method::TwoD, Method::Hetero, Method::HeteroRank];
 
-    /// The CLI / report name: `hetero`, `snapkv`, `adakv(snapkv)`, `chunkkv(snapkv)`,
-    /// `pyramid(snapkv)`, `hetero+share`.
+    /// The CLI / report name: `hetero`, `hetero(snapkv)`, `snapkv`, `adakv(snapkv)`,
+    /// `chunkkv(snapkv)`, `pyramid(snapkv)`, `hetero+share`.
     pub fn name(self) -> String {
         match self {
             Method::OneD => "1d".into(),
             Method::TwoDUniform => "2d_uniform".into(),
             Method::TwoD => "2d".into(),
             Method::Hetero => "hetero".into(),
+            Method::HeteroScorer(s) => format!("hetero({s})"),
             Method::HeteroRank => "hetero+rank".into(),
             Method::HeteroStage(axis) => format!("hetero+{axis}"),
             Method::Single(s) => s.name().into(),
@@ -100,8 +105,12 @@ impl Method {
             .ok();
         let b = Bytes(budget);
         let baseline = match self {
-            Method::TwoD | Method::Hetero | Method::HeteroRank | Method::HeteroStage(_) => {
-                return self.solve(menu, loss, geometry, budget, use_exact);
+            Method::TwoD
+            | Method::Hetero
+            | Method::HeteroScorer(_)
+            | Method::HeteroRank
+            | Method::HeteroStage(_) => {
+                return self.solve(menu, menu_scorer, loss, geometry, budget, use_exact);
             }
             Method::OneD => {
                 baselines::matched_keep(menu_scorer, Selection::TopK, None, geometry, b)
@@ -136,6 +145,7 @@ impl Method {
     fn solve(
         self,
         menu: &[Expert],
+        menu_scorer: ScorerKind,
         loss: &dyn Fn(usize, usize) -> f64,
         geometry: &Geometry,
         budget: u64,
@@ -151,7 +161,9 @@ impl Method {
             .map(|e| e.footprint(&shape, tokens).total().get())
             .collect();
         let keep = |e: &Expert| e.evict.map_or(1.0, |s| s.keep.get());
-        let plain: Vec<usize> = (0..menu.len()).filter(|&i| self.allows(&menu[i])).collect();
+        let plain: Vec<usize> = (0..menu.len())
+            .filter(|&i| self.allows(&menu[i], menu_scorer))
+            .collect();
         let groups: Vec<Vec<usize>> = match self {
             Method::TwoD => distinct(plain.iter().map(|&i| keep(&menu[i])))
                 .into_iter()
@@ -199,15 +211,22 @@ impl Method {
 
 impl Method {
     /// Whether a solved method may route `e`: projecting experts only in `hetero+rank`, a
-    /// registered axis' stages only in `hetero+<axis>`, every other expert everywhere.
-    fn allows(self, e: &Expert) -> bool {
+    /// registered axis' stages only in `hetero+<axis>`, one scorer (the menu's in `2d`) in
+    /// `2d` and `hetero(<scorer>)`, every other expert everywhere.
+    fn allows(self, e: &Expert, menu_scorer: ScorerKind) -> bool {
         let own = match self {
             Method::HeteroStage(axis) => {
                 e.lowrank.is_none() && e.stages.iter().all(|s| s.setting().axis() == axis)
             }
             _ => e.stages.is_empty(),
         };
-        own && (e.lowrank.is_none() || self == Method::HeteroRank)
+        let scorer = match self {
+            Method::TwoD => Some(menu_scorer),
+            Method::HeteroScorer(s) => Some(s),
+            _ => None,
+        };
+        let scored = scorer.is_none_or(|s| e.evict.is_none_or(|ev| ev.scorer == s));
+        own && scored && (e.lowrank.is_none() || self == Method::HeteroRank)
     }
 }
 
@@ -250,6 +269,9 @@ impl FromStr for Method {
         if let Some(inner) = wrapped("adakv") {
             return scorer(inner).map(Method::AdaKv);
         }
+        if let Some(inner) = wrapped("hetero") {
+            return scorer(inner).map(Method::HeteroScorer);
+        }
         if let Some(inner) = wrapped("pyramid") {
             return scorer(inner).map(Method::Pyramid);
         }
@@ -258,8 +280,8 @@ impl FromStr for Method {
         }
         scorer(s).map(Method::Single).map_err(|_| {
             format!(
-                "unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero+rank, \
-                 hetero+<axis> for a registered axis ({}), a scorer (snapkv, h2o, …), \
+                "unknown method {s:?}; one of 1d, 2d_uniform, 2d, hetero, hetero(<scorer>), \
+                 hetero+rank, hetero+<axis> for a registered axis ({}), a scorer (snapkv, h2o, …), \
                  adakv(<scorer>), chunkkv(<scorer>), pyramid(<scorer>)",
                 router::registered_stages().join(", ")
             )
@@ -301,6 +323,7 @@ mod tests {
         ];
         for s in ScorerKind::ALL {
             all.extend([
+                Method::HeteroScorer(s),
                 Method::Single(s),
                 Method::AdaKv(s),
                 Method::ChunkKv(s),
@@ -310,8 +333,70 @@ mod tests {
         for m in all {
             assert_eq!(m.name().parse::<Method>(), Ok(m), "{m}");
         }
-        for bad in ["", "adakv", "adakv()", "pyramid(x)", "hetero+", "snapkv)"] {
+        for bad in [
+            "",
+            "adakv",
+            "adakv()",
+            "pyramid(x)",
+            "hetero+",
+            "snapkv)",
+            "hetero(x)",
+        ] {
             assert!(bad.parse::<Method>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    /// The scorer axis: with a menu of two scorers whose losses favour a different one on
+    /// alternate layers, `hetero` routes each layer to its better scorer, `hetero(<s>)` and
+    /// `2d` stay on one, and every plan holds the budget.
+    #[test]
+    fn hetero_picks_a_scorer_per_layer_and_one_scorer_methods_do_not() {
+        use kv_tensor::LayerShape;
+        let tokens = 2048;
+        let geo = Geometry {
+            layers: 6,
+            shape: LayerShape {
+                batch: 1,
+                kv_heads: 3,
+                tokens,
+                head_dim: 64,
+            },
+            tokens,
+        };
+        let (a, b) = (ScorerKind::ExpectedAttention, ScorerKind::Snapkv);
+        let mut menu = crate::default_menu(a);
+        menu.extend(crate::scorer_menu(&[b]));
+        let scorer_of = |i: usize| menu[i].evict.map(|e| e.scorer);
+        // Evicting experts lose 1; the favoured scorer of a layer loses half as much.
+        let loss = |l: usize, i: usize| match scorer_of(i) {
+            None => 0.0,
+            Some(s) if (s == b) == (l % 2 == 0) => 0.5,
+            Some(_) => 1.0,
+        };
+        let fp16 = (2 * 6 * 3 * tokens * 64 * 2) as u64;
+        let plan = |m: Method| {
+            m.plan(&menu, &loss, &geo, fp16 / 8, true)
+                .expect("plannable")
+        };
+        let scorers = |p: &Planned| -> Vec<Option<ScorerKind>> {
+            p.plan
+                .layers
+                .iter()
+                .map(|e| e.evict.map(|s| s.scorer))
+                .collect()
+        };
+        let hetero = plan(Method::Hetero);
+        assert!(hetero.bytes.get() <= fp16 / 8);
+        for (l, s) in scorers(&hetero).into_iter().enumerate() {
+            if let Some(s) = s {
+                assert_eq!(s == b, l % 2 == 0, "layer {l} routed to {s}");
+            }
+        }
+        for (m, only) in [(Method::HeteroScorer(b), b), (Method::TwoD, a)] {
+            let p = plan(m);
+            assert!(p.bytes.get() <= fp16 / 8);
+            assert!(scorers(&p).into_iter().flatten().all(|s| s == only), "{m}");
+            assert!(p.predicted_loss >= hetero.predicted_loss, "{m}");
         }
     }
 }

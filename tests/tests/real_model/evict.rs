@@ -2,7 +2,7 @@
 //! question-agnostically at the end of prefill; quality is the relative error of the attention
 //! outputs of the *next* 64 tokens' queries (held out: no scorer saw them) over the compressed
 //! context plus those 64 tokens. Prints the table (`--nocapture`); asserts that at keep 0.25
-//! every attention-based scorer (and trig, calibrated on another passage) beats random, and
+//! every attention-based scorer (and trig, calibrated on another passage, and KVzip) beats random, and
 //! that head-wise budgets and the redundancy penalty are measured on the same footing.
 use axis_evict::{Evict, EvictSetting, Lambda, ScorerKind, Selection};
 use kv_tensor::{CompressionAxis, LayerCache, Ratio, Segment, attention, attention_padded};
@@ -21,6 +21,7 @@ fn scorers_on_real_kv() {
         PrefillOptions {
             observe_window: 32,
             attention_mass: true,
+            reconstruction: true,
             ..Default::default()
         },
     );
@@ -115,6 +116,7 @@ fn scorers_on_real_kv() {
         "Tova",
         "ExpectedAttention",
         "Trig",
+        "Kvzip",
         "Snapkv+AdaKV",
         "Snapkv+redund0.1",
     ] {

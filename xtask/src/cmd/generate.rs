@@ -146,13 +146,15 @@ fn generate(a: &Generate) -> Result<()> {
     } else {
         Sampling::Greedy
     };
-    let needs_mass = plan.as_ref().is_some_and(|p| p.needs().attention_mass);
+    let needs = plan.as_ref().map(|p| p.needs()).unwrap_or_default();
     let opts = models::GenerateOptions {
         max_new: a.max_new,
         sampling,
         prefill: PrefillOptions {
-            attention_mass: needs_mass,
-            compress_chunks: plan.is_some() && !a.compress_at_end,
+            attention_mass: needs.attention_mass,
+            reconstruction: needs.reconstruction,
+            // KVzip's pass needs the whole context, so its plans compress at the end.
+            compress_chunks: plan.is_some() && !a.compress_at_end && !needs.reconstruction,
             ..PrefillOptions::default()
         },
     };

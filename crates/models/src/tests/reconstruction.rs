@@ -1,0 +1,121 @@
+//! KVzip's reconstruction pass: the peaks it hands the caches are the largest weights the
+//! repeat prompt and repeated context pay each context key, exactly as a plain forward pass
+//! over `context ++ prompt ++ piece` computes them, piece by piece; the prefilled caches are
+//! left as they were; and a prefill that compresses chunk by chunk refuses the pass.
+use super::support::*;
+use crate::gguf::Gguf;
+use crate::{Llama, LlamaConfig, ModelError, PrefillOptions};
+use burn::tensor::Tensor;
+use burn_ndarray::NdArray;
+use kv_tensor::{LayerCache, RecordingCache, attention_with_peak};
+
+type B = NdArray<f32>;
+
+fn model() -> Llama<B> {
+    let g = Gguf::parse(tiny_gguf(3)).expect("gguf");
+    let cfg = LlamaConfig::from_gguf(&g).expect("config");
+    let mut m = Llama::<B>::load(cfg, &g, &Default::default()).expect("load");
+    m.set_reconstruction_prompt(vec![7, 3, 11]);
+    m
+}
+
+fn recording(n: usize) -> Vec<RecordingCache<B>> {
+    (0..n).map(|_| RecordingCache::new()).collect()
+}
+
+fn values(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().to_vec().expect("f32")
+}
+
+/// The peaks of one piece, from a plain prefill of `context ++ prompt ++ piece` that records
+/// the last queries of every layer: their attention over the whole sequence, cut to the
+/// context's keys.
+fn reference_peaks(m: &Llama<B>, context: &[u32], piece: &[u32]) -> Vec<Tensor<B, 3>> {
+    let prompt = m.reconstruction_prompt().to_vec();
+    let ids: Vec<u32> = context
+        .iter()
+        .chain(&prompt)
+        .chain(piece)
+        .copied()
+        .collect();
+    let w = prompt.len() + piece.len();
+    let mut caches = recording(LAYERS);
+    let opts = PrefillOptions {
+        observe_window: w,
+        chunk: ids.len(),
+        ..Default::default()
+    };
+    m.prefill(&ids, &mut caches, &opts).expect("prefill");
+    caches
+        .iter()
+        .map(|c| {
+            let q = c
+                .observed()
+                .and_then(|o| o.window_queries.clone())
+                .expect("queries");
+            let (k, v) = c.keys_values().expect("kv");
+            let (_, peak) = attention_with_peak(q, k, v, None).expect("attention");
+            peak.slice_dim(2, 0..context.len())
+        })
+        .collect()
+}
+
+#[test]
+fn peaks_match_a_plain_forward_pass_piece_by_piece() {
+    let m = model();
+    let context: Vec<u32> = (0..23).map(|i| (i * 7 % VOCAB) as u32).collect();
+    // One piece (the whole context), and three (pieces of 8: 8 + 8 + 7 tokens).
+    for piece in [64usize, 8] {
+        let mut caches = recording(LAYERS);
+        let opts = PrefillOptions {
+            chunk: piece,
+            reconstruction: true,
+            ..Default::default()
+        };
+        m.prefill(&context, &mut caches, &opts).expect("prefill");
+        let mut want: Vec<Vec<f32>> = vec![Vec::new(); LAYERS];
+        for part in context.chunks(piece) {
+            for (l, p) in reference_peaks(&m, &context, part).into_iter().enumerate() {
+                let p = values(p);
+                want[l] = if want[l].is_empty() {
+                    p
+                } else {
+                    want[l].iter().zip(&p).map(|(a, b)| a.max(*b)).collect()
+                };
+            }
+        }
+        for (l, c) in caches.iter().enumerate() {
+            let got = values(
+                c.observed()
+                    .and_then(|o| o.reconstruction.clone())
+                    .expect("peaks handed to the cache"),
+            );
+            assert_eq!(got.len(), KV_HEADS * context.len());
+            // The reference prefill stores the repeated piece's keys in the cache's fp16; the
+            // pass keeps its own rows in f32: weights agree to fp16 rounding.
+            let (worst, scale) = worst_and_scale(&got, &want[l]);
+            assert!(
+                scale > 0.0 && worst <= 5e-4,
+                "piece {piece}, layer {l}: off by {worst}"
+            );
+            // The pass read the cache and left it as it was: only the context is held.
+            assert_eq!(c.len(), context.len());
+            assert_eq!(c.stored(), context.len());
+        }
+    }
+}
+
+#[test]
+fn chunk_by_chunk_compression_refuses_the_pass() {
+    let m = model();
+    let mut caches = recording(LAYERS);
+    let opts = PrefillOptions {
+        reconstruction: true,
+        compress_chunks: true,
+        ..Default::default()
+    };
+    let e = m
+        .prefill(&[1, 2, 3], &mut caches, &opts)
+        .expect_err("refused");
+    assert!(matches!(e, ModelError::IncompatibleOptions(_)), "{e}");
+}
