@@ -223,18 +223,26 @@ pub fn all(records: &[Record], rows: &[(String, String)], seed: u64) -> Vec<Comp
         if let Some(o) = best {
             out.push(compare(&mine, &of(o, b), [m, b, o], seed));
         }
-        // MoQAE's two rankings run at matched bytes to settle one question: does the learned
-        // router beat the heuristic? Always asked, whichever method is best otherwise.
-        let (learned, heuristic) = ("moqae", "moqae-heuristic");
-        if m == learned
-            && best != Some(heuristic)
-            && rows.iter().any(|(x, y)| x == heuristic && y == b)
-        {
-            out.push(compare(&mine, &of(heuristic, b), [m, b, heuristic], seed));
+        // Pairs that settle one question each, always asked whichever method is best
+        // otherwise: does the learned MoQAE router beat the heuristic, and does hetero's
+        // scorer axis beat hetero with one scorer?
+        for (method, control) in CONTROLS {
+            if m == method
+                && best != Some(control)
+                && rows.iter().any(|(x, y)| x == control && y == b)
+            {
+                out.push(compare(&mine, &of(control, b), [m, b, control], seed));
+            }
         }
     }
     out
 }
+
+/// (method, its control): rows always paired with each other.
+const CONTROLS: [(&str, &str); 2] = [
+    ("moqae", "moqae-heuristic"),
+    ("hetero", "hetero(expected_attention)"),
+];
 
 #[cfg(test)]
 mod tests {
@@ -247,8 +255,8 @@ mod tests {
         r
     }
 
-    /// The learned MoQAE row is always paired with the heuristic one, even when another
-    /// method is its best rival.
+    /// The learned MoQAE row is always paired with the heuristic one, and hetero with its
+    /// one-scorer control, even when another method is their best rival.
     #[test]
     fn learned_moqae_is_always_compared_with_the_heuristic() {
         let mut records = Vec::new();
@@ -268,6 +276,21 @@ mod tests {
             .map(|c| c.against.as_str())
             .collect();
         assert_eq!(against, vec!["full", "hetero", "moqae-heuristic"]);
+        // hetero's best other method excludes its own family, yet it meets its one-scorer
+        // control.
+        let mut records = records;
+        for s in 0..3 {
+            records.push(rec("hetero(expected_attention)", s, -0.7));
+        }
+        let mut rows = rows;
+        rows.push(("hetero(expected_attention)".into(), "1/8".into()));
+        let c = all(&records, &rows, 1);
+        let against: Vec<&str> = c
+            .iter()
+            .filter(|c| c.method == "hetero")
+            .map(|c| c.against.as_str())
+            .collect();
+        assert_eq!(against, vec!["full", "moqae", "hetero(expected_attention)"]);
     }
 
     #[test]

@@ -10,8 +10,9 @@ pub struct Solve {
     /// Budget: a fraction of the fp16 cache (1/14, 0.25) or bytes (3MiB).
     #[arg(long)]
     pub budget: String,
-    /// hetero, hetero+rank, hetero+share, 2d, 1d, 2d_uniform, a scorer's uniform keep (snapkv,
-    /// h2o, expected_attention, …), adakv(<scorer>), chunkkv(<scorer>) or pyramid(<scorer>).
+    /// hetero (a scorer per layer), hetero(<scorer>) (one scorer), hetero+rank, hetero+share,
+    /// 2d, 1d, 2d_uniform, a scorer's uniform keep (snapkv, h2o, kvzip, expected_attention, …),
+    /// adakv(<scorer>), chunkkv(<scorer>) or pyramid(<scorer>).
     #[arg(long, default_value = "hetero")]
     pub method: Method,
     /// greedy or exact.
