@@ -265,7 +265,7 @@ mod tests {
             records.push(rec("moqae", s, -1.0 - s as f64 * 0.1));
             records.push(rec("moqae-heuristic", s, -1.2));
         }
-        let rows: Vec<(String, String)> = ["hetero", "moqae", "moqae-heuristic"]
+        let mut rows: Vec<(String, String)> = ["hetero", "moqae", "moqae-heuristic"]
             .iter()
             .map(|m| (m.to_string(), "1/8".to_string()))
             .collect();
@@ -278,11 +278,9 @@ mod tests {
         assert_eq!(against, vec!["full", "hetero", "moqae-heuristic"]);
         // hetero's best other method excludes its own family, yet it meets its one-scorer
         // control.
-        let mut records = records;
         for s in 0..3 {
             records.push(rec("hetero(expected_attention)", s, -0.7));
         }
-        let mut rows = rows;
         rows.push(("hetero(expected_attention)".into(), "1/8".into()));
         let c = all(&records, &rows, 1);
         let against: Vec<&str> = c

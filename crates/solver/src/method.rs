@@ -370,7 +370,7 @@ mod tests {
         // Evicting experts lose 1; the favoured scorer of a layer loses half as much.
         let loss = |l: usize, i: usize| match scorer_of(i) {
             None => 0.0,
-            Some(s) if (s == b) == (l % 2 == 0) => 0.5,
+            Some(s) if (s == b) == l.is_multiple_of(2) => 0.5,
             Some(_) => 1.0,
         };
         let fp16 = (2 * 6 * 3 * tokens * 64 * 2) as u64;
@@ -389,7 +389,7 @@ mod tests {
         assert!(hetero.bytes.get() <= fp16 / 8);
         for (l, s) in scorers(&hetero).into_iter().enumerate() {
             if let Some(s) = s {
-                assert_eq!(s == b, l % 2 == 0, "layer {l} routed to {s}");
+                assert_eq!(s == b, l.is_multiple_of(2), "layer {l} routed to {s}");
             }
         }
         for (m, only) in [(Method::HeteroScorer(b), b), (Method::TwoD, a)] {
