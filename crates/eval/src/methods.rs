@@ -277,20 +277,6 @@ impl Skips {
     }
 }
 
-/// The layer shape of the model after `tokens` tokens.
-pub fn geometry(layout: kv_tensor::KvLayout, tokens: usize) -> Geometry {
-    Geometry {
-        layers: layout.layers,
-        shape: LayerShape {
-            batch: 1,
-            kv_heads: layout.kv_heads,
-            tokens,
-            head_dim: layout.head_dim,
-        },
-        tokens,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,7 +285,7 @@ mod tests {
     /// A table over the default menu with losses that fall with kept bytes, as calibration's do.
     fn table(tokens: usize) -> SensitivityTable {
         let menu = solver::default_menu(ScorerKind::ExpectedAttention);
-        let geo = geometry(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
+        let geo = Geometry::new(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
         let loss = (0..30)
             .map(|l| {
                 menu.iter()
@@ -333,7 +319,7 @@ mod tests {
         assert_eq!(sharing(&crate::menu(30)), 24);
         assert_eq!(sharing(&crate::menu(29)), 0);
         let menu = crate::menu(30);
-        let geo = geometry(KvLayout::new(30, 3, 9, 64).expect("layout"), 1024);
+        let geo = Geometry::new(KvLayout::new(30, 3, 9, 64).expect("layout"), 1024);
         // Losses that make the sharing experts cheapest in loss: only hetero+share takes them.
         let loss = |_: usize, e: usize| if menu[e].stages.is_empty() { 1.0 } else { 0.0 };
         let budget = KvLayout::new(30, 3, 9, 64)
@@ -391,7 +377,7 @@ mod tests {
         });
         let tokens = 2048;
         let layout = KvLayout::new(30, 3, 9, 64).expect("layout");
-        let geo = geometry(layout, tokens);
+        let geo = Geometry::new(layout, tokens);
         let fp16 = layout.fp16_bytes(1, tokens).get();
         let budgets: Vec<(String, u64)> = vec![("1/4".into(), fp16 / 4), ("1/8".into(), fp16 / 8)];
         let mut skips = Skips::default();
@@ -429,7 +415,7 @@ mod tests {
     fn entries_fit_their_budgets_and_skips_are_reported() {
         for tokens in [700usize, 2000] {
             let t = table(tokens);
-            let geo = geometry(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
+            let geo = Geometry::new(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
             let fp16 = KvLayout::new(30, 3, 9, 64)
                 .expect("layout")
                 .fp16_bytes(1, tokens)

@@ -151,7 +151,7 @@ impl<B: KvBackend> Session<B> {
 
     /// The model's layer geometry after `tokens` tokens (what plans are sized for).
     pub fn geometry(&self, tokens: usize) -> Geometry {
-        crate::methods::geometry(self.model.model.config.kv_layout(), tokens)
+        solver::Geometry::new(self.model.model.config.kv_layout(), tokens)
     }
 
     /// The cached sensitivity table at `context` tokens over `passages` passages, or a fresh

@@ -96,20 +96,11 @@ pub fn chunkkv() -> Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kv_tensor::{Bits, LayerShape};
+    use kv_tensor::{Bits, KvLayout};
     use proptest::prelude::*;
 
     fn geo(tokens: usize) -> Geometry {
-        Geometry {
-            layers: 30,
-            shape: LayerShape {
-                batch: 1,
-                kv_heads: 3,
-                tokens,
-                head_dim: 64,
-            },
-            tokens,
-        }
+        Geometry::new(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens)
     }
 
     fn keep(p: &RoutingPlan, l: usize) -> f64 {

@@ -155,7 +155,7 @@ fn extension_menu(scorer: ScorerKind, base: &Expert) -> Vec<Expert> {
 mod tests {
     use super::*;
     use crate::{Geometry, Method};
-    use kv_tensor::LayerShape;
+    use kv_tensor::KvLayout;
 
     /// At 1024 tokens of SmolLM2's geometry, the default window alone (64 of 1024 tokens in
     /// fp16) makes 1/14 infeasible; the small-window experts make 1/14 and 1/20 plannable, and
@@ -163,16 +163,7 @@ mod tests {
     #[test]
     fn small_windows_make_one_in_fourteen_plannable_at_1k() {
         let tokens = 1024;
-        let geo = Geometry {
-            layers: 30,
-            shape: LayerShape {
-                batch: 1,
-                kv_heads: 3,
-                tokens,
-                head_dim: 64,
-            },
-            tokens,
-        };
+        let geo = Geometry::new(KvLayout::new(30, 3, 9, 64).expect("layout"), tokens);
         let fp16 = (2 * 30 * 3 * tokens * 64 * 2) as u64;
         let base = default_menu(ScorerKind::Snapkv);
         let mut with = base.clone();

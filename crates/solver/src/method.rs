@@ -2,7 +2,7 @@
 use crate::{Problem, Solution, SolverError, baselines, exact, greedy};
 use axis_evict::{ScorerKind, Selection};
 use axis_quant::QuantSetting;
-use kv_tensor::{Bits, Bytes, LayerShape};
+use kv_tensor::{Bits, Bytes, KvLayout, LayerShape};
 use router::{Expert, RoutingPlan};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -16,6 +16,17 @@ pub struct Geometry {
     pub shape: LayerShape,
     /// Prompt tokens.
     pub tokens: usize,
+}
+
+impl Geometry {
+    /// A model of `layout` after a `tokens`-token prompt (batch 1).
+    pub fn new(layout: KvLayout, tokens: usize) -> Self {
+        Self {
+            layers: layout.layers,
+            shape: layout.layer_shape(1, tokens),
+            tokens,
+        }
+    }
 }
 
 /// How a plan is chosen. Every named method in `solve`, `generate --plan` and `eval` is one of
@@ -351,18 +362,8 @@ mod tests {
     /// `2d` stay on one, and every plan holds the budget.
     #[test]
     fn hetero_picks_a_scorer_per_layer_and_one_scorer_methods_do_not() {
-        use kv_tensor::LayerShape;
         let tokens = 2048;
-        let geo = Geometry {
-            layers: 6,
-            shape: LayerShape {
-                batch: 1,
-                kv_heads: 3,
-                tokens,
-                head_dim: 64,
-            },
-            tokens,
-        };
+        let geo = Geometry::new(KvLayout::new(6, 3, 9, 64).expect("layout"), tokens);
         let (a, b) = (ScorerKind::ExpectedAttention, ScorerKind::Snapkv);
         let mut menu = crate::default_menu(a);
         menu.extend(crate::scorer_menu(&[b]));

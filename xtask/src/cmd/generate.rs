@@ -85,7 +85,7 @@ fn plan_caches(
     } else {
         router::Axes::default()
     };
-    let geo = eval::methods::geometry(m.model.config.kv_layout(), tokens);
+    let geo = solver::Geometry::new(m.model.config.kv_layout(), tokens);
     let predicted = solver::baselines::plan_bytes(&plan, &geo).get();
     let caches = plan
         .layers

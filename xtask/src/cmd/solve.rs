@@ -97,7 +97,7 @@ pub fn solve(a: &Solve) -> Result<()> {
     );
     let tokens = a.context.unwrap_or(table.tokens) + a.generate.unwrap_or(0);
     anyhow::ensure!(tokens > 0, "--context must be at least one token");
-    let geo = eval::methods::geometry(layout, tokens);
+    let geo = solver::Geometry::new(layout, tokens);
     let fp16 = layout.fp16_bytes(1, tokens);
     let budget_bytes = a.budget.parse::<Budget>()?.bytes(fp16).get();
     let loss = |l: usize, e: usize| table.loss[l][e];
