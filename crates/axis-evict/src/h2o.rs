@@ -10,24 +10,13 @@ pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
-    let mass = ctx
-        .attention_mass
-        .clone()
-        .ok_or(AxisError::MissingObservation {
-            method: "h2o",
-            what: "accumulated attention",
-        })?;
-    let t = k.dims()[2];
-    if mass.dims()[2] != t {
-        return Err(kv_tensor::KvError::Shape {
-            context: "h2o attention mass",
-            expected: k.dims()[..3].to_vec(),
-            got: mass.dims().to_vec(),
-        }
-        .into());
-    }
     // Early tokens receive attention from more queries; H2O keeps that bias on purpose.
-    Ok(mass)
+    crate::scorer::observed_per_token(
+        ctx.attention_mass.as_ref(),
+        k,
+        "h2o",
+        "accumulated attention",
+    )
 }
 
 crate::builtin_scorer! {

@@ -13,22 +13,12 @@ pub fn score<B: KvBackend>(
     k: &Tensor<B, 4>,
     ctx: &ObservationCtx<B>,
 ) -> Result<Tensor<B, 3>, AxisError> {
-    let peak = ctx
-        .reconstruction
-        .clone()
-        .ok_or(AxisError::MissingObservation {
-            method: "kvzip",
-            what: "the context-reconstruction pass's attention",
-        })?;
-    if peak.dims() != k.dims()[..3] {
-        return Err(kv_tensor::KvError::Shape {
-            context: "kvzip reconstruction attention",
-            expected: k.dims()[..3].to_vec(),
-            got: peak.dims().to_vec(),
-        }
-        .into());
-    }
-    Ok(peak)
+    crate::scorer::observed_per_token(
+        ctx.reconstruction.as_ref(),
+        k,
+        "kvzip",
+        "the context-reconstruction pass's attention",
+    )
 }
 
 crate::builtin_scorer! {

@@ -23,6 +23,12 @@ pub struct ScorerNeeds {
 }
 
 impl ScorerNeeds {
+    /// Whether the scorer reads a statistic only a prefill produces (H2O's attention mass,
+    /// KVzip's reconstruction pass), so it cannot evict again while tokens are generated.
+    pub fn prefill_only(self) -> bool {
+        self.attention_mass || self.reconstruction
+    }
+
     /// Nothing besides keys and values.
     pub const NONE: ScorerNeeds = ScorerNeeds {
         window_queries: false,
@@ -80,6 +86,29 @@ pub struct ScoreInput<'a, B: KvBackend> {
     pub next: usize,
     /// The layer index and the observations.
     pub ctx: &'a ObservationCtx<B>,
+}
+
+/// A per-token statistic the prefill observed (`[b, h, t]`, e.g. H2O's attention mass), checked
+/// to cover exactly the keys `k` being scored: missing, it is the typed error naming `method`
+/// and `what` it needed; misshapen, a shape error.
+pub(crate) fn observed_per_token<B: KvBackend>(
+    stat: Option<&Tensor<B, 3>>,
+    k: &Tensor<B, 4>,
+    method: &'static str,
+    what: &'static str,
+) -> Result<Tensor<B, 3>, AxisError> {
+    let stat = stat
+        .cloned()
+        .ok_or(AxisError::MissingObservation { method, what })?;
+    if stat.dims() != k.dims()[..3] {
+        return Err(kv_tensor::KvError::Shape {
+            context: what,
+            expected: k.dims()[..3].to_vec(),
+            got: stat.dims().to_vec(),
+        }
+        .into());
+    }
+    Ok(stat)
 }
 
 /// A scorer: the importance `[b, h, t]` of every cached token per KV head, higher = keep.

@@ -208,8 +208,14 @@ fn hetero<B: KvBackend>(
         .kv_layout()
         .fp16_bytes(1, tokens)
         .get();
-    let loss = |l: usize, e: usize| table.loss[l][e];
-    let planned = Method::Hetero.plan(&table.menu, &loss, &geo, bytes, true)?;
+    // An evicting layer whose scorer cannot run while decoding (H2O, KVzip) would grow past
+    // the budget: solve over the experts that either keep everything or re-evict.
+    let usable: Vec<usize> = (0..table.menu.len())
+        .filter(|&i| table.menu[i].evict.is_none() || table.menu[i].compresses_while_decoding())
+        .collect();
+    let menu: Vec<Expert> = usable.iter().map(|&i| table.menu[i].clone()).collect();
+    let loss = |l: usize, e: usize| table.loss[l][usable[e]];
+    let planned = Method::Hetero.plan(&menu, &loss, &geo, bytes, true)?;
     Ok(planned.plan.with_decode(total, interval).layers)
 }
 

@@ -188,7 +188,7 @@ impl Expert {
             );
         }
         let needs = e.scorer.needs();
-        if needs.attention_mass || needs.reconstruction {
+        if needs.prefill_only() {
             return Err(format!(
                 "{} needs a statistic of the prefill ({}), which decoding does not produce",
                 e.scorer.name(),
@@ -258,6 +258,15 @@ impl Expert {
         self.quant
             .filter(|q| !q.is_identity())
             .map_or(PROJECT_GROUP, |q| q.group.get())
+    }
+
+    /// Whether this expert can keep its layer within a decode budget: it evicts, with a
+    /// scorer that runs on what decoding observes and a selection that can be redone
+    /// (head-wise ragged segments are final).
+    pub fn compresses_while_decoding(&self) -> bool {
+        self.evict.is_some_and(|e| {
+            !e.scorer.needs().prefill_only() && !matches!(e.selection, Selection::HeadWise { .. })
+        })
     }
 
     /// Tokens kept of `t` prompt tokens.

@@ -123,10 +123,8 @@ impl RoutingPlan {
     /// attention mass, KVzip's reconstruction pass), keep growing.
     pub fn with_decode(mut self, total: usize, interval: usize) -> Self {
         for e in &mut self.layers {
-            if let Some(ev) = e.evict
-                && !ev.scorer.needs().attention_mass
-                && !ev.scorer.needs().reconstruction
-                && !matches!(ev.selection, axis_evict::Selection::HeadWise { .. })
+            if e.compresses_while_decoding()
+                && let Some(ev) = e.evict
             {
                 e.decode = Some(crate::DecodeBudget {
                     tokens: e.kept(total).max(ev.sinks + ev.window),
