@@ -269,26 +269,28 @@ mod tests {
             .iter()
             .map(|m| (m.to_string(), "1/8".to_string()))
             .collect();
-        let c = all(&records, &rows, 1);
-        let against: Vec<&str> = c
-            .iter()
-            .filter(|c| c.method == "moqae")
-            .map(|c| c.against.as_str())
-            .collect();
-        assert_eq!(against, vec!["full", "hetero", "moqae-heuristic"]);
+        // Whom `method` is compared against, in order.
+        let against = |records: &[Record], rows: &[(String, String)], method: &str| {
+            all(records, rows, 1)
+                .into_iter()
+                .filter(|c| c.method == method)
+                .map(|c| c.against)
+                .collect::<Vec<String>>()
+        };
+        assert_eq!(
+            against(&records, &rows, "moqae"),
+            ["full", "hetero", "moqae-heuristic"]
+        );
         // hetero's best other method excludes its own family, yet it meets its one-scorer
         // control.
         for s in 0..3 {
             records.push(rec("hetero(expected_attention)", s, -0.7));
         }
         rows.push(("hetero(expected_attention)".into(), "1/8".into()));
-        let c = all(&records, &rows, 1);
-        let against: Vec<&str> = c
-            .iter()
-            .filter(|c| c.method == "hetero")
-            .map(|c| c.against.as_str())
-            .collect();
-        assert_eq!(against, vec!["full", "moqae", "hetero(expected_attention)"]);
+        assert_eq!(
+            against(&records, &rows, "hetero"),
+            ["full", "moqae", "hetero(expected_attention)"]
+        );
     }
 
     #[test]

@@ -335,12 +335,12 @@ impl<B: KvBackend> Llama<B> {
         }
         let (logits, observed) = self.run(ids, caches, Logits::Last, Some(opts))?;
         let mut peaks = if opts.reconstruction {
-            self.reconstruction_peaks(ids, caches, opts.chunk)?
-                .into_iter()
-                .map(Some)
-                .collect()
+            Some(
+                self.reconstruction_peaks(ids, caches, opts.chunk)?
+                    .into_iter(),
+            )
         } else {
-            Vec::new()
+            None
         };
         for (layer, (cache, obs)) in caches.iter_mut().zip(observed).enumerate() {
             let ctx = ObservationCtx {
@@ -348,7 +348,7 @@ impl<B: KvBackend> Llama<B> {
                 window_queries: obs.queries,
                 attention_mass: obs.mass,
                 pre_rope_queries: obs.pre_q,
-                reconstruction: peaks.get_mut(layer).and_then(Option::take),
+                reconstruction: peaks.as_mut().and_then(Iterator::next),
             };
             cache
                 .finish_prefill(&ctx)
