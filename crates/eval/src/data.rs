@@ -75,6 +75,15 @@ impl Sample {
     }
 }
 
+/// The calibration part of the corpus (its first [`CALIBRATION_CHARS`] characters).
+pub fn calibration_text(text: &str) -> &str {
+    let mut at = CALIBRATION_CHARS.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    &text[..at]
+}
+
 /// The evaluation part of the corpus (after the calibration characters).
 pub fn evaluation_text(text: &str) -> &str {
     let mut at = CALIBRATION_CHARS.min(text.len());

@@ -13,6 +13,7 @@
 //! [`report`] (markdown, JSON), [`plot`], [`session`], [`run()`](run::run).
 #![warn(missing_docs)]
 
+pub mod calibration;
 pub mod data;
 pub mod dataset;
 pub mod decode;
@@ -32,6 +33,7 @@ pub mod session;
 pub mod stats;
 pub mod tasks;
 
+pub use calibration::CalibrationSpec;
 pub use error::{EvalError, Result};
 pub use options::EvalOptions;
 pub use progress::{Event, Progress, Silent};

@@ -29,9 +29,9 @@ pub struct EvalOptions {
     pub prose_context: usize,
     /// Continuation tokens scored after the prose context.
     pub continuation: usize,
-    /// Context length of the calibration table (one table serves every length: budgets are
-    /// fractions, and the solver sizes each plan for the sample's length).
-    pub calibration_context: usize,
+    /// What the sensitivity table is calibrated on (one table serves every length: budgets
+    /// are fractions, and the solver sizes each plan for the sample's length).
+    pub calibration: crate::CalibrationSpec,
     /// Plain-text prompts instead of the model's chat template.
     pub raw: bool,
     /// Seed of the task generator.
@@ -66,7 +66,7 @@ impl EvalOptions {
             prose_samples: 4,
             prose_context: 2048,
             continuation: 256,
-            calibration_context: 2048,
+            calibration: crate::CalibrationSpec::default_at(2048),
             raw: false,
             seed: 1,
             chunked_prefill: false,
@@ -90,7 +90,7 @@ impl EvalOptions {
             prose_samples: 3,
             prose_context: 512,
             continuation: 32,
-            calibration_context: 512,
+            calibration: crate::CalibrationSpec::default_at(512),
             ..Self::default_run(out)
         }
     }

@@ -203,7 +203,7 @@ pub fn write(opts: &EvalOptions, f: &Findings<'_>) -> Result<Report> {
         "methods": opts.methods.iter().map(|m| m.name()).collect::<Vec<_>>(),
         "samples_per_task": opts.samples, "prose_samples": opts.prose_samples,
         "prose_context": opts.prose_context, "continuation": opts.continuation,
-        "calibration_context": opts.calibration_context, "seed": opts.seed,
+        "calibration": opts.calibration.to_string(), "seed": opts.seed,
         "chunked_prefill": opts.chunked_prefill,
         "budgets": opts.budgets, "seconds": f.seconds, "summary": f.summary,
         "comparisons": f.comparisons, "skipped": f.skipped, "moqae_sweep": f.moqae,

@@ -55,7 +55,7 @@ pub fn run<B: KvBackend>(
     progress: &dyn Progress,
 ) -> Result<Outcome> {
     check_options(session, opts)?;
-    let table = session.table(opts.calibration_context, 1, None, progress)?;
+    let table = session.table(&opts.calibration, None, progress)?;
     let groups = samples(session, opts, progress)?;
     let mut skips = Skips::default();
     let learned = if opts.quick {
@@ -132,6 +132,12 @@ fn check_options<B: KvBackend>(session: &Session<B>, opts: &EvalOptions) -> Resu
             )));
         }
     }
+    if opts.seed == crate::calibration::CALIBRATION_SEED {
+        return Err(EvalError::Options(
+            "that seed draws the calibration's retrieval passages: pick another".into(),
+        ));
+    }
+    opts.calibration.check()?;
     if opts.lengths.is_empty() || opts.budgets.is_empty() {
         return Err(EvalError::Options(
             "at least one length and one budget".into(),

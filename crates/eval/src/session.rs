@@ -1,5 +1,6 @@
 //! A model with its sha256, its prose corpus and its calibrated axes: what eval, generate,
 //! solve and validate-proxy share. Paths come in as arguments; nothing here downloads.
+use crate::calibration::CalibrationSpec;
 use crate::data;
 use crate::error::{IoContext, Result};
 use crate::progress::{Event, Progress};
@@ -154,19 +155,20 @@ impl<B: KvBackend> Session<B> {
         solver::Geometry::new(self.model.model.config.kv_layout(), tokens)
     }
 
-    /// The cached sensitivity table at `context` tokens over `passages` passages, or a fresh
-    /// calibration written to `out` (default: the calibration directory).
+    /// The cached sensitivity table of `spec`, or a fresh calibration written to `out`
+    /// (default: the calibration directory).
     pub fn table(
         &self,
-        context: usize,
-        passages: usize,
+        spec: &CalibrationSpec,
         out: Option<PathBuf>,
         progress: &dyn Progress,
     ) -> Result<SensitivityTable> {
+        spec.check()?;
+        let context = spec.context;
         let menu = menu(self.model.model.config.layers);
         let path = out.unwrap_or_else(|| {
             self.calibration
-                .join(format!("{}-ctx{context}-p{passages}.json", &self.sha[..12]))
+                .join(format!("{}-{}.json", &self.sha[..12], spec.file_stem()))
         });
         let mut cached = None;
         if let Ok(text) = std::fs::read_to_string(&path) {
@@ -213,7 +215,7 @@ impl<B: KvBackend> Session<B> {
                 loss: vec![Vec::new(); self.model.model.config.layers],
             }
         } else {
-            self.calibrate(missing, context, passages, progress)?
+            self.calibrate(missing, spec, progress)?
         };
         let table = merge_losses(menu, &known, fresh);
         if let Some(dir) = path.parent() {
@@ -231,35 +233,37 @@ impl<B: KvBackend> Session<B> {
     fn calibrate(
         &self,
         menu: Vec<router::Expert>,
-        context: usize,
-        passages: usize,
+        spec: &CalibrationSpec,
         progress: &dyn Progress,
     ) -> Result<SensitivityTable> {
         let opts = CalibrationOptions {
-            context,
+            loss: spec.loss,
             ..Default::default()
         };
-        let ids: Vec<Vec<u32>> = (0..passages)
-            .map(|i| self.passage(i * 200_000, context + opts.future))
-            .collect::<Result<_>>()?;
+        let passages = crate::calibration::passages(self, spec)?;
         let layers = self.model.model.config.layers;
         progress.event(Event::Start {
             what: "calibrate",
-            total: (passages * layers) as u64,
+            total: (passages.len() * layers) as u64,
         });
         let t0 = std::time::Instant::now();
-        let loss = solver::calibrate(&self.model.model, &ids, &menu, &self.axes, &opts, |d, _| {
-            progress.event(Event::Done(d as u64))
-        })?;
+        let loss = solver::calibrate(
+            &self.model.model,
+            &passages,
+            &menu,
+            &self.axes,
+            &opts,
+            |d, _| progress.event(Event::Done(d as u64)),
+        )?;
         progress.event(Event::Finish);
         progress.event(Event::Note(&format!(
-            "calibrated {} experts × {layers} layers in {:.0} s",
+            "calibrated {} experts × {layers} layers on {spec} in {:.0} s",
             menu.len(),
             t0.elapsed().as_secs_f64()
         )));
         Ok(SensitivityTable {
             model_sha256: self.sha.clone(),
-            tokens: context,
+            tokens: spec.context,
             menu,
             loss,
         })

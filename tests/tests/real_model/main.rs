@@ -2,6 +2,7 @@
 //! burn's CPU backend and the decoder anew (minutes of compile each on a 2-core machine), so
 //! one binary rather than six saves minutes of every clean build, and the embedded model loads
 //! once for all of them (`kvnd_tests::model`).
+mod calibration_losses;
 mod eval_harness;
 mod evict;
 mod lowrank;

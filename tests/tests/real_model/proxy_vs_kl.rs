@@ -3,7 +3,10 @@
 //! 512-token context, 5 layers × 6 experts. (`cargo xtask validate-proxy` runs it at 2048.)
 use kvnd_tests::{model, prose_tokens};
 use router::Axes;
-use solver::{CalibrationOptions, LossPredictor, MeasuredKl, SensitivityTable, spearman};
+use solver::{
+    CalibrationLoss, CalibrationOptions, LossPredictor, MeasuredLoss, Passage, SensitivityTable,
+    spearman,
+};
 
 #[test]
 fn proxy_ranks_like_measured_kl() {
@@ -15,17 +18,13 @@ fn proxy_ranks_like_measured_kl() {
         .map(|&i| full[i].clone())
         .collect();
     let axes = Axes::default();
-    let opts = CalibrationOptions {
-        context: 512,
-        future: 64,
-        observe_window: 32,
-    };
-    let calib = prose_tokens(300_000, opts.context + opts.future);
+    let opts = CalibrationOptions::default();
+    let calib = Passage::prose(&prose_tokens(300_000, 512 + 64), 512).expect("passage");
     let loss =
         solver::calibrate(&m.model, &[calib], &menu, &axes, &opts, |_, _| {}).expect("calibrate");
     let table = SensitivityTable {
         model_sha256: "test".into(),
-        tokens: opts.context,
+        tokens: 512,
         menu: menu.clone(),
         loss,
     };
@@ -34,10 +33,16 @@ fn proxy_ranks_like_measured_kl() {
         .iter()
         .flat_map(|&l| menu.iter().map(move |e| (l, e.clone())))
         .collect();
-    let ids = prose_tokens(700_000, 512 + 48);
-    let measured =
-        MeasuredKl::measure(&m.model, &ids[..512], &ids[512..], &pairs, &axes, |_, _| {})
-            .expect("measure");
+    let held_out = Passage::prose(&prose_tokens(700_000, 512 + 48), 512).expect("passage");
+    let measured = MeasuredLoss::measure(
+        &m.model,
+        &[held_out],
+        &pairs,
+        &axes,
+        CalibrationLoss::Kl,
+        |_, _| {},
+    )
+    .expect("measure");
     let (mut p, mut k) = (Vec::new(), Vec::new());
     for (l, e, kl) in &measured.entries {
         assert!(kl.is_finite() && *kl > -1e-4, "layer {l} {e}: KL {kl}");

@@ -49,6 +49,15 @@ pub struct Eval {
     /// serves every length (budgets are fractions; plans are sized per sample).
     #[arg(long)]
     calibration_context: Option<usize>,
+    /// Calibration prose passages [default: 1].
+    #[arg(long)]
+    calibration_prose: Option<usize>,
+    /// Calibration retrieval passages, built from the calibration split [default: 2].
+    #[arg(long)]
+    calibration_retrieval: Option<usize>,
+    /// The loss calibration measures: attention, kl or answer-logp [default: attention].
+    #[arg(long)]
+    calibration_loss: Option<solver::CalibrationLoss>,
     /// Plain-text task prompts instead of the model's chat template.
     #[arg(long)]
     raw: bool,
@@ -123,7 +132,11 @@ impl Eval {
         o.samples = self.samples.unwrap_or(o.samples);
         o.prose_samples = self.prose_samples.unwrap_or(o.prose_samples);
         o.prose_context = self.prose_context.unwrap_or(o.prose_context);
-        o.calibration_context = self.calibration_context.unwrap_or(o.calibration_context);
+        let c = &mut o.calibration;
+        c.context = self.calibration_context.unwrap_or(c.context);
+        c.prose = self.calibration_prose.unwrap_or(c.prose);
+        c.retrieval = self.calibration_retrieval.unwrap_or(c.retrieval);
+        c.loss = self.calibration_loss.unwrap_or(c.loss);
         o.raw = self.raw;
         o.seed = self.seed;
         o.chunked_prefill = self.chunked_prefill;

@@ -1,12 +1,14 @@
-//! `validate-proxy`: the calibration proxy against end-to-end KL with one layer compressed.
+//! `validate-proxy`: which calibration (passages × loss) ranks (layer, expert) pairs like the
+//! answer log-probability held-out retrieval samples lose (see `eval::calibration::validate`).
 use anyhow::{Context, Result};
 use clap::Args;
+use eval::calibration::{ValidateOptions, validate};
 
 /// Arguments of `validate-proxy`.
 #[derive(Args)]
 pub struct ValidateProxy {
-    /// Context tokens (the proxy table at this length is reused or measured).
-    #[arg(long, default_value_t = 2048)]
+    /// Context tokens of the calibration passages and the held-out samples.
+    #[arg(long, default_value_t = 1024)]
     context: usize,
     /// Layers measured (comma-separated) [default: six spread evenly from the first to the
     /// last].
@@ -15,81 +17,65 @@ pub struct ValidateProxy {
     /// Experts measured, spread evenly over the menu.
     #[arg(long, default_value_t = 8)]
     experts: usize,
-    /// Continuation tokens the KL is averaged over.
-    #[arg(long, default_value_t = 64)]
-    continuation: usize,
+    /// Held-out retrieval samples (evaluation split, every non-QA RULER task in turn).
+    #[arg(long, default_value_t = 6)]
+    held_out: usize,
+    /// Calibration retrieval passages compared.
+    #[arg(long, default_value_t = 2)]
+    retrieval: usize,
+    /// Print every pair's measurements too.
+    #[arg(long)]
+    pairs: bool,
     #[command(flatten)]
     model: crate::session::ModelArg,
 }
 
 impl ValidateProxy {
-    /// Measures and prints the table and the Spearman correlation.
+    /// Measures every candidate and prints the ranking.
     pub fn run(self) -> Result<()> {
-        validate_proxy(&self)
-    }
-}
-
-/// Proxy vs measured end-to-end KL on a subset of layers × experts (see the CLI help).
-fn validate_proxy(a: &ValidateProxy) -> Result<()> {
-    let (context, experts, continuation) = (a.context, a.experts, a.continuation);
-    let s = crate::session::open(&a.model)?;
-    let n_layers = s.model.model.config.layers;
-    let spread: Vec<String> = (0..6)
-        .map(|i| (i * (n_layers - 1) / 5).to_string())
-        .collect();
-    let layers = a.layers.clone().unwrap_or_else(|| spread.join(","));
-    let table = s.table(context, 1, None, &crate::progress::Bars::default())?;
-    let (m, axes) = (&s.model, &s.axes);
-    let layers: Vec<usize> = layers
-        .split(',')
-        .map(|s| s.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .context("--layers: comma-separated layer indices")?;
-    if let Some(bad) = layers.iter().find(|&&l| l >= table.loss.len()) {
-        anyhow::bail!(
-            "layer {bad} does not exist (the model has {})",
-            table.loss.len()
-        );
-    }
-    let n = table.menu.len();
-    let picks: Vec<usize> = (0..experts.clamp(2, n))
-        .map(|i| i * (n - 1) / (experts.clamp(2, n) - 1))
-        .collect();
-    let pairs: Vec<(usize, router::Expert)> = layers
-        .iter()
-        .flat_map(|&l| picks.iter().map(move |&e| (l, e)))
-        .map(|(l, e)| (l, table.menu[e].clone()))
-        .collect();
-    // A passage disjoint from the calibration passages.
-    let ids = s.passage(900_000, context + continuation)?;
-    let pb = crate::progress::bar(pairs.len() as u64, "measure KL");
-    let t0 = std::time::Instant::now();
-    let measured = solver::MeasuredKl::measure(
-        &m.model,
-        &ids[..context],
-        &ids[context..],
-        &pairs,
-        axes,
-        |done, _| pb.set_position(done as u64),
-    )?;
-    pb.finish_and_clear();
-    println!("| layer | expert | proxy (attention error) | measured KL |\n|---:|---|---:|---:|");
-    let (mut proxy, mut kl) = (Vec::new(), Vec::new());
-    for (l, e, k) in &measured.entries {
-        let p = solver::LossPredictor::loss(&table, *l, e).unwrap_or(f64::NAN);
-        println!("| {l} | {e} | {p:.4} | {k:.5} |");
-        proxy.push(p);
-        kl.push(*k);
-    }
-    match solver::spearman(&proxy, &kl) {
-        Some(r) => println!(
-            "Spearman(proxy, KL) = {r:.3} over {} pairs ({} layers × {} experts), {:.0} s",
-            kl.len(),
-            layers.len(),
-            picks.len(),
+        let s = crate::session::open(&self.model)?;
+        let layers = s.model.model.config.layers;
+        let mut o = ValidateOptions::spread(layers, self.context);
+        if let Some(l) = &self.layers {
+            o.layers = l
+                .split(',')
+                .map(|s| s.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .context("--layers: comma-separated layer indices")?;
+        }
+        o.experts = self.experts;
+        o.held_out = self.held_out;
+        o.retrieval = self.retrieval;
+        let t0 = std::time::Instant::now();
+        let r = validate(&s, &o, &crate::progress::Bars::default())?;
+        if self.pairs {
+            println!("| layer | expert | held-out answer log-p drop | held-out prose KL |");
+            println!("|---:|---|---:|---:|");
+            for (((l, e), d), k) in r.pairs.iter().zip(&r.answer_drop).zip(&r.prose_kl) {
+                println!("| {l} | {e} | {d:+.4} | {k:.5} |");
+            }
+            println!();
+        }
+        print!("{}", r.markdown());
+        println!(
+            "\n{} pairs ({} layers × {} experts), {} held-out samples of ≤ {} tokens ({:.0} s), {:.0} s in all",
+            r.pairs.len(),
+            o.layers.len(),
+            r.pairs.len() / o.layers.len().max(1),
+            o.held_out,
+            o.context,
+            r.held_out_seconds,
             t0.elapsed().as_secs_f64()
-        ),
-        None => println!("Spearman undefined (constant values)"),
+        );
+        if let Some(b) = r.best() {
+            println!(
+                "best by the held-out answers: {} prose + {} retrieval, {} loss (Spearman {:+.3})",
+                b.spec.prose,
+                b.spec.retrieval,
+                b.spec.loss,
+                b.answer.unwrap_or(f64::NAN)
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }

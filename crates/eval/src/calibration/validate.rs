@@ -1,0 +1,332 @@
+//! Which calibration predicts the tasks: every choice of passages and loss, ranked by Spearman
+//! correlation against the teacher-forced answer log-probability that held-out retrieval
+//! samples lose with one layer compressed (and, as before, against end-to-end KL on held-out
+//! prose).
+//!
+//! Each calibration passage is measured once per loss on a spread of (layer, expert) pairs; a
+//! candidate is a set of those passages and one loss, its value for a pair the mean over its
+//! passages. So nine candidates cost three passages' measurements.
+use super::{CalibrationSpec, RETRIEVAL_TASKS, prose_passages, retrieval_passages};
+use crate::data;
+use crate::error::Result;
+use crate::progress::{Event, Progress};
+use crate::session::{Session, menu};
+use crate::tasks::Task;
+use kv_tensor::KvBackend;
+use router::Expert;
+use solver::{CalibrationLoss, CalibrationOptions, EndToEnd, Passage, spearman};
+use std::time::Instant;
+
+/// Seed of the held-out retrieval samples: drawn from the evaluation split, like the
+/// evaluation's samples, but not the default run's seed.
+pub const VALIDATION_SEED: u64 = 0x6b76_6e64_7661_6c31;
+
+/// What [`validate`] measures.
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    /// Context tokens of the calibration passages and of the held-out samples.
+    pub context: usize,
+    /// Layers measured.
+    pub layers: Vec<usize>,
+    /// Experts measured, spread evenly over the calibration menu.
+    pub experts: usize,
+    /// Calibration prose passages.
+    pub prose: usize,
+    /// Calibration retrieval passages.
+    pub retrieval: usize,
+    /// Held-out retrieval samples (every non-QA RULER task in turn).
+    pub held_out: usize,
+}
+
+impl ValidateOptions {
+    /// Six layers from the first to the last, eight experts, one prose and two retrieval
+    /// passages, six held-out samples.
+    pub fn spread(layers: usize, context: usize) -> Self {
+        Self {
+            context,
+            layers: (0..6).map(|i| i * layers.saturating_sub(1) / 5).collect(),
+            experts: 8,
+            prose: 1,
+            retrieval: 2,
+            held_out: 6,
+        }
+    }
+}
+
+/// One calibration choice and how well it ranks the pairs.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Passages and loss.
+    pub spec: CalibrationSpec,
+    /// Spearman against the held-out answers' log-probability drop.
+    pub answer: Option<f64>,
+    /// Spearman against held-out prose KL.
+    pub prose_kl: Option<f64>,
+    /// Seconds its passages took here (on the pairs measured).
+    pub seconds: f64,
+    /// Projected seconds to calibrate the whole menu at every layer.
+    pub full_menu_seconds: f64,
+}
+
+/// What [`validate`] found.
+#[derive(Debug, Clone)]
+pub struct ProxyReport {
+    /// The (layer, expert) pairs measured.
+    pub pairs: Vec<(usize, Expert)>,
+    /// Per pair: the held-out answers' mean teacher-forced log-probability drop.
+    pub answer_drop: Vec<f64>,
+    /// Per pair: end-to-end KL on a held-out prose passage.
+    pub prose_kl: Vec<f64>,
+    /// Every candidate, in the order measured.
+    pub candidates: Vec<Candidate>,
+    /// Seconds the held-out measurements took.
+    pub held_out_seconds: f64,
+}
+
+impl ProxyReport {
+    /// The candidate that ranks the held-out answers best (the default's criterion).
+    pub fn best(&self) -> Option<&Candidate> {
+        self.candidates
+            .iter()
+            .filter(|c| c.answer.is_some())
+            .max_by(|a, b| {
+                a.answer
+                    .unwrap_or(-1.0)
+                    .total_cmp(&b.answer.unwrap_or(-1.0))
+            })
+    }
+
+    /// The candidates as a markdown table.
+    pub fn markdown(&self) -> String {
+        let r = |x: Option<f64>| x.map_or("—".to_string(), |v| format!("{v:+.3}"));
+        let mut s = String::from(
+            "| passages | loss | Spearman vs held-out answer log-p drop | vs held-out prose KL | seconds here | full menu (projected) |\n|---|---|---:|---:|---:|---:|\n",
+        );
+        for c in &self.candidates {
+            s.push_str(&format!(
+                "| {} prose + {} retrieval | {} | {} | {} | {:.0} | {:.0} min |\n",
+                c.spec.prose,
+                c.spec.retrieval,
+                c.spec.loss,
+                r(c.answer),
+                r(c.prose_kl),
+                c.seconds,
+                c.full_menu_seconds / 60.0
+            ));
+        }
+        s
+    }
+}
+
+/// One calibration passage's losses on the pairs, and what they cost.
+struct Measured {
+    attention: Vec<f64>,
+    kl: Vec<f64>,
+    answer: Vec<f64>,
+    attention_seconds: f64,
+    end_to_end_seconds: f64,
+}
+
+/// Measures every candidate of `opts` (see the module doc).
+pub fn validate<B: KvBackend>(
+    s: &Session<B>,
+    opts: &ValidateOptions,
+    progress: &dyn Progress,
+) -> Result<ProxyReport> {
+    let m = &s.model.model;
+    let full_menu = menu(m.config.layers);
+    if let Some(bad) = opts.layers.iter().find(|&&l| l >= m.config.layers) {
+        return Err(crate::EvalError::Options(format!(
+            "layer {bad} does not exist (the model has {})",
+            m.config.layers
+        )));
+    }
+    let n = full_menu.len();
+    let k = opts.experts.clamp(2, n);
+    let picks: Vec<Expert> = (0..k)
+        .map(|i| full_menu[i * (n - 1) / (k - 1)].clone())
+        .collect();
+    let pairs: Vec<(usize, Expert)> = opts
+        .layers
+        .iter()
+        .flat_map(|&l| picks.iter().map(move |e| (l, e.clone())))
+        .collect();
+    let refs: Vec<(usize, &Expert)> = pairs.iter().map(|(l, e)| (*l, e)).collect();
+    let eval_text = data::evaluation_text(&s.text);
+    let suite: Vec<Task> = Task::ALL.into_iter().filter(|t| !t.needs_qa()).collect();
+    let held = retrieval_passages(
+        s,
+        eval_text,
+        &suite,
+        opts.held_out,
+        opts.context,
+        VALIDATION_SEED,
+    )?;
+    let prose_ids = s.passage(
+        data::CALIBRATION_CHARS + 900_000,
+        opts.context + super::PROSE_PROBE,
+    )?;
+    let held_prose = Passage::prose(&prose_ids, opts.context)?;
+    let calib_prose = prose_passages(s, opts.prose, opts.context)?;
+    let calib_retrieval = retrieval_passages(
+        s,
+        data::calibration_text(&s.text),
+        &RETRIEVAL_TASKS,
+        opts.retrieval,
+        opts.context,
+        super::CALIBRATION_SEED,
+    )?;
+    let steps = held.len() + 1 + calib_prose.len() + calib_retrieval.len();
+    progress.event(Event::Start {
+        what: "validate proxy",
+        total: steps as u64,
+    });
+    let t0 = Instant::now();
+    let mut answer_drop = vec![0.0; pairs.len()];
+    for p in &held {
+        let e2e = EndToEnd::new(m, p, &picks, &s.axes, 32)?;
+        for (d, l) in answer_drop.iter_mut().zip(e2e.both(&refs, |_, _| {})?) {
+            *d += l.answer_logp_drop / held.len() as f64;
+        }
+        progress.event(Event::Step);
+    }
+    let e2e = EndToEnd::new(m, &held_prose, &picks, &s.axes, 32)?;
+    let prose_kl: Vec<f64> = e2e.both(&refs, |_, _| {})?.iter().map(|l| l.kl).collect();
+    progress.event(Event::Step);
+    let held_out_seconds = t0.elapsed().as_secs_f64();
+    let mut measure = |p: &Passage| -> Result<Measured> {
+        let r = measure_passage(s, p, &picks, &pairs, &refs);
+        progress.event(Event::Step);
+        r
+    };
+    let prose: Vec<Measured> = calib_prose
+        .iter()
+        .map(&mut measure)
+        .collect::<Result<_>>()?;
+    let retrieval: Vec<Measured> = calib_retrieval
+        .iter()
+        .map(&mut measure)
+        .collect::<Result<_>>()?;
+    progress.event(Event::Finish);
+    let scale = Scale {
+        menu: n,
+        picks: k,
+        layers: m.config.layers,
+        pairs: pairs.len(),
+    };
+    let candidates = candidates(opts, &prose, &retrieval, &answer_drop, &prose_kl, &scale);
+    Ok(ProxyReport {
+        pairs,
+        answer_drop,
+        prose_kl,
+        candidates,
+        held_out_seconds,
+    })
+}
+
+/// How the measured subset relates to a full calibration (for the projected time).
+struct Scale {
+    menu: usize,
+    picks: usize,
+    layers: usize,
+    pairs: usize,
+}
+
+/// Every loss of one calibration passage on the pairs.
+fn measure_passage<B: KvBackend>(
+    s: &Session<B>,
+    passage: &Passage,
+    picks: &[Expert],
+    pairs: &[(usize, Expert)],
+    refs: &[(usize, &Expert)],
+) -> Result<Measured> {
+    let m = &s.model.model;
+    let t0 = Instant::now();
+    let table = solver::calibrate(
+        m,
+        std::slice::from_ref(passage),
+        picks,
+        &s.axes,
+        &CalibrationOptions::default(),
+        |_, _| {},
+    )?;
+    let attention_seconds = t0.elapsed().as_secs_f64();
+    let attention = pairs
+        .iter()
+        .map(|(l, e)| {
+            let i = picks.iter().position(|p| p == e).unwrap_or(0);
+            table[*l][i]
+        })
+        .collect();
+    let t1 = Instant::now();
+    let e2e = EndToEnd::new(m, passage, picks, &s.axes, 32)?.both(refs, |_, _| {})?;
+    let end_to_end_seconds = t1.elapsed().as_secs_f64();
+    let get = |loss| e2e.iter().filter_map(|x| x.get(loss)).collect();
+    Ok(Measured {
+        attention,
+        kl: get(CalibrationLoss::Kl),
+        answer: get(CalibrationLoss::AnswerLogp),
+        attention_seconds,
+        end_to_end_seconds,
+    })
+}
+
+/// Every (passages, loss) candidate over the measured passages.
+fn candidates(
+    opts: &ValidateOptions,
+    prose: &[Measured],
+    retrieval: &[Measured],
+    answer_drop: &[f64],
+    prose_kl: &[f64],
+    scale: &Scale,
+) -> Vec<Candidate> {
+    let mut sets: Vec<(usize, usize)> = [
+        (prose.len(), 0),
+        (0, retrieval.len()),
+        (prose.len(), retrieval.len()),
+    ]
+    .into_iter()
+    .filter(|&(p, r)| p + r > 0)
+    .collect();
+    sets.dedup();
+    let mut out = Vec::new();
+    for (np, nr) in sets {
+        let used: Vec<&Measured> = prose[..np].iter().chain(&retrieval[..nr]).collect();
+        for loss in CalibrationLoss::ALL {
+            let column = |m: &Measured| match loss {
+                CalibrationLoss::Attention => m.attention.clone(),
+                CalibrationLoss::Kl => m.kl.clone(),
+                CalibrationLoss::AnswerLogp => m.answer.clone(),
+            };
+            let mean: Vec<f64> = (0..answer_drop.len())
+                .map(|i| used.iter().map(|m| column(m)[i]).sum::<f64>() / used.len() as f64)
+                .collect();
+            let (seconds, full) = match loss {
+                CalibrationLoss::Attention => {
+                    let t: f64 = used.iter().map(|m| m.attention_seconds).sum();
+                    (t, t * scale.menu as f64 / scale.picks as f64)
+                }
+                _ => {
+                    let t: f64 = used.iter().map(|m| m.end_to_end_seconds).sum();
+                    (
+                        t,
+                        t * (scale.menu * scale.layers) as f64 / scale.pairs as f64,
+                    )
+                }
+            };
+            out.push(Candidate {
+                spec: CalibrationSpec {
+                    context: opts.context,
+                    prose: np,
+                    retrieval: nr,
+                    loss,
+                },
+                answer: spearman(&mean, answer_drop),
+                prose_kl: spearman(&mean, prose_kl),
+                seconds,
+                full_menu_seconds: full,
+            });
+        }
+    }
+    out
+}
