@@ -49,12 +49,7 @@ impl ValidateProxy {
         let t0 = std::time::Instant::now();
         let r = validate(&s, &o, &crate::progress::Bars::default())?;
         if self.pairs {
-            println!("| layer | expert | held-out answer log-p drop | held-out prose KL |");
-            println!("|---:|---|---:|---:|");
-            for (((l, e), d), k) in r.pairs.iter().zip(&r.answer_drop).zip(&r.prose_kl) {
-                println!("| {l} | {e} | {d:+.4} | {k:.5} |");
-            }
-            println!();
+            print_pairs(&r);
         }
         print!("{}", r.markdown());
         println!(
@@ -78,4 +73,38 @@ impl ValidateProxy {
         }
         Ok(())
     }
+}
+
+/// Every pair's held-out measurements beside the attention proxy on prose and on retrieval.
+fn print_pairs(r: &eval::calibration::ProxyReport) {
+    let shown: Vec<&eval::calibration::Candidate> = r
+        .candidates
+        .iter()
+        .filter(|c| {
+            c.spec.loss == solver::CalibrationLoss::Attention
+                && c.spec.prose * c.spec.retrieval == 0
+        })
+        .collect();
+    let heads: String = shown
+        .iter()
+        .map(|c| {
+            format!(
+                " attention, {} prose + {} retrieval |",
+                c.spec.prose, c.spec.retrieval
+            )
+        })
+        .collect();
+    println!("| layer | expert | held-out answer log-p drop | held-out prose KL |{heads}");
+    println!("|---:|---|---:|---:|{}", "---:|".repeat(shown.len()));
+    for (i, (l, e)) in r.pairs.iter().enumerate() {
+        let cells: String = shown
+            .iter()
+            .map(|c| format!(" {:.4} |", c.values[i]))
+            .collect();
+        println!(
+            "| {l} | {e} | {:+.4} | {:.5} |{cells}",
+            r.answer_drop[i], r.prose_kl[i]
+        );
+    }
+    println!();
 }
