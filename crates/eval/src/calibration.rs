@@ -46,9 +46,20 @@ pub struct CalibrationSpec {
     pub loss: CalibrationLoss,
 }
 
+impl Default for CalibrationSpec {
+    fn default() -> Self {
+        Self::default_at(Self::DEFAULT_CONTEXT)
+    }
+}
+
 impl CalibrationSpec {
-    /// The default at `context` tokens, chosen by [`validate`]: one prose and two retrieval
-    /// passages, attention-output loss (README, "Calibration that predicts the tasks").
+    /// Context tokens of the default table. Three 1,024-token passages cost what one of 2,048
+    /// did (every expert compresses each passage), and one table serves every prompt length.
+    pub const DEFAULT_CONTEXT: usize = 1024;
+
+    /// The default at `context` tokens, chosen by [`validate`] and an evaluation against the
+    /// prose-only table: one prose and two retrieval passages, attention-output loss (README,
+    /// "Calibration that predicts the tasks").
     pub fn default_at(context: usize) -> Self {
         Self {
             context,

@@ -442,7 +442,7 @@ pub fn run<B: KvBackend>(
     )?;
     progress.event(Event::Finish);
     let chosen = choose_lambda(opts, &dev)?;
-    let table = session.table(&crate::CalibrationSpec::default_at(2048), None, progress)?;
+    let table = session.table(&crate::CalibrationSpec::default(), None, progress)?;
     let total = opts.prompt + opts.continuation;
     let mut methods = Vec::new();
     for b in &opts.budgets {

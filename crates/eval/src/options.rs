@@ -66,7 +66,7 @@ impl EvalOptions {
             prose_samples: 4,
             prose_context: 2048,
             continuation: 256,
-            calibration: crate::CalibrationSpec::default_at(2048),
+            calibration: crate::CalibrationSpec::default(),
             raw: false,
             seed: 1,
             chunked_prefill: false,

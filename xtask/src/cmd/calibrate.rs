@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct Calibrate {
     /// Context tokens of the calibration passages.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = eval::CalibrationSpec::DEFAULT_CONTEXT)]
     context: usize,
     /// Prose passages.
     #[arg(long, default_value_t = 1)]

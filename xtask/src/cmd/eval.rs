@@ -45,7 +45,7 @@ pub struct Eval {
     /// Context tokens of the prose samples.
     #[arg(long)]
     prose_context: Option<usize>,
-    /// Context length of the calibration table [default: 2048; 512 with --quick]. One table
+    /// Context length of the calibration table [default: 1024; 512 with --quick]. One table
     /// serves every length (budgets are fractions; plans are sized per sample).
     #[arg(long)]
     calibration_context: Option<usize>,

@@ -74,7 +74,7 @@ fn table_and_layout(a: &Solve) -> Result<(SensitivityTable, kv_tensor::KvLayout)
         }
         None => {
             let s = crate::session::open(&a.model)?;
-            let spec = eval::CalibrationSpec::default_at(2048);
+            let spec = eval::CalibrationSpec::default();
             let table = s.table(&spec, None, &crate::progress::Bars::default())?;
             Ok((table, s.model.model.config.kv_layout()))
         }
