@@ -95,3 +95,33 @@ impl EvalOptions {
         }
     }
 }
+
+impl EvalOptions {
+    /// Refuses a calibration with no passage, and the seed the calibration's retrieval
+    /// passages are drawn with: an evaluated sample must never be a calibrated one.
+    pub fn check_calibration(&self) -> crate::Result<()> {
+        if self.seed == crate::calibration::CALIBRATION_SEED {
+            return Err(crate::EvalError::Options(
+                "that seed draws the calibration's retrieval passages: pick another".into(),
+            ));
+        }
+        self.calibration.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_calibration_seed_and_an_empty_calibration_are_refused() {
+        let mut o = EvalOptions::quick(PathBuf::from("/nowhere"));
+        assert!(o.check_calibration().is_ok());
+        o.seed = crate::calibration::CALIBRATION_SEED;
+        assert!(o.check_calibration().is_err());
+        o.seed = 1;
+        o.calibration.prose = 0;
+        o.calibration.retrieval = 0;
+        assert!(o.check_calibration().is_err());
+    }
+}

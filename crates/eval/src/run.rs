@@ -132,12 +132,7 @@ fn check_options<B: KvBackend>(session: &Session<B>, opts: &EvalOptions) -> Resu
             )));
         }
     }
-    if opts.seed == crate::calibration::CALIBRATION_SEED {
-        return Err(EvalError::Options(
-            "that seed draws the calibration's retrieval passages: pick another".into(),
-        ));
-    }
-    opts.calibration.check()?;
+    opts.check_calibration()?;
     if opts.lengths.is_empty() || opts.budgets.is_empty() {
         return Err(EvalError::Options(
             "at least one length and one budget".into(),

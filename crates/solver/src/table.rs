@@ -19,7 +19,8 @@ pub struct SensitivityTable {
     pub tokens: usize,
     /// The experts, in column order.
     pub menu: Vec<Expert>,
-    /// `loss[layer][expert]`: mean relative attention-output error.
+    /// `loss[layer][expert]`: the calibration's loss averaged over its passages (the relative
+    /// attention-output error by default; see [`crate::CalibrationLoss`]).
     pub loss: Vec<Vec<f64>>,
 }
 
