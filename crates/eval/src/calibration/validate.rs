@@ -70,7 +70,9 @@ pub struct Candidate {
     /// Seconds its passages took here (on the pairs measured).
     pub seconds: f64,
     /// Projected seconds to calibrate the whole menu at every layer (attention: the captures
-    /// plus the measured per-expert cost; end to end: the measured per-pair cost).
+    /// plus the measured per-expert cost, an upper bound because a pick's own prefill pass,
+    /// such as KVzip's reconstruction, counts as per-expert cost; end to end: the measured
+    /// per-pair cost).
     pub full_menu_seconds: f64,
 }
 
@@ -156,6 +158,11 @@ pub fn validate<B: KvBackend>(
         )));
     }
     let n = full_menu.len();
+    if n < 2 {
+        return Err(crate::EvalError::Options(
+            "validation needs a menu of at least two experts".into(),
+        ));
+    }
     let k = opts.experts.clamp(2, n);
     let picks: Vec<Expert> = (0..k)
         .map(|i| full_menu[i * (n - 1) / (k - 1)].clone())
@@ -166,21 +173,7 @@ pub fn validate<B: KvBackend>(
         .flat_map(|&l| picks.iter().map(move |e| (l, e.clone())))
         .collect();
     let refs: Vec<(usize, &Expert)> = pairs.iter().map(|(l, e)| (*l, e)).collect();
-    let eval_text = data::evaluation_text(&s.text);
-    let suite: Vec<Task> = Task::ALL.into_iter().filter(|t| !t.needs_qa()).collect();
-    let held = retrieval_passages(
-        s,
-        eval_text,
-        &suite,
-        opts.held_out,
-        opts.context,
-        VALIDATION_SEED,
-    )?;
-    let prose_ids = s.passage(
-        data::CALIBRATION_CHARS + 900_000,
-        opts.context + super::PROSE_PROBE,
-    )?;
-    let held_prose = Passage::prose(&prose_ids, opts.context)?;
+    let (held, held_prose) = held_out_passages(s, opts)?;
     let calib_prose = prose_passages(s, opts.prose, opts.context)?;
     let calib_retrieval = retrieval_passages(
         s,
@@ -237,6 +230,28 @@ pub fn validate<B: KvBackend>(
         candidates,
         held_out_seconds,
     })
+}
+
+/// The held-out retrieval samples (evaluation split, every non-QA task in turn, their own
+/// seed) and the held-out prose passage.
+fn held_out_passages<B: KvBackend>(
+    s: &Session<B>,
+    opts: &ValidateOptions,
+) -> Result<(Vec<Passage>, Passage)> {
+    let suite: Vec<Task> = Task::ALL.into_iter().filter(|t| !t.needs_qa()).collect();
+    let held = retrieval_passages(
+        s,
+        data::evaluation_text(&s.text),
+        &suite,
+        opts.held_out,
+        opts.context,
+        VALIDATION_SEED,
+    )?;
+    let prose_ids = s.passage(
+        data::CALIBRATION_CHARS + 900_000,
+        opts.context + super::PROSE_PROBE,
+    )?;
+    Ok((held, Passage::prose(&prose_ids, opts.context)?))
 }
 
 /// How the measured subset relates to a full calibration (for the projected time).
