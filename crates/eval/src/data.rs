@@ -75,22 +75,24 @@ impl Sample {
     }
 }
 
-/// The calibration part of the corpus (its first [`CALIBRATION_CHARS`] characters).
-pub fn calibration_text(text: &str) -> &str {
-    let mut at = CALIBRATION_CHARS.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    &text[..at]
-}
-
-/// The evaluation part of the corpus (after the calibration characters).
-pub fn evaluation_text(text: &str) -> &str {
+/// Where calibration ends and evaluation starts: [`CALIBRATION_CHARS`], moved forward to a
+/// char boundary.
+fn split_point(text: &str) -> usize {
     let mut at = CALIBRATION_CHARS.min(text.len());
     while !text.is_char_boundary(at) {
         at += 1;
     }
-    &text[at..]
+    at
+}
+
+/// The calibration part of the corpus (its first [`CALIBRATION_CHARS`] characters).
+pub fn calibration_text(text: &str) -> &str {
+    &text[..split_point(text)]
+}
+
+/// The evaluation part of the corpus (after the calibration characters).
+pub fn evaluation_text(text: &str) -> &str {
+    &text[split_point(text)..]
 }
 
 /// `n` prose samples of `ctx` context tokens and a `continuation`, from the evaluation part.

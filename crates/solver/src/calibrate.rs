@@ -64,7 +64,11 @@ impl std::str::FromStr for CalibrationLoss {
             .into_iter()
             .find(|l| l.name() == s)
             .ok_or_else(|| {
-                format!("unknown calibration loss {s:?}; one of attention, kl, answer-logp")
+                let names: Vec<&str> = Self::ALL.iter().map(|l| l.name()).collect();
+                format!(
+                    "unknown calibration loss {s:?}; one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -131,7 +135,15 @@ impl Passage {
     pub fn answer(&self) -> usize {
         self.answer
     }
+
+    /// Those tokens: the probe's last [`Passage::answer`].
+    pub fn answer_tokens(&self) -> &[u32] {
+        &self.probe[self.probe.len() - self.answer..]
+    }
 }
+
+/// Observation window (tokens) handed to scorers when calibrating and measuring end to end.
+pub const OBSERVE_WINDOW: usize = 32;
 
 /// How calibration observes and what it measures.
 #[derive(Debug, Clone, Copy)]
@@ -145,7 +157,7 @@ pub struct CalibrationOptions {
 impl Default for CalibrationOptions {
     fn default() -> Self {
         Self {
-            observe_window: 32,
+            observe_window: OBSERVE_WINDOW,
             loss: CalibrationLoss::Attention,
         }
     }

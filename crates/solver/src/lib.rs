@@ -29,7 +29,9 @@ mod table;
 mod invariants;
 
 pub use budget::Budget;
-pub use calibrate::{CalibrationLoss, CalibrationOptions, Passage, calibrate, fit_axes};
+pub use calibrate::{
+    CalibrationLoss, CalibrationOptions, OBSERVE_WINDOW, Passage, calibrate, fit_axes,
+};
 pub use measured::{EndToEnd, EndToEndLoss, MeasuredLoss, spearman};
 pub use menu::{
     KEY_RANK, ROUTED_SCORERS, SMALL_WINDOWS, default_menu, rank_menu, scorer_menu, stage_menu,

@@ -49,7 +49,13 @@ impl MeasuredLoss {
         let mut sum = vec![0f64; pairs.len()];
         let total = pairs.len() * passages.len();
         for (pi, passage) in passages.iter().enumerate() {
-            let e2e = EndToEnd::new(model, passage, refs.iter().map(|p| p.1), axes, 32)?;
+            let e2e = EndToEnd::new(
+                model,
+                passage,
+                refs.iter().map(|p| p.1),
+                axes,
+                crate::calibrate::OBSERVE_WINDOW,
+            )?;
             let got = e2e.measure(&refs, loss, |done, _| {
                 progress(pi * pairs.len() + done, total)
             })?;
@@ -143,7 +149,7 @@ impl<'a, B: KvBackend> EndToEnd<'a, B> {
             full,
         };
         let reference = prefilled.read(None)?;
-        let reference_logp = -nll(&reference, prefilled.targets());
+        let reference_logp = -nll(&reference, passage.answer_tokens());
         Ok(Self {
             prefilled,
             reference,
@@ -164,11 +170,10 @@ impl<'a, B: KvBackend> EndToEnd<'a, B> {
         loss: CalibrationLoss,
         progress: impl FnMut(usize, usize) + Send,
     ) -> Result<Vec<f64>, ModelError> {
-        let refused = ModelError::IncompatibleOptions(
-            "the attention-output loss is not an end-to-end loss: use solver::calibrate",
-        );
         if loss == CalibrationLoss::Attention {
-            return Err(refused);
+            return Err(ModelError::IncompatibleOptions(
+                "the attention-output loss is not an end-to-end loss: use solver::calibrate",
+            ));
         }
         Ok(self
             .both(pairs, progress)?
@@ -192,7 +197,7 @@ impl<'a, B: KvBackend> EndToEnd<'a, B> {
                 let logp = p.read(Some((layer, expert)))?;
                 let value = EndToEndLoss {
                     kl: kl(&self.reference, &logp),
-                    answer_logp_drop: self.reference_logp + nll(&logp, p.targets()),
+                    answer_logp_drop: self.reference_logp + nll(&logp, p.passage.answer_tokens()),
                 };
                 if let Ok(mut p) = progress.lock() {
                     p.0 += 1;
@@ -206,12 +211,6 @@ impl<'a, B: KvBackend> EndToEnd<'a, B> {
 }
 
 impl<B: KvBackend> Prefilled<'_, B> {
-    /// The probe's scored tokens.
-    fn targets(&self) -> &[u32] {
-        let p = self.passage.probe();
-        &p[p.len() - self.passage.answer()..]
-    }
-
     /// Log-probabilities of the answer's rows with `routed`'s layer compressed (or none).
     fn read(&self, routed: Option<(usize, &Expert)>) -> Result<Tensor<B, 2>, ModelError> {
         let mut caches: Vec<Box<dyn LayerCache<B>>> = Vec::with_capacity(self.full.len());

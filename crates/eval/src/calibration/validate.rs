@@ -14,7 +14,9 @@ use crate::session::{Session, menu};
 use crate::tasks::Task;
 use kv_tensor::KvBackend;
 use router::Expert;
-use solver::{CalibrationLoss, CalibrationOptions, EndToEnd, Passage, spearman};
+use solver::{
+    CalibrationLoss, CalibrationOptions, EndToEnd, EndToEndLoss, OBSERVE_WINDOW, Passage, spearman,
+};
 use std::time::Instant;
 
 /// Seed of the held-out retrieval samples: drawn from the evaluation split, like the
@@ -137,10 +139,16 @@ struct Measured {
     attention: Vec<f64>,
     /// Seconds of an attention calibration with one expert (the captures, mostly).
     capture_seconds: f64,
-    kl: Vec<f64>,
-    answer: Vec<f64>,
+    end_to_end: Vec<EndToEndLoss>,
     attention_seconds: f64,
     end_to_end_seconds: f64,
+}
+
+impl Measured {
+    /// Its `loss` on pair `i` (`get` is `None` for the attention loss alone).
+    fn value(&self, loss: CalibrationLoss, i: usize) -> f64 {
+        self.end_to_end[i].get(loss).unwrap_or(self.attention[i])
+    }
 }
 
 /// Measures every candidate of `opts` (see the module doc).
@@ -191,13 +199,13 @@ pub fn validate<B: KvBackend>(
     let t0 = Instant::now();
     let mut answer_drop = vec![0.0; pairs.len()];
     for p in &held {
-        let e2e = EndToEnd::new(m, p, &picks, &s.axes, 32)?;
+        let e2e = EndToEnd::new(m, p, &picks, &s.axes, OBSERVE_WINDOW)?;
         for (d, l) in answer_drop.iter_mut().zip(e2e.both(&refs, |_, _| {})?) {
             *d += l.answer_logp_drop / held.len() as f64;
         }
         progress.event(Event::Step);
     }
-    let e2e = EndToEnd::new(m, &held_prose, &picks, &s.axes, 32)?;
+    let e2e = EndToEnd::new(m, &held_prose, &picks, &s.axes, OBSERVE_WINDOW)?;
     let prose_kl: Vec<f64> = e2e.both(&refs, |_, _| {})?.iter().map(|l| l.kl).collect();
     progress.event(Event::Step);
     let held_out_seconds = t0.elapsed().as_secs_f64();
@@ -290,14 +298,12 @@ fn measure_passage<B: KvBackend>(
         })
         .collect();
     let t1 = Instant::now();
-    let e2e = EndToEnd::new(m, passage, picks, &s.axes, 32)?.both(refs, |_, _| {})?;
+    let e2e = EndToEnd::new(m, passage, picks, &s.axes, OBSERVE_WINDOW)?.both(refs, |_, _| {})?;
     let end_to_end_seconds = t1.elapsed().as_secs_f64();
-    let get = |loss| e2e.iter().filter_map(|x| x.get(loss)).collect();
     Ok(Measured {
         attention,
         capture_seconds,
-        kl: get(CalibrationLoss::Kl),
-        answer: get(CalibrationLoss::AnswerLogp),
+        end_to_end: e2e,
         attention_seconds,
         end_to_end_seconds,
     })
@@ -329,13 +335,8 @@ fn candidates(
     for (np, nr) in sets {
         let used: Vec<&Measured> = prose[..np].iter().chain(&retrieval[..nr]).collect();
         for loss in CalibrationLoss::ALL {
-            let column = |m: &Measured| match loss {
-                CalibrationLoss::Attention => m.attention.clone(),
-                CalibrationLoss::Kl => m.kl.clone(),
-                CalibrationLoss::AnswerLogp => m.answer.clone(),
-            };
             let mean: Vec<f64> = (0..answer_drop.len())
-                .map(|i| used.iter().map(|m| column(m)[i]).sum::<f64>() / used.len() as f64)
+                .map(|i| used.iter().map(|m| m.value(loss, i)).sum::<f64>() / used.len() as f64)
                 .collect();
             let (seconds, full) = match loss {
                 CalibrationLoss::Attention => {
