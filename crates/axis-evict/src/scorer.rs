@@ -23,10 +23,12 @@ pub struct ScorerNeeds {
 }
 
 impl ScorerNeeds {
-    /// Whether the scorer reads a statistic only a prefill produces (H2O's attention mass,
-    /// KVzip's reconstruction pass), so it cannot evict again while tokens are generated.
+    /// Whether the scorer reads a statistic only a prefill produces (KVzip's reconstruction
+    /// pass), so it cannot evict again while tokens are generated. Attention mass is not one:
+    /// a cache that re-evicts can add up what the decoding queries pay each row (the routed
+    /// cache does; H2O's paper accumulates it exactly so).
     pub fn prefill_only(self) -> bool {
-        self.attention_mass || self.reconstruction
+        self.reconstruction
     }
 
     /// Nothing besides keys and values.

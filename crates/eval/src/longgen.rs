@@ -6,9 +6,9 @@
 //!
 //! Methods at each budget: `streaming`, `trig`, `α(trig)` (facility-location retention with λ
 //! tuned on a development split of the calibration prose and confirmed on the held-out split),
-//! and `hetero` solved for the final length at the bytes of the budget in fp16, each
-//! evicting layer given a decode budget of what it keeps at that length. H2O is not among
-//! them: it needs the prefill's attention mass, which decoding does not produce.
+//! `h2o` (the prompt's attention mass plus what every generated token's query pays, as H2O
+//! accumulates it), and `hetero` solved for the final length at the bytes of the budget in
+//! fp16, each evicting layer given a decode budget of what it keeps at that length.
 use crate::data;
 use crate::error::{EvalError, Result};
 use crate::paired::{Interval, bootstrap};
@@ -89,7 +89,7 @@ impl Default for LongGenOptions {
             samples: 4,
             dev_samples: 2,
             lambdas: vec![0.0, 0.5, 1.0],
-            tune_budgets: vec![TokenBudget::Tokens(64)],
+            tune_budgets: vec![TokenBudget::Tokens(64), TokenBudget::Tokens(128)],
             seed: 1,
         }
     }
@@ -128,9 +128,15 @@ fn feed<B: KvBackend>(
     caches: &mut [Box<dyn LayerCache<B>>],
     text: &Text,
     interval: usize,
+    needs: router::Needs,
 ) -> Result<(Vec<Tensor<B, 2>>, u64)> {
     let m = &session.model.model;
-    m.prefill(&text.prompt, caches, &PrefillOptions::default())?;
+    let opts = PrefillOptions {
+        attention_mass: needs.attention_mass,
+        reconstruction: needs.reconstruction,
+        ..PrefillOptions::default()
+    };
+    m.prefill(&text.prompt, caches, &opts)?;
     let mut peak = 0u64;
     let mut blocks = Vec::new();
     let n = text.continuation.len();
@@ -208,7 +214,7 @@ fn hetero<B: KvBackend>(
         .kv_layout()
         .fp16_bytes(1, tokens)
         .get();
-    // An evicting layer whose scorer cannot run while decoding (H2O, KVzip) would grow past
+    // An evicting layer whose scorer cannot run while decoding (KVzip) would grow past
     // the budget: solve over the experts that either keep everything or re-evict.
     let usable: Vec<usize> = (0..table.menu.len())
         .filter(|&i| table.menu[i].evict.is_none() || table.menu[i].compresses_while_decoding())
@@ -292,7 +298,13 @@ fn measure<B: KvBackend>(
 ) -> Result<Vec<LongRecord>> {
     let mut out: Vec<LongRecord> = Vec::new();
     for (si, text) in texts.iter().enumerate() {
-        let (reference, _) = feed(session, &mut caches(session, None), text, interval)?;
+        let (reference, _) = feed(
+            session,
+            &mut caches(session, None),
+            text,
+            interval,
+            Default::default(),
+        )?;
         let first = out.len();
         for (mi, (name, budget, plan)) in methods.iter().enumerate() {
             // A plan measured already on this text (α at the chosen λ is also a tuning row):
@@ -308,11 +320,13 @@ fn measure<B: KvBackend>(
                 continue;
             }
             progress.event(Event::Message(&format!("{name}@{budget}")));
+            let needs = router::Needs::of(plan.iter().flatten());
             let (blocks, peak) = feed(
                 session,
                 &mut caches(session, plan.as_deref()),
                 text,
                 interval,
+                needs,
             )?;
             let (nll, kl, nll_curve) = score(&blocks, &reference, text);
             out.push(LongRecord {
@@ -455,6 +469,7 @@ pub fn run<B: KvBackend>(
             ("streaming", ScorerKind::Streaming, Selection::TopK),
             ("trig", ScorerKind::Trig, Selection::TopK),
             ("α(trig)", ScorerKind::Trig, fl),
+            ("h2o", ScorerKind::H2o, Selection::TopK),
         ] {
             let e = single(scorer, sel, opts.prompt, n, opts.interval)?;
             methods.push((name.to_string(), label.clone(), Some(vec![e; layers])));

@@ -35,6 +35,8 @@ pub struct RoutedCache<B: KvBackend> {
     pub(crate) recent: axis_evict::RecentQueries<B>,
     /// Generated tokens since the last decode-time eviction.
     pub(crate) since_evict: usize,
+    /// Attention mass of the held rows, for a scorer that reads it while decoding (H2O).
+    pub(crate) mass: crate::decoding::MassLedger<B>,
 }
 
 /// Where a chunk-by-chunk prefill stands: tokens (per head) already in final projected or
@@ -142,6 +144,7 @@ impl<B: KvBackend> RoutedCache<B> {
             chunked: None,
             recent: axis_evict::RecentQueries::new(crate::DECODE_OBSERVE),
             since_evict: 0,
+            mass: Default::default(),
         }
     }
 
@@ -269,6 +272,21 @@ impl<B: KvBackend> RoutedCache<B> {
         Ok(())
     }
 
+    /// The prompt's compression at the end of prefill: the last chunk's step when the prefill
+    /// compressed chunk by chunk, else eviction of the whole prompt and its staging.
+    fn compress_prompt(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        if self.chunked.is_some() {
+            return self.compress_step(ctx);
+        }
+        let Some(mut seg) = self.layer.take_window(usize::MAX) else {
+            return Ok(());
+        };
+        if let Some(e) = &self.expert.evict {
+            seg = self.axes.evict.compress(seg, e, ctx)?;
+        }
+        self.restage(seg, ctx)
+    }
+
     /// The expert.
     pub fn expert(&self) -> &Expert {
         &self.expert
@@ -314,6 +332,9 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        if self.prefilled && self.tracks_mass() {
+            return Ok(self.attend_with_mass(q)?.0);
+        }
         if self.prefilled && self.expert.decode.is_some() {
             self.recent.record(&q);
         }
@@ -324,7 +345,11 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
         if self.prefilled && self.expert.decode.is_some() {
             self.recent.record(&q);
         }
-        self.layer.attend_with_mass(q)
+        let (out, mass) = self.layer.attend_with_mass(q)?;
+        if self.prefilled && self.tracks_mass() {
+            self.mass.add(mass.clone());
+        }
+        Ok((out, mass))
     }
 
     fn resident(&self) -> kv_tensor::Bytes {
@@ -349,16 +374,18 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
             // decoding queries replace it.
             self.recent.record(q);
         }
-        if self.chunked.is_some() {
-            return self.compress_step(ctx);
+        // A scorer reading attention mass while decoding starts from the prompt's.
+        let before = self.tracks_mass().then(|| self.layer.positions()).flatten();
+        if before.is_some() {
+            let stored = self.layer.stored();
+            let mass = ctx.attention_mass.clone();
+            self.mass.set(mass.filter(|m| m.dims()[2] == stored));
         }
-        let Some(mut seg) = self.layer.take_window(usize::MAX) else {
-            return Ok(());
-        };
-        if let Some(e) = &self.expert.evict {
-            seg = self.axes.evict.compress(seg, e, ctx)?;
+        self.compress_prompt(ctx)?;
+        if let Some(old) = before {
+            self.carry_mass(old);
         }
-        self.restage(seg, ctx)
+        Ok(())
     }
 
     fn footprint(&self) -> Footprint {

@@ -190,13 +190,9 @@ impl Expert {
         let needs = e.scorer.needs();
         if needs.prefill_only() {
             return Err(format!(
-                "{} needs a statistic of the prefill ({}), which decoding does not produce",
+                "{} needs a statistic of the prefill (the reconstruction pass), which decoding \
+                 does not produce",
                 e.scorer.name(),
-                if needs.attention_mass {
-                    "attention mass"
-                } else {
-                    "the reconstruction pass"
-                }
             ));
         }
         if d.tokens < e.sinks + e.window {

@@ -572,12 +572,14 @@ fn decode_budgets_are_validated() {
         ..base.clone()
     };
     assert!(no_evict.validate(16).is_err());
-    let mut h2o = base.clone();
-    h2o.evict = Some(EvictSetting::new(
-        ScorerKind::H2o,
-        Ratio::new(0.5).expect("ratio"),
-    ));
-    assert!(h2o.validate(16).is_err());
+    // H2O re-evicts on the mass the decoding queries add up; KVzip's pass exists only at
+    // prefill.
+    let with = |scorer| Expert {
+        evict: Some(EvictSetting::new(scorer, Ratio::new(0.5).expect("ratio"))),
+        ..base.clone()
+    };
+    assert!(with(ScorerKind::H2o).validate(16).is_ok());
+    assert!(with(ScorerKind::Kvzip).validate(16).is_err());
     let tiny = Expert {
         decode: Some(crate::DecodeBudget {
             tokens: 8,
@@ -596,4 +598,65 @@ fn decode_budgets_are_validated() {
         })
     );
     assert!(base.to_string().contains("decode"));
+}
+
+/// H2O while decoding: the prompt's heaviest token survives the first re-eviction; a token the
+/// decoding queries attend to is kept although the prompt paid it least, and it stays kept at
+/// the next re-eviction, when every query looks away from it, because its mass is carried over
+/// by position (a ledger that forgot it, or gave it a neighbour's, would drop it).
+#[test]
+fn h2o_keeps_what_the_decoding_queries_attend_to() {
+    let d = Default::default();
+    let dim = 8;
+    let unit = |i: usize, scale: f32| {
+        let mut v = vec![0f32; dim];
+        v[i] = scale;
+        Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(v, [1, 1, 1, dim]), &d)
+    };
+    let small = |t| Tensor::<B, 4>::random([1, 1, t, dim], Distribution::Normal(0.0, 0.05), &d);
+    let mut prompt_k = small(40);
+    prompt_k = prompt_k.slice_assign([0..1, 0..1, 10..11, 0..dim], unit(0, 3.0));
+    let mut evict = EvictSetting::new(ScorerKind::H2o, Ratio::ONE);
+    evict.sinks = 0;
+    evict.window = 4;
+    let e = Expert {
+        evict: Some(evict),
+        decode: Some(crate::DecodeBudget {
+            tokens: 24,
+            interval: 16,
+        }),
+        ..Expert::FULL
+    };
+    let mut c = RoutedCache::<B>::new(e);
+    c.append(prompt_k, small(40)).expect("append");
+    // The prompt paid token 10 less than the rest, token 20 much more.
+    let mut mass = vec![0.01f32; 40];
+    mass[10] = 0.005;
+    mass[20] = 5.0;
+    let ctx = ObservationCtx {
+        attention_mass: Some(Tensor::from_data(
+            burn::tensor::TensorData::new(mass, [1, 1, 40]),
+            &d,
+        )),
+        ..ObservationCtx::bare(0)
+    };
+    c.finish_prefill(&ctx).expect("prefill");
+    let kept = |c: &RoutedCache<B>| -> Vec<i64> {
+        let p = c.layer.positions().expect("positions");
+        p.into_data().convert::<i64>().to_vec().expect("ints")
+    };
+    // Round 1: every query looks at token 10. Round 2: every query looks away from it, so
+    // the other rows gain mass and only what round 1 left keeps it.
+    for (round, scale) in [(1, 20.0), (2, -20.0)] {
+        for _ in 0..16 {
+            c.append(small(1), small(1)).expect("append");
+            c.attend(unit(0, scale)).expect("attend");
+        }
+        let held = kept(&c);
+        assert!(held.len() <= 24 + 16, "{held:?}");
+        assert!(held.contains(&10), "after round {round}: {held:?}");
+        if round == 1 {
+            assert!(held.contains(&20), "after round {round}: {held:?}");
+        }
+    }
 }

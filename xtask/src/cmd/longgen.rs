@@ -19,6 +19,9 @@ pub struct LongGen {
     /// Token budgets per KV head (a share of the final length as `1/8`).
     #[arg(long, value_delimiter = ',', default_values_t = ["64".to_string(), "128".into(), "256".into(), "1/8".into()])]
     budgets: Vec<String>,
+    /// Budgets α's λ is tuned at (the paper's b ∈ {64, 128}).
+    #[arg(long, value_delimiter = ',', default_values_t = ["64".to_string(), "128".into()])]
+    tune_budgets: Vec<String>,
     /// Held-out samples.
     #[arg(long, default_value_t = 4)]
     samples: usize,
@@ -51,6 +54,11 @@ impl LongGen {
             continuation: self.continuation,
             budgets: self
                 .budgets
+                .iter()
+                .map(|b| budget(b))
+                .collect::<Result<_>>()?,
+            tune_budgets: self
+                .tune_budgets
                 .iter()
                 .map(|b| budget(b))
                 .collect::<Result<_>>()?,
