@@ -119,8 +119,9 @@ impl RoutingPlan {
     /// that evicts with a scorer able to run during decoding gets a decode budget of what it
     /// keeps of `total` tokens, re-evicting every `interval` generated tokens, so the cache
     /// stays at the plan's bytes for `total` tokens however the generation grows. Layers that
-    /// do not evict, or whose scorer needs a statistic only the prefill produces (H2O's
-    /// attention mass, KVzip's reconstruction pass), keep growing.
+    /// do not evict, or whose scorer needs a statistic only the prefill produces (KVzip's
+    /// reconstruction pass), keep growing. H2O layers re-evict on the attention mass they
+    /// accumulate while decoding.
     pub fn with_decode(mut self, total: usize, interval: usize) -> Self {
         for e in &mut self.layers {
             if e.compresses_while_decoding()

@@ -16,8 +16,9 @@ pub struct Bench {
 }
 
 /// Runs the criterion benches in the release profile: speed is what a user's release build gets
-/// (the dev profile keeps debug assertions and overflow checks, which cost decode ~2×). The
-/// first run builds the release profile once (a few minutes). Before the decode bench, hetero
+/// (the speed table before them runs in whatever profile xtask was built in, the dev profile
+/// for `cargo xtask`, whose kernel crates are built like release). The first run builds the
+/// release profile once (a few minutes). Before the decode bench, hetero
 /// plans at 1/4, 1/8 and 1/14 are solved from the calibration table (calibrating if needed);
 /// after the benches, `generate` runs on an 8k-token prose prompt with the full cache and the
 /// 1/8 plan (chunked and compress-at-end prefill) to show peak memory next to the plan's bytes.
