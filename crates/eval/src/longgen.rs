@@ -18,7 +18,7 @@ use axis_evict::{EvictSetting, Lambda, ScorerKind, Selection};
 use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use kv_tensor::{FullCache, KvBackend, LayerCache, Ratio};
-use models::{Logits, PrefillOptions};
+use models::Logits;
 use router::{DecodeBudget, Expert};
 
 use serde::Serialize;
@@ -48,6 +48,22 @@ impl TokenBudget {
             TokenBudget::Tokens(n) => n.to_string(),
             TokenBudget::Share(r) => format!("1/{:.0}", 1.0 / r.get()),
         }
+    }
+}
+
+impl std::str::FromStr for TokenBudget {
+    type Err = EvalError;
+
+    /// A token count (`64`) or a share of the final length (`1/8`), as [`label`](Self::label)
+    /// writes them.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || EvalError::Options(format!("budget {s:?}: a token count or 1/N"));
+        if let Some(d) = s.strip_prefix("1/") {
+            let d: f64 = d.parse().map_err(|_| bad())?;
+            let r = Ratio::new(1.0 / d).map_err(|_| bad())?;
+            return Ok(TokenBudget::Share(r));
+        }
+        s.parse().map(TokenBudget::Tokens).map_err(|_| bad())
     }
 }
 
@@ -131,12 +147,7 @@ fn feed<B: KvBackend>(
     needs: router::Needs,
 ) -> Result<(Vec<Tensor<B, 2>>, u64)> {
     let m = &session.model.model;
-    let opts = PrefillOptions {
-        attention_mass: needs.attention_mass,
-        reconstruction: needs.reconstruction,
-        ..PrefillOptions::default()
-    };
-    m.prefill(&text.prompt, caches, &opts)?;
+    m.prefill(&text.prompt, caches, &solver::observing(needs))?;
     let mut peak = 0u64;
     let mut blocks = Vec::new();
     let n = text.continuation.len();
@@ -630,6 +641,12 @@ mod tests {
         let eighth = TokenBudget::Share(Ratio::new(0.125).expect("ratio"));
         assert_eq!(eighth.tokens(1280), 160);
         assert_eq!(eighth.label(), "1/8");
+        for b in [TokenBudget::Tokens(64), eighth] {
+            assert_eq!(b.label().parse::<TokenBudget>().expect("parses"), b);
+        }
+        for bad in ["", "1/0", "1/x", "-3", "sixty"] {
+            assert!(bad.parse::<TokenBudget>().is_err(), "{bad:?}");
+        }
     }
 
     /// Rows pair each method with trig on the same samples; a method better on every sample

@@ -316,11 +316,7 @@ fn measure_all<B: KvBackend>(
         .flat_map(|e| e.plan_layers());
     // One full prefill per sample, shared by every method: all of them first, on every core.
     let needs = router::Needs::of(plan_layers);
-    let popts = PrefillOptions {
-        attention_mass: needs.attention_mass,
-        reconstruction: needs.reconstruction,
-        ..Default::default()
-    };
+    let popts = solver::observing(needs);
     // KVzip's pass needs the whole context: a KVzip layer cannot compress chunk by chunk and
     // reports the missing pass.
     let chunked = PrefillOptions {

@@ -156,11 +156,18 @@ fn carry_over<B: KvBackend>(
         t.into_data().convert::<i64>().to_vec().unwrap_or_default()
     };
     let (old, new) = (ints(old), ints(new));
-    let mass: Vec<f32> = mass.into_data().convert::<f32>().to_vec().unwrap_or_default();
+    let mass: Vec<f32> = mass
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
     let mut out = vec![0f32; b * h * m_len];
     if old.len() == b * h * n && mass.len() == old.len() && new.len() == out.len() {
         for head in 0..b * h {
-            let (o, w) = (&old[head * n..(head + 1) * n], &mass[head * n..(head + 1) * n]);
+            let (o, w) = (
+                &old[head * n..(head + 1) * n],
+                &mass[head * n..(head + 1) * n],
+            );
             let mut i = 0;
             for (j, p) in new[head * m_len..(head + 1) * m_len].iter().enumerate() {
                 while i < n && o[i] < *p {
@@ -212,10 +219,17 @@ mod tests {
         let d = Default::default();
         let ledger = MassLedger::<B>::default();
         assert!(ledger.get(3).is_none());
-        let m = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v.clone(), [1, 1, v.len()]), &d);
+        let m = |v: Vec<f32>| {
+            Tensor::<B, 3>::from_data(TensorData::new(v.clone(), [1, 1, v.len()]), &d)
+        };
         ledger.add(m(vec![1.0, 2.0]));
         ledger.add(m(vec![1.0, 1.0, 1.0]));
-        let got: Vec<f32> = ledger.get(4).expect("added").into_data().to_vec().expect("f32");
+        let got: Vec<f32> = ledger
+            .get(4)
+            .expect("added")
+            .into_data()
+            .to_vec()
+            .expect("f32");
         assert_eq!(got, vec![2.0, 3.0, 1.0, 0.0]);
     }
 }

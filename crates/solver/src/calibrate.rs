@@ -145,6 +145,17 @@ impl Passage {
 /// Observation window (tokens) handed to scorers when calibrating and measuring end to end.
 pub const OBSERVE_WINDOW: usize = 32;
 
+/// The prefill options that observe what caches with these needs read (H2O's attention mass,
+/// KVzip's reconstruction pass), the rest at their defaults. The one place the mapping lives,
+/// so no caller of a prefill forgets a need.
+pub fn observing(needs: router::Needs) -> PrefillOptions {
+    PrefillOptions {
+        attention_mass: needs.attention_mass,
+        reconstruction: needs.reconstruction,
+        ..PrefillOptions::default()
+    }
+}
+
 /// How calibration observes and what it measures.
 #[derive(Debug, Clone, Copy)]
 pub struct CalibrationOptions {
@@ -228,9 +239,7 @@ fn attention_losses<B: KvBackend>(
                 &passage.context,
                 PrefillOptions {
                     observe_window: opts.observe_window,
-                    attention_mass: needs.attention_mass,
-                    reconstruction: needs.reconstruction,
-                    ..Default::default()
+                    ..observing(needs)
                 },
             )
         },

@@ -30,7 +30,7 @@ mod invariants;
 
 pub use budget::Budget;
 pub use calibrate::{
-    CalibrationLoss, CalibrationOptions, OBSERVE_WINDOW, Passage, calibrate, fit_axes,
+    CalibrationLoss, CalibrationOptions, OBSERVE_WINDOW, Passage, calibrate, fit_axes, observing,
 };
 pub use measured::{EndToEnd, EndToEndLoss, MeasuredLoss, spearman};
 pub use menu::{

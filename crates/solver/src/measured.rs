@@ -129,9 +129,7 @@ impl<'a, B: KvBackend> EndToEnd<'a, B> {
             &mut rec,
             &PrefillOptions {
                 observe_window,
-                attention_mass: needs.attention_mass,
-                reconstruction: needs.reconstruction,
-                ..Default::default()
+                ..crate::observing(needs)
             },
         )?;
         // The uncompressed caches are built once; each pair clones them (copy-on-write) and

@@ -151,11 +151,9 @@ fn generate(a: &Generate) -> Result<()> {
         max_new: a.max_new,
         sampling,
         prefill: PrefillOptions {
-            attention_mass: needs.attention_mass,
-            reconstruction: needs.reconstruction,
             // KVzip's pass needs the whole context, so its plans compress at the end.
             compress_chunks: plan.is_some() && !a.compress_at_end && !needs.reconstruction,
-            ..PrefillOptions::default()
+            ..solver::observing(needs)
         },
     };
     let mut shown = String::new();

@@ -2,7 +2,7 @@
 //! the held-out one, then full, streaming, trig, α(trig) and hetero with decode-time
 //! compression at fixed token budgets over a long teacher-forced continuation.
 use crate::progress::Bars;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use eval::longgen::{LongGenOptions, TokenBudget};
 use std::path::PathBuf;
@@ -36,13 +36,7 @@ pub struct LongGen {
 }
 
 fn budget(s: &str) -> Result<TokenBudget> {
-    if let Some(d) = s.strip_prefix("1/") {
-        let d: f64 = d.parse().with_context(|| format!("budget {s:?}"))?;
-        return Ok(TokenBudget::Share(kv_tensor::Ratio::new(1.0 / d)?));
-    }
-    Ok(TokenBudget::Tokens(s.parse().with_context(|| {
-        format!("budget {s:?}: a token count or 1/N")
-    })?))
+    Ok(s.parse()?)
 }
 
 impl LongGen {
