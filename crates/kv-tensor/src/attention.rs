@@ -58,6 +58,28 @@ pub fn attention_with_mass<B: KvBackend>(
     Ok((out, mass.ok_or(KvError::Empty)?))
 }
 
+/// Adds the mass `new` (`[b, h, stored]`, from [`attention_with_mass`]) that queries just paid
+/// the rows to the mass `prev` accumulated so far. Rows appended since `prev` was recorded start
+/// at 0; a `prev` longer than `new` belongs to rows that have since changed, so the sum restarts
+/// from `new`. H2O's statistic, accumulated over prefill chunks and over decoding steps alike.
+pub fn accumulate_mass<B: KvBackend>(
+    prev: Option<Tensor<B, 3>>,
+    new: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let [b, h, n] = new.dims();
+    match prev {
+        Some(p) if p.dims()[2] <= n => {
+            let old = p.dims()[2];
+            if old == n {
+                return p + new;
+            }
+            let pad = Tensor::zeros([b, h, n - old], &p.device());
+            Tensor::cat(vec![p, pad], 2) + new
+        }
+        _ => new,
+    }
+}
+
 /// [`attention_padded`] that also returns the largest attention weight every cached key
 /// received from any query and any query head of its KV head: `[b, kv_heads, tk]` (KVzip's
 /// statistic over its reconstruction queries). Keys after a query's position count as weight 0

@@ -634,15 +634,7 @@ fn cache_step<B: KvBackend, C: LayerCache<B>>(
         let (att, chunk_mass) = cache
             .attend_with_mass(q)
             .map_err(|source| ModelError::Cache { layer: l, source })?;
-        let total = chunk_mass.dims()[2];
-        ob.mass = Some(match ob.mass.take() {
-            Some(prev) => {
-                let [b, h, old] = prev.dims();
-                let pad = Tensor::zeros([b, h, total - old], &prev.device());
-                Tensor::cat(vec![prev, pad], 2) + chunk_mass
-            }
-            None => chunk_mass,
-        });
+        ob.mass = Some(kv_tensor::accumulate_mass(ob.mass.take(), chunk_mass));
         att
     } else {
         cache

@@ -110,15 +110,11 @@ impl<B: KvBackend> MassLedger<B> {
         }
     }
 
-    /// Adds the mass `add` (`[b, h, stored]`) that queries just paid the rows.
+    /// Adds the mass `add` (`[b, h, stored]`) that queries just paid the rows (see
+    /// [`kv_tensor::accumulate_mass`]).
     pub(crate) fn add(&self, add: Tensor<B, 3>) {
         if let Ok(mut m) = self.mass.lock() {
-            let n = add.dims()[2];
-            *m = Some(match m.take() {
-                Some(old) if old.dims()[2] <= n => pad_to(old, n) + add,
-                // The rows shrank without a remap (cannot happen through the cache): restart.
-                _ => add,
-            });
+            *m = Some(kv_tensor::accumulate_mass(m.take(), add));
         }
     }
 
