@@ -296,28 +296,33 @@ pub(crate) struct Task<'a> {
     pub(crate) scale: f32,
 }
 
-/// A task bound to the AVX2 kernels: as a `NullaryFnOnce` with an `#[inline(always)]` call,
+/// A task bound to SIMD kernels `K`: as a `NullaryFnOnce` with an `#[inline(always)]` call,
 /// its body is compiled inside pulp's target-feature function (a closure's body would not be,
 /// and every intrinsic would become a call).
-#[cfg(target_arch = "x86_64")]
-struct OnAvx2<'a>(Task<'a>, pulp::x86::V3);
+struct OnSimd<'a, K>(Task<'a>, K);
 
-#[cfg(target_arch = "x86_64")]
-impl pulp::NullaryFnOnce for OnAvx2<'_> {
+impl<K: RowKernel> pulp::NullaryFnOnce for OnSimd<'_, K> {
     type Output = Partial;
 
     #[inline(always)]
     fn call(self) -> Partial {
-        self.0.body(crate::host_kernels::Avx2(self.1))
+        self.0.body(self.1)
     }
 }
 
 impl Task<'_> {
-    /// Runs the task with the best kernels this CPU has.
+    /// Runs the task with the best kernels this CPU has: AVX2/FMA, with the hardware fp16
+    /// conversion where the CPU has AVX-512.
     fn run(self) -> Partial {
         #[cfg(target_arch = "x86_64")]
-        if let Some(simd) = pulp::x86::V3::try_new() {
-            return simd.vectorize(OnAvx2(self, simd));
+        {
+            use crate::host_kernels::{Avx2, HardHalf, SoftHalf};
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                return simd.vectorize(OnSimd(self, Avx2(*simd, HardHalf(simd))));
+            }
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                return simd.vectorize(OnSimd(self, Avx2(simd, SoftHalf)));
+            }
         }
         self.body(Plain)
     }
@@ -415,10 +420,11 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
                 j = end;
             }
         }
+        Rows::F16(x) => kern.dots_f16(&qs, w, &x[t.range.start * w..t.range.end * w], scores, n),
         _ => {
             for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
                 let jj = t.range.start + j;
-                prefetch_row(pf, &k.rows, jj + 4, w);
+                prefetch_row(pf, &k.rows, jj + AHEAD, w);
                 k.row(kern, jj, &mut cache, row);
             }
             kern.dots(&qs, w, &scratch, scores, n);
@@ -428,6 +434,9 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
 
 /// Zeros, for [`RowKernel::fma_row`] used as a plain product.
 const ZEROS: [f32; MAX_W] = [0.0; MAX_W];
+
+/// Rows ahead of use that a run asks for.
+const AHEAD: usize = 16;
 
 /// Asks for row `j` of a side ahead of its use.
 #[inline(always)]
@@ -501,10 +510,14 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
                 kern.weighted_sum(&weights, seen, &scratch, w, cols, &mut acc);
             }
         }
+        Rows::F16(x) => {
+            let rows = &x[t.range.start * w..(t.range.start + seen) * w];
+            kern.weighted_sum_f16(p, n, rows, w, 0..w, &mut acc);
+        }
         _ => {
             for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
                 let jj = t.range.start + j;
-                prefetch_row(pf, &v.rows, jj + 4, w);
+                prefetch_row(pf, &v.rows, jj + AHEAD, w);
                 v.row(kern, jj, &mut cache, row);
             }
             kern.weighted_sum(p, n, &scratch, w, 0..w, &mut acc);

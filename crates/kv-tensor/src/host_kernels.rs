@@ -51,6 +51,26 @@ pub(crate) trait RowKernel: Copy {
             }
         }
     }
+    /// [`RowKernel::dots`] over binary16 keys.
+    fn dots_f16(self, q: &[f32], w: usize, keys: &[u16], out: &mut [f32], stride: usize) {
+        let mut k = vec![0f32; keys.len()];
+        self.f16_row(keys, &mut k);
+        self.dots(q, w, &k, out, stride);
+    }
+    /// [`RowKernel::weighted_sum`] over binary16 values.
+    fn weighted_sum_f16(
+        self,
+        p: &[f32],
+        stride: usize,
+        vals: &[u16],
+        w: usize,
+        cols: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        let mut v = vec![0f32; vals.len()];
+        self.f16_row(vals, &mut v);
+        self.weighted_sum(p, stride, &v, w, cols, acc);
+    }
 }
 
 /// Plain loops: the portable version and the reference.
@@ -140,44 +160,34 @@ pub fn exp(x0: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::Avx2;
+pub(crate) use avx2::{Avx2, HardHalf, SoftHalf};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Plain, RowKernel};
     use core::arch::x86_64::{__m128i, __m256, __m256i};
-    use pulp::x86::V3;
+    use pulp::x86::{V3, V4};
     use std::ops::Range;
 
-    /// AVX2/FMA kernels (x86-64 CPUs that have them, detected at run time).
+    /// AVX2/FMA kernels (x86-64 CPUs that have them, detected at run time), widening fp16
+    /// with `H`.
     #[derive(Debug, Clone, Copy)]
-    pub(crate) struct Avx2(pub(crate) V3);
+    pub(crate) struct Avx2<H = SoftHalf>(pub(crate) V3, pub(crate) H);
 
-    #[inline(always)]
-    fn hsum(v: __m256) -> f32 {
-        let a: [f32; 8] = pulp::cast(v);
-        ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    /// How eight binary16 values become f32 (exactly).
+    pub(crate) trait WidenHalf: Copy {
+        fn f16x8(self, simd: V3, h: &[u16]) -> __m256;
     }
 
-    #[inline(always)]
-    fn load8(x: &[f32]) -> __m256 {
-        let (a, _) = x.split_first_chunk::<8>().unwrap_or((&[0.0; 8], &[]));
-        pulp::cast(*a)
-    }
+    /// Integer arithmetic: normal numbers rebias their exponent, zero and subnormals are
+    /// `mantissa · 2^-24`. For AVX2 CPUs, where pulp offers no F16C token.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct SoftHalf;
 
-    #[inline(always)]
-    fn store8(v: __m256, x: &mut [f32]) {
-        if let Some((a, _)) = x.split_first_chunk_mut::<8>() {
-            *a = pulp::cast(v);
-        }
-    }
-
-    impl Avx2 {
-        /// Eight binary16 values to f32, exactly: normal numbers rebias their exponent with
-        /// integer arithmetic, zero and subnormals are `mantissa · 2^-24`.
+    impl WidenHalf for SoftHalf {
         #[inline(always)]
-        fn f16x8(self, h: &[u16]) -> __m256 {
-            let V3 { avx, avx2, .. } = self.0;
+        fn f16x8(self, simd: V3, h: &[u16]) -> __m256 {
+            let V3 { avx, avx2, .. } = simd;
             let a: [u16; 8] = h[..8].try_into().unwrap_or([0; 8]);
             let x = avx2._mm256_cvtepu16_epi32(pulp::cast::<[u16; 8], __m128i>(a));
             let c = |v: i32| avx._mm256_set1_epi32(v);
@@ -198,7 +208,49 @@ mod avx2 {
         }
     }
 
-    impl RowKernel for Avx2 {
+    /// The hardware conversion (`vcvtph2ps`), reached through pulp's AVX-512 token: one
+    /// instruction for eight values where [`SoftHalf`] takes ten, and fp16 rows are what the
+    /// full cache and every scale are stored as.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct HardHalf(pub(crate) V4);
+
+    impl WidenHalf for HardHalf {
+        #[inline(always)]
+        fn f16x8(self, _simd: V3, h: &[u16]) -> __m256 {
+            let a: [u16; 8] = h[..8].try_into().unwrap_or([0; 8]);
+            self.0
+                .avx512f
+                ._mm256_maskz_cvtph_ps(0xff, pulp::cast::<[u16; 8], __m128i>(a))
+        }
+    }
+
+    #[inline(always)]
+    fn hsum(v: __m256) -> f32 {
+        let a: [f32; 8] = pulp::cast(v);
+        ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    }
+
+    #[inline(always)]
+    fn load8(x: &[f32]) -> __m256 {
+        let (a, _) = x.split_first_chunk::<8>().unwrap_or((&[0.0; 8], &[]));
+        pulp::cast(*a)
+    }
+
+    #[inline(always)]
+    fn store8(v: __m256, x: &mut [f32]) {
+        if let Some((a, _)) = x.split_first_chunk_mut::<8>() {
+            *a = pulp::cast(v);
+        }
+    }
+
+    impl<H: WidenHalf> Avx2<H> {
+        #[inline(always)]
+        fn f16x8(self, h: &[u16]) -> __m256 {
+            self.1.f16x8(self.0, h)
+        }
+    }
+
+    impl<H: WidenHalf> RowKernel for Avx2<H> {
         #[inline(always)]
         fn f16_row(self, src: &[u16], dst: &mut [f32]) {
             let n = dst.len().min(src.len());
@@ -317,28 +369,17 @@ mod avx2 {
             if !w.is_multiple_of(8) {
                 return Plain.dots(q, w, keys, out, stride);
             }
-            let rows = q.len() / w;
-            let m = keys.len() / w;
-            let whole = m / 4 * 4;
-            for r0 in (0..rows).step_by(3) {
-                let rr = (rows - r0).min(3);
-                for j in (0..whole).step_by(4) {
-                    let k = &keys[j * w..(j + 4) * w];
-                    let sums = match rr {
-                        3 => self.dot_tile::<3>(&q[r0 * w..], k, w),
-                        2 => self.dot_tile::<2>(&q[r0 * w..], k, w),
-                        _ => self.dot_tile::<1>(&q[r0 * w..], k, w),
-                    };
-                    for (i, s) in sums.iter().enumerate().take(rr) {
-                        out[(r0 + i) * stride + j..(r0 + i) * stride + j + 4].copy_from_slice(s);
-                    }
-                }
+            self.dots_on(q, w, F32Rows(keys), keys.len() / w, out, stride);
+        }
+
+        /// As [`RowKernel::dots`], each key widened as it is loaded: no f32 copy of a key is
+        /// written and read back.
+        #[inline(always)]
+        fn dots_f16(self, q: &[f32], w: usize, keys: &[u16], out: &mut [f32], stride: usize) {
+            if !w.is_multiple_of(8) {
+                return Plain.dots_f16(q, w, keys, out, stride);
             }
-            for j in whole..m {
-                for (r, qr) in q.chunks_exact(w).enumerate() {
-                    out[r * stride + j] = self.dot(qr, &keys[j * w..(j + 1) * w]);
-                }
-            }
+            self.dots_on(q, w, F16Rows(keys, self), keys.len() / w, out, stride);
         }
 
         /// Accumulators for three rows × 16 channels live in registers across every value row
@@ -354,22 +395,124 @@ mod avx2 {
             cols: Range<usize>,
             acc: &mut [f32],
         ) {
-            if !w.is_multiple_of(8) || !cols.start.is_multiple_of(8) || !cols.end.is_multiple_of(8)
-            {
+            if !aligned(w, &cols) {
                 return Plain.weighted_sum(p, stride, vals, w, cols, acc);
             }
+            self.weighted_on(p, stride, F32Rows(vals), vals.len() / w, w, cols, acc);
+        }
+
+        /// As [`RowKernel::weighted_sum`], each value row widened as it is loaded.
+        #[inline(always)]
+        fn weighted_sum_f16(
+            self,
+            p: &[f32],
+            stride: usize,
+            vals: &[u16],
+            w: usize,
+            cols: Range<usize>,
+            acc: &mut [f32],
+        ) {
+            if !aligned(w, &cols) {
+                return Plain.weighted_sum_f16(p, stride, vals, w, cols, acc);
+            }
+            self.weighted_on(p, stride, F16Rows(vals, self), vals.len() / w, w, cols, acc);
+        }
+    }
+
+    /// Whether rows of `w` and the columns `cols` fall on whole vectors of eight.
+    fn aligned(w: usize, cols: &Range<usize>) -> bool {
+        w.is_multiple_of(8) && cols.start.is_multiple_of(8) && cols.end.is_multiple_of(8)
+    }
+
+    /// Rows a tile reads eight lanes at a time, flat (`row · w + channel`).
+    trait Lanes: Copy {
+        fn at(self, i: usize) -> __m256;
+    }
+
+    #[derive(Clone, Copy)]
+    struct F32Rows<'a>(&'a [f32]);
+
+    impl Lanes for F32Rows<'_> {
+        #[inline(always)]
+        fn at(self, i: usize) -> __m256 {
+            load8(&self.0[i..])
+        }
+    }
+
+    /// Binary16 rows, widened on load.
+    #[derive(Clone, Copy)]
+    struct F16Rows<'a, H>(&'a [u16], Avx2<H>);
+
+    impl<H: WidenHalf> Lanes for F16Rows<'_, H> {
+        #[inline(always)]
+        fn at(self, i: usize) -> __m256 {
+            self.1.f16x8(&self.0[i..])
+        }
+    }
+
+    impl<H: WidenHalf> Avx2<H> {
+        /// [`RowKernel::dots`] over `m` keys read through `keys`.
+        #[inline(always)]
+        fn dots_on<L: Lanes>(
+            self,
+            q: &[f32],
+            w: usize,
+            keys: L,
+            m: usize,
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let rows = q.len() / w;
+            for r0 in (0..rows).step_by(3) {
+                let rr = (rows - r0).min(3);
+                let qr = &q[r0 * w..];
+                let mut j = 0;
+                while j < m {
+                    let kk = (m - j).min(4);
+                    let sums = match (rr, kk) {
+                        (3, 4) => self.dot_tile::<3, 4, L>(qr, keys, j, w),
+                        (2, 4) => self.dot_tile::<2, 4, L>(qr, keys, j, w),
+                        (1, 4) => self.dot_tile::<1, 4, L>(qr, keys, j, w),
+                        (3, _) => self.dot_tile::<3, 1, L>(qr, keys, j, w),
+                        (2, _) => self.dot_tile::<2, 1, L>(qr, keys, j, w),
+                        _ => self.dot_tile::<1, 1, L>(qr, keys, j, w),
+                    };
+                    let kk = if kk == 4 { 4 } else { 1 };
+                    for (i, s) in sums.iter().enumerate().take(rr) {
+                        let o = (r0 + i) * stride + j;
+                        out[o..o + kk].copy_from_slice(&s[..kk]);
+                    }
+                    j += kk;
+                }
+            }
+        }
+
+        /// [`RowKernel::weighted_sum`] over `m` value rows read through `vals`.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn weighted_on<L: Lanes>(
+            self,
+            p: &[f32],
+            stride: usize,
+            vals: L,
+            m: usize,
+            w: usize,
+            cols: Range<usize>,
+            acc: &mut [f32],
+        ) {
             let rows = acc.len() / w;
             for r0 in (0..rows).step_by(3) {
                 let mut c = cols.start;
                 while c < cols.end {
                     let span = if cols.end - c >= 16 { 16 } else { 8 };
+                    let at = Tile { r0, c, m, w };
                     match ((rows - r0).min(3), span) {
-                        (3, 16) => self.tile::<3, 2>(p, stride, vals, w, acc, r0, c),
-                        (2, 16) => self.tile::<2, 2>(p, stride, vals, w, acc, r0, c),
-                        (1, 16) => self.tile::<1, 2>(p, stride, vals, w, acc, r0, c),
-                        (3, _) => self.tile::<3, 1>(p, stride, vals, w, acc, r0, c),
-                        (2, _) => self.tile::<2, 1>(p, stride, vals, w, acc, r0, c),
-                        _ => self.tile::<1, 1>(p, stride, vals, w, acc, r0, c),
+                        (3, 16) => self.tile::<3, 2, L>(p, stride, vals, acc, at),
+                        (2, 16) => self.tile::<2, 2, L>(p, stride, vals, acc, at),
+                        (1, 16) => self.tile::<1, 2, L>(p, stride, vals, acc, at),
+                        (3, _) => self.tile::<3, 1, L>(p, stride, vals, acc, at),
+                        (2, _) => self.tile::<2, 1, L>(p, stride, vals, acc, at),
+                        _ => self.tile::<1, 1, L>(p, stride, vals, acc, at),
                     }
                     c += span;
                 }
@@ -377,19 +520,31 @@ mod avx2 {
         }
     }
 
-    impl Avx2 {
-        /// Dot products of `R` query rows (`q`, rows of `w`) with four keys (`k`, rows of `w`).
+    /// Where a weighted-sum tile sits: first row `r0`, first channel `c`, over `m` value rows
+    /// of width `w`.
+    #[derive(Clone, Copy)]
+    struct Tile {
+        r0: usize,
+        c: usize,
+        m: usize,
+        w: usize,
+    }
+
+    impl<H: WidenHalf> Avx2<H> {
+        /// Dot products of `R` query rows (`q`, rows of `w`) with the `K` (1 or 4) keys from
+        /// key `j` of `k`.
         #[inline(always)]
-        fn dot_tile<const R: usize>(self, q: &[f32], k: &[f32], w: usize) -> [[f32; 4]; 3] {
+        fn dot_tile<const R: usize, const K: usize, L: Lanes>(
+            self,
+            q: &[f32],
+            k: L,
+            j: usize,
+            w: usize,
+        ) -> [[f32; 4]; 3] {
             let V3 { avx, fma, .. } = self.0;
             let mut acc = [[avx._mm256_setzero_ps(); 4]; R];
             for c in (0..w).step_by(8) {
-                let kv = [
-                    load8(&k[c..]),
-                    load8(&k[w + c..]),
-                    load8(&k[2 * w + c..]),
-                    load8(&k[3 * w + c..]),
-                ];
+                let kv: [__m256; K] = core::array::from_fn(|i| k.at((j + i) * w + c));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let qv = load8(&q[i * w + c..]);
                     for (x, y) in a.iter_mut().zip(kv) {
@@ -421,29 +576,24 @@ mod avx2 {
         /// Rows `r0..r0 + R` × channels `c..c + 8V` of [`RowKernel::weighted_sum`], the
         /// accumulators held in registers over every value row.
         #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        fn tile<const R: usize, const V: usize>(
+        fn tile<const R: usize, const V: usize, L: Lanes>(
             self,
             p: &[f32],
             stride: usize,
-            vals: &[f32],
-            w: usize,
+            vals: L,
             acc: &mut [f32],
-            r0: usize,
-            c: usize,
+            at: Tile,
         ) {
             let V3 { avx, fma, .. } = self.0;
+            let Tile { r0, c, m, w } = at;
             let mut a = [[avx._mm256_setzero_ps(); V]; R];
             for (i, ai) in a.iter_mut().enumerate() {
                 for (v, x) in ai.iter_mut().enumerate() {
                     *x = load8(&acc[(r0 + i) * w + c + 8 * v..]);
                 }
             }
-            for (j, vj) in vals.chunks_exact(w).enumerate() {
-                let mut x = [avx._mm256_setzero_ps(); V];
-                for (v, xv) in x.iter_mut().enumerate() {
-                    *xv = load8(&vj[c + 8 * v..]);
-                }
+            for j in 0..m {
+                let x: [__m256; V] = core::array::from_fn(|v| vals.at(j * w + c + 8 * v));
                 for (i, ai) in a.iter_mut().enumerate() {
                     let pj = avx._mm256_set1_ps(p[(r0 + i) * stride + j]);
                     for (v, y) in ai.iter_mut().enumerate() {
@@ -465,66 +615,131 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// The checks of `avx2_matches_plain` for one SIMD kernel `k`.
+    #[cfg(target_arch = "x86_64")]
+    fn matches_plain<K: RowKernel>(k: K, seed: u64, w: usize) -> Result<(), TestCaseError> {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let halves: Vec<u16> = (0..w)
+            .map(|_| next() as u16)
+            .filter(|h| h & 0x7c00 != 0x7c00)
+            .collect();
+        let (mut a, mut b) = (vec![0f32; halves.len()], vec![0f32; halves.len()]);
+        k.f16_row(&halves, &mut a);
+        Plain.f16_row(&halves, &mut b);
+        prop_assert_eq!(&a, &b);
+        for (h, x) in halves.iter().zip(&a) {
+            prop_assert_eq!(*x, half::f16::from_bits(*h).to_f32());
+        }
+        let words = w.div_ceil(4) * 4;
+        let bytes: Vec<u8> = (0..words).map(|_| next() as u8).collect();
+        for bits in [2usize, 4, 8] {
+            let n = words * 8 / bits;
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            match bits {
+                2 => {
+                    k.codes_row::<2>(&bytes, &mut a);
+                    Plain.codes_row::<2>(&bytes, &mut b);
+                }
+                4 => {
+                    k.codes_row::<4>(&bytes, &mut a);
+                    Plain.codes_row::<4>(&bytes, &mut b);
+                }
+                _ => {
+                    k.codes_row::<8>(&bytes, &mut a);
+                    Plain.codes_row::<8>(&bytes, &mut b);
+                }
+            }
+            prop_assert_eq!(&a, &b, "{} bits", bits);
+        }
+        let x: Vec<f32> = (0..w)
+            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        let y: Vec<f32> = (0..w)
+            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        let (d1, d2) = (k.dot(&x, &y), Plain.dot(&x, &y));
+        prop_assert!((d1 - d2).abs() <= 1e-5 * (1.0 + d2.abs()));
+        let (mut o1, mut o2) = (y.clone(), y.clone());
+        k.axpy(&mut o1, 0.3, &x);
+        Plain.axpy(&mut o2, 0.3, &x);
+        for (p, q) in o1.iter().zip(&o2) {
+            prop_assert!((p - q).abs() <= 1e-6);
+        }
+        let (mut f1, mut f2) = (x.clone(), x.clone());
+        k.fma_row(&mut f1, &y, &x);
+        Plain.fma_row(&mut f2, &y, &x);
+        k.scale_add(&mut f1, 0.7, -0.1);
+        Plain.scale_add(&mut f2, 0.7, -0.1);
+        for (p, q) in f1.iter().zip(&f2) {
+            prop_assert!((p - q).abs() <= 1e-6);
+        }
+        // Tiled dot products and weighted sums, over several query rows and key counts
+        // that are not multiples of the tiles.
+        let rows = 1 + (seed % 7) as usize;
+        let keys = (seed / 7 % 11) as usize;
+        let ws = if w.is_multiple_of(2) { w / 2 * 8 % 80 + 8 } else { w };
+        let q: Vec<f32> = (0..rows * ws)
+            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        let kv: Vec<f32> = (0..keys * ws)
+            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        let (mut s1, mut s2) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+        k.dots(&q, ws, &kv, &mut s1, keys);
+        Plain.dots(&q, ws, &kv, &mut s2, keys);
+        for (p, q) in s1.iter().zip(&s2) {
+            prop_assert!((p - q).abs() <= 1e-5);
+        }
+        let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+        let (mut a1, mut a2) = (q.clone(), q.clone());
+        k.weighted_sum(&s1, keys, &kv, ws, cols.clone(), &mut a1);
+        Plain.weighted_sum(&s1, keys, &kv, ws, cols, &mut a2);
+        for (p, q) in a1.iter().zip(&a2) {
+            prop_assert!((p - q).abs() <= 1e-5);
+        }
+        // The same over binary16 keys and values, widened as they are read.
+        let kh: Vec<u16> = kv
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect();
+        let kw: Vec<f32> = kh
+            .iter()
+            .map(|&h| half::f16::from_bits(h).to_f32())
+            .collect();
+        let (mut s3, mut s4) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+        k.dots_f16(&q, ws, &kh, &mut s3, keys);
+        Plain.dots(&q, ws, &kw, &mut s4, keys);
+        for (p, q) in s3.iter().zip(&s4) {
+            prop_assert!((p - q).abs() <= 1e-5);
+        }
+        let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+        let (mut a3, mut a4) = (q.clone(), q.clone());
+        k.weighted_sum_f16(&s3, keys, &kh, ws, cols.clone(), &mut a3);
+        Plain.weighted_sum(&s3, keys, &kw, ws, cols, &mut a4);
+        for (p, q) in a3.iter().zip(&a4) {
+            prop_assert!((p - q).abs() <= 1e-5);
+        }
+        Ok(())
+    }
+
     proptest! {
-        /// The AVX2 kernels compute what the plain loops compute (exactly for conversions, to
-        /// float-summation order for dot products).
+        /// The AVX2 kernels, with either fp16 widening, compute what the plain loops compute
+        /// (exactly for conversions, to float-summation order for dot products).
         #[test]
         fn avx2_matches_plain(seed in 0u64..10_000, w in 1usize..100) {
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = pulp::x86::V3::try_new() {
-                let k = Avx2(simd);
-                let mut s = seed;
-                let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); (s >> 33) as u32 };
-                let halves: Vec<u16> = (0..w).map(|_| next() as u16).filter(|h| h & 0x7c00 != 0x7c00).collect();
-                let (mut a, mut b) = (vec![0f32; halves.len()], vec![0f32; halves.len()]);
-                k.f16_row(&halves, &mut a);
-                Plain.f16_row(&halves, &mut b);
-                prop_assert_eq!(&a, &b);
-                for (h, x) in halves.iter().zip(&a) {
-                    prop_assert_eq!(*x, half::f16::from_bits(*h).to_f32());
-                }
-                let words = w.div_ceil(4) * 4;
-                let bytes: Vec<u8> = (0..words).map(|_| next() as u8).collect();
-                for bits in [2usize, 4, 8] {
-                    let n = words * 8 / bits;
-                    let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-                    match bits {
-                        2 => { k.codes_row::<2>(&bytes, &mut a); Plain.codes_row::<2>(&bytes, &mut b); }
-                        4 => { k.codes_row::<4>(&bytes, &mut a); Plain.codes_row::<4>(&bytes, &mut b); }
-                        _ => { k.codes_row::<8>(&bytes, &mut a); Plain.codes_row::<8>(&bytes, &mut b); }
-                    }
-                    prop_assert_eq!(&a, &b, "{} bits", bits);
-                }
-                let x: Vec<f32> = (0..w).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
-                let y: Vec<f32> = (0..w).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
-                let (d1, d2) = (k.dot(&x, &y), Plain.dot(&x, &y));
-                prop_assert!((d1 - d2).abs() <= 1e-5 * (1.0 + d2.abs()));
-                let (mut o1, mut o2) = (y.clone(), y.clone());
-                k.axpy(&mut o1, 0.3, &x);
-                Plain.axpy(&mut o2, 0.3, &x);
-                for (p, q) in o1.iter().zip(&o2) { prop_assert!((p - q).abs() <= 1e-6); }
-                let (mut f1, mut f2) = (x.clone(), x.clone());
-                k.fma_row(&mut f1, &y, &x);
-                Plain.fma_row(&mut f2, &y, &x);
-                k.scale_add(&mut f1, 0.7, -0.1);
-                Plain.scale_add(&mut f2, 0.7, -0.1);
-                for (p, q) in f1.iter().zip(&f2) { prop_assert!((p - q).abs() <= 1e-6); }
-                // Tiled dot products and weighted sums, over several query rows and key counts
-                // that are not multiples of the tiles.
-                let rows = 1 + (seed % 7) as usize;
-                let keys = (seed / 7 % 11) as usize;
-                let ws = if w % 2 == 0 { w / 2 * 8 % 80 + 8 } else { w };
-                let q: Vec<f32> = (0..rows * ws).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
-                let kv: Vec<f32> = (0..keys * ws).map(|_| next() as f32 / u32::MAX as f32 - 0.5).collect();
-                let (mut s1, mut s2) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
-                k.dots(&q, ws, &kv, &mut s1, keys);
-                Plain.dots(&q, ws, &kv, &mut s2, keys);
-                for (p, q) in s1.iter().zip(&s2) { prop_assert!((p - q).abs() <= 1e-5); }
-                let cols = if ws % 8 == 0 { 8..ws } else { 0..ws };
-                let (mut a1, mut a2) = (q.clone(), q.clone());
-                k.weighted_sum(&s1, keys, &kv, ws, cols.clone(), &mut a1);
-                Plain.weighted_sum(&s1, keys, &kv, ws, cols, &mut a2);
-                for (p, q) in a1.iter().zip(&a2) { prop_assert!((p - q).abs() <= 1e-5); }
+                matches_plain(Avx2(simd, SoftHalf), seed, w)?;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                matches_plain(Avx2(*simd, HardHalf(simd)), seed, w)?;
             }
         }
 

@@ -327,6 +327,15 @@ impl<B: KvBackend> Llama<B> {
         caches: &mut [C],
         opts: &PrefillOptions,
     ) -> Result<Tensor<B, 2>, ModelError> {
+        on_pool(|| self.prefill_here(ids, caches, opts))
+    }
+
+    fn prefill_here<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [C],
+        opts: &PrefillOptions,
+    ) -> Result<Tensor<B, 2>, ModelError> {
         if opts.reconstruction && opts.compress_chunks {
             return Err(ModelError::IncompatibleOptions(
                 "KVzip's reconstruction pass needs the whole context, so it cannot run with \
@@ -365,6 +374,15 @@ impl<B: KvBackend> Llama<B> {
         caches: &mut [C],
         want: Logits,
     ) -> Result<Tensor<B, 2>, ModelError> {
+        on_pool(|| self.forward_here(ids, caches, want))
+    }
+
+    fn forward_here<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [C],
+        want: Logits,
+    ) -> Result<Tensor<B, 2>, ModelError> {
         // One token on a host backend: the host decode step (see `host_forward`), once the
         // checks every step shares have passed.
         if let [id] = ids
@@ -386,6 +404,14 @@ impl<B: KvBackend> Llama<B> {
     /// read and packed either way), so stepping many sequences together (e.g. every method of an
     /// evaluation) divides the weight cost by their number. Attention stays per sequence.
     pub fn decode_batch<C: LayerCache<B>>(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut [C]],
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        on_pool(|| self.decode_batch_here(ids, caches))
+    }
+
+    fn decode_batch_here<C: LayerCache<B>>(
         &self,
         ids: &[u32],
         caches: &mut [&mut [C]],
@@ -611,6 +637,15 @@ impl<B: KvBackend> Llama<B> {
 /// given when asked for), the attention mass every key received, and a compression after the
 /// chunk. Returns the attention output `[1, q_heads, t, d]`. The tensor and host forward
 /// passes share it.
+/// Runs a whole forward pass on a rayon worker thread. Called from outside the pool, every
+/// parallel product would otherwise be injected into the pool while the caller sleeps, and each
+/// of a decode step's ~150 products paid three futex wake-ups; on a worker, the caller takes a
+/// share of each product itself. Inside the pool (a harness's parallel evaluation) it runs in
+/// place.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 fn cache_step<B: KvBackend, C: LayerCache<B>>(
     cache: &mut C,
     l: usize,
