@@ -130,6 +130,53 @@ impl<'a> QuantRows<'a> {
         }
     }
 
+    /// Rows `rows`' packed bytes, when the kernels can read them in place: 2, 4 or 8 bits,
+    /// every row starting on a word boundary.
+    fn word_rows(&self, rows: Range<usize>, w: usize) -> Option<&'a [u8]> {
+        let per = self.bits.codes_per_word();
+        let start = self.first + rows.start * w;
+        (self.bits.get() != 3 && w.is_multiple_of(per) && start.is_multiple_of(per))
+            .then(|| &self.bytes[start / per * 4..(self.first + rows.end * w) / per * 4])
+    }
+
+    /// [`RowKernel::dots_codes`] at this part's width (`bytes` from [`QuantRows::word_rows`]).
+    #[inline(always)]
+    fn dots<K: RowKernel>(
+        &self,
+        k: K,
+        q: &[f32],
+        w: usize,
+        bytes: &[u8],
+        out: &mut [f32],
+        n: usize,
+    ) {
+        match self.bits.get() {
+            2 => k.dots_codes::<2>(q, w, bytes, out, n),
+            4 => k.dots_codes::<4>(q, w, bytes, out, n),
+            _ => k.dots_codes::<8>(q, w, bytes, out, n),
+        }
+    }
+
+    /// [`RowKernel::weighted_sum_codes`] at this part's width.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn weighted_sum<K: RowKernel>(
+        &self,
+        k: K,
+        p: &[f32],
+        stride: usize,
+        bytes: &[u8],
+        w: usize,
+        cols: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        match self.bits.get() {
+            2 => k.weighted_sum_codes::<2>(p, stride, bytes, w, cols, acc),
+            4 => k.weighted_sum_codes::<4>(p, stride, bytes, w, cols, acc),
+            _ => k.weighted_sum_codes::<8>(p, stride, bytes, w, cols, acc),
+        }
+    }
+
     /// Row `j`'s codes as floats, in channel order.
     #[inline(always)]
     fn codes<K: RowKernel>(&self, k: K, j: usize, w: usize, out: &mut [f32]) {
@@ -396,7 +443,12 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
     let mut cache = GroupCache::new();
     match k.rows {
         Rows::Quant(q) if q.along == GroupAxis::Tokens => {
-            q.codes_run(kern, pf, t.range.start, w, &mut scratch);
+            // Codes the kernels cannot read in place (3 bits, unaligned rows) are unpacked
+            // into the scratch buffer first.
+            let in_place = q.word_rows(t.range.clone(), w).is_some();
+            if !in_place {
+                q.codes_run(kern, pf, t.range.start, w, &mut scratch);
+            }
             // Fold each token group's scale into the queries and its minimum into a constant.
             let mut folded = vec![0f32; rows * w];
             let mut j = 0;
@@ -410,7 +462,10 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
                     f.copy_from_slice(qr);
                     kern.fma_row(f, &cache.s[..w], &ZEROS[..w]);
                 }
-                kern.dots(&folded, w, &scratch[j * w..end * w], &mut scores[j..], n);
+                match q.word_rows(jj..t.range.start + end, w).filter(|_| in_place) {
+                    Some(bytes) => q.dots(kern, &folded, w, bytes, &mut scores[j..], n),
+                    None => kern.dots(&folded, w, &scratch[j * w..end * w], &mut scores[j..], n),
+                }
                 for r in 0..rows {
                     let m = kern.dot(&qs[r * w..(r + 1) * w], &cache.m[..w]);
                     for x in &mut scores[r * n + j..r * n + end] {
@@ -472,7 +527,10 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
         // Per-token scales: the codes are summed as they are, each group's scale folded into
         // the row weights and its minimum into one sum per row and group.
         Rows::Quant(q) if q.along == GroupAxis::Channels => {
-            q.codes_run(kern, pf, t.range.start, w, &mut scratch);
+            let in_place = q.word_rows(t.range.start..t.range.start + seen, w);
+            if in_place.is_none() {
+                q.codes_run(kern, pf, t.range.start, w, &mut scratch);
+            }
             let groups = w / q.group;
             // Every visible row's scales and minimums, `[j][group]`, widened once.
             let span = t.range.start * groups..(t.range.start + seen) * groups;
@@ -507,7 +565,10 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
                     }
                 }
                 let cols = gi * q.group..(gi + 1) * q.group;
-                kern.weighted_sum(&weights, seen, &scratch, w, cols, &mut acc);
+                match in_place {
+                    Some(bytes) => q.weighted_sum(kern, &weights, seen, bytes, w, cols, &mut acc),
+                    None => kern.weighted_sum(&weights, seen, &scratch, w, cols, &mut acc),
+                }
             }
         }
         Rows::F16(x) => {

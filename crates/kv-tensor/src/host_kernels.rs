@@ -57,6 +57,35 @@ pub(crate) trait RowKernel: Copy {
         self.f16_row(keys, &mut k);
         self.dots(q, w, &k, out, stride);
     }
+    /// [`RowKernel::dots`] over keys held as `BITS`-bit codes (2, 4 or 8), read as the codes'
+    /// values: `bytes` holds whole words, each key's `w` codes starting on a word boundary.
+    fn dots_codes<const BITS: usize>(
+        self,
+        q: &[f32],
+        w: usize,
+        bytes: &[u8],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let mut k = vec![0f32; bytes.len() * 8 / BITS];
+        self.codes_row::<BITS>(bytes, &mut k);
+        self.dots(q, w, &k, out, stride);
+    }
+    /// [`RowKernel::weighted_sum`] over value rows held as codes (as in
+    /// [`RowKernel::dots_codes`]).
+    fn weighted_sum_codes<const BITS: usize>(
+        self,
+        p: &[f32],
+        stride: usize,
+        bytes: &[u8],
+        w: usize,
+        cols: Range<usize>,
+        acc: &mut [f32],
+    ) {
+        let mut v = vec![0f32; bytes.len() * 8 / BITS];
+        self.codes_row::<BITS>(bytes, &mut v);
+        self.weighted_sum(p, stride, &v, w, cols, acc);
+    }
     /// [`RowKernel::weighted_sum`] over binary16 values.
     fn weighted_sum_f16(
         self,
@@ -417,6 +446,42 @@ mod avx2 {
             }
             self.weighted_on(p, stride, F16Rows(vals, self), vals.len() / w, w, cols, acc);
         }
+
+        /// As [`RowKernel::dots`], each key's codes unpacked as they are loaded.
+        #[inline(always)]
+        fn dots_codes<const BITS: usize>(
+            self,
+            q: &[f32],
+            w: usize,
+            bytes: &[u8],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            if !w.is_multiple_of(8) {
+                return Plain.dots_codes::<BITS>(q, w, bytes, out, stride);
+            }
+            let m = bytes.len() * 8 / BITS / w;
+            self.dots_on(q, w, CodeRows::<BITS>(bytes, self.0), m, out, stride);
+        }
+
+        /// As [`RowKernel::weighted_sum`], each value row's codes unpacked as they are loaded.
+        #[inline(always)]
+        fn weighted_sum_codes<const BITS: usize>(
+            self,
+            p: &[f32],
+            stride: usize,
+            bytes: &[u8],
+            w: usize,
+            cols: Range<usize>,
+            acc: &mut [f32],
+        ) {
+            if !aligned(w, &cols) {
+                return Plain.weighted_sum_codes::<BITS>(p, stride, bytes, w, cols, acc);
+            }
+            let m = bytes.len() * 8 / BITS / w;
+            let vals = CodeRows::<BITS>(bytes, self.0);
+            self.weighted_on(p, stride, vals, m, w, cols, acc);
+        }
     }
 
     /// Whether rows of `w` and the columns `cols` fall on whole vectors of eight.
@@ -447,6 +512,38 @@ mod avx2 {
         #[inline(always)]
         fn at(self, i: usize) -> __m256 {
             self.1.f16x8(&self.0[i..])
+        }
+    }
+
+    /// `BITS`-bit codes (2, 4 or 8) packed little-endian in words, unpacked on load: eight
+    /// codes from a broadcast word shifted by each lane's offset (`vpsrlvd`), or from eight
+    /// bytes widened (`vpmovzxbd`).
+    #[derive(Clone, Copy)]
+    struct CodeRows<'a, const BITS: usize>(&'a [u8], V3);
+
+    impl<const BITS: usize> Lanes for CodeRows<'_, BITS> {
+        #[inline(always)]
+        fn at(self, i: usize) -> __m256 {
+            let V3 { avx, avx2, .. } = self.1;
+            if BITS == 8 {
+                let mut a = [0u8; 16];
+                a[..8].copy_from_slice(&self.0[i..i + 8]);
+                let x = avx2._mm256_cvtepu8_epi32(pulp::cast::<[u8; 16], __m128i>(a));
+                return avx._mm256_cvtepi32_ps(x);
+            }
+            let per = 32 / BITS;
+            let at = i / per * 4;
+            let b = &self.0[at..at + 4];
+            // Eight codes start at the word's first code or, for 2-bit codes (sixteen to a
+            // word), possibly at its ninth: the word is shifted there as a scalar, so the lane
+            // offsets stay one constant vector.
+            let word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> ((i % per) * BITS);
+            let word = avx._mm256_set1_epi32(word as i32);
+            let bb = BITS as i32;
+            let shifts = [0, bb, 2 * bb, 3 * bb, 4 * bb, 5 * bb, 6 * bb, 7 * bb];
+            let mask = avx._mm256_set1_epi32((1 << BITS) - 1);
+            let x = avx2._mm256_srlv_epi32(word, pulp::cast::<[i32; 8], __m256i>(shifts));
+            avx._mm256_cvtepi32_ps(avx2._mm256_and_si256(x, mask))
         }
     }
 
@@ -544,7 +641,12 @@ mod avx2 {
             let V3 { avx, fma, .. } = self.0;
             let mut acc = [[avx._mm256_setzero_ps(); 4]; R];
             for c in (0..w).step_by(8) {
-                let kv: [__m256; K] = core::array::from_fn(|i| k.at((j + i) * w + c));
+                // Loops, not `array::from_fn`: a closure's body is compiled outside pulp's
+                // target-feature function, and every intrinsic in it would become a call.
+                let mut kv = [avx._mm256_setzero_ps(); K];
+                for (i, x) in kv.iter_mut().enumerate() {
+                    *x = k.at((j + i) * w + c);
+                }
                 for (i, a) in acc.iter_mut().enumerate() {
                     let qv = load8(&q[i * w + c..]);
                     for (x, y) in a.iter_mut().zip(kv) {
@@ -593,7 +695,10 @@ mod avx2 {
                 }
             }
             for j in 0..m {
-                let x: [__m256; V] = core::array::from_fn(|v| vals.at(j * w + c + 8 * v));
+                let mut x = [avx._mm256_setzero_ps(); V];
+                for (v, xv) in x.iter_mut().enumerate() {
+                    *xv = vals.at(j * w + c + 8 * v);
+                }
                 for (i, ai) in a.iter_mut().enumerate() {
                     let pj = avx._mm256_set1_ps(p[(r0 + i) * stride + j]);
                     for (v, y) in ai.iter_mut().enumerate() {
@@ -683,7 +788,11 @@ mod tests {
         // that are not multiples of the tiles.
         let rows = 1 + (seed % 7) as usize;
         let keys = (seed / 7 % 11) as usize;
-        let ws = if w.is_multiple_of(2) { w / 2 * 8 % 80 + 8 } else { w };
+        let ws = if w.is_multiple_of(2) {
+            w / 2 * 8 % 80 + 8
+        } else {
+            w
+        };
         let q: Vec<f32> = (0..rows * ws)
             .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
             .collect();
@@ -725,7 +834,55 @@ mod tests {
         for (p, q) in a3.iter().zip(&a4) {
             prop_assert!((p - q).abs() <= 1e-5);
         }
+        // And over packed codes, unpacked as they are read.
+        for bits in [2usize, 4, 8] {
+            let m = if ws.is_multiple_of(32 / bits) {
+                keys
+            } else {
+                0
+            };
+            let packed: Vec<u8> = (0..m * ws * bits / 8).map(|_| next() as u8).collect();
+            let mut kw = vec![0f32; m * ws];
+            codes_any(bits, &packed, &mut kw);
+            let (mut s5, mut s6) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+            let (mut a5, mut a6) = (q.clone(), q.clone());
+            let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+            let c = cols.clone();
+            match bits {
+                2 => {
+                    k.dots_codes::<2>(&q, ws, &packed, &mut s5, keys);
+                    k.weighted_sum_codes::<2>(&s3, keys, &packed, ws, c, &mut a5);
+                }
+                4 => {
+                    k.dots_codes::<4>(&q, ws, &packed, &mut s5, keys);
+                    k.weighted_sum_codes::<4>(&s3, keys, &packed, ws, c, &mut a5);
+                }
+                _ => {
+                    k.dots_codes::<8>(&q, ws, &packed, &mut s5, keys);
+                    k.weighted_sum_codes::<8>(&s3, keys, &packed, ws, c, &mut a5);
+                }
+            }
+            Plain.dots(&q, ws, &kw, &mut s6, keys);
+            Plain.weighted_sum(&s3, keys, &kw, ws, cols, &mut a6);
+            // Codes up to 255 scale the summation error.
+            let tol = 1e-5 * (1 << bits) as f32;
+            for (p, q) in s5.iter().zip(&s6).take(rows * m) {
+                prop_assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{} bits", bits);
+            }
+            for (p, q) in a5.iter().zip(&a6) {
+                prop_assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{} bits", bits);
+            }
+        }
         Ok(())
+    }
+
+    /// `codes_row` for a run-time width, through the plain loops.
+    fn codes_any(bits: usize, bytes: &[u8], out: &mut [f32]) {
+        match bits {
+            2 => Plain.codes_row::<2>(bytes, out),
+            4 => Plain.codes_row::<4>(bytes, out),
+            _ => Plain.codes_row::<8>(bytes, out),
+        }
     }
 
     proptest! {
