@@ -10,7 +10,7 @@ use axis_quant::QuantSetting;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kv_tensor::{Bits, FullCache, LayerCache};
 use kvnd_tests::B;
-use models::{Logits, PrefillOptions};
+use models::{LoadedModel, Logits, PrefillOptions};
 use router::{Expert, RoutingPlan};
 use std::time::{Duration, Instant};
 
@@ -28,9 +28,26 @@ fn kivi(bits: u8, layers: usize) -> Caches {
         .collect()
 }
 
+/// A method to time: its name, its caches, and the prefill options that observe what they read.
+type Method = (String, Box<dyn Fn() -> Caches>, PrefillOptions);
+
+/// The model's calibrated axes (trig statistics, low-rank bases) from the calibration cache,
+/// fitted there if missing: what `cargo xtask generate` loads for a plan that needs them.
+fn calibrated_axes(m: &LoadedModel<B>) -> router::Axes<B> {
+    let home = models::paths::home().expect("no cache directory: set KVND_HOME");
+    let model = models::paths::bench_model().expect("no cache directory: set KVND_HOME");
+    let sha = eval::sha256_file(&model).expect("model file readable");
+    let sotu = models::paths::sotu_dir().expect("no cache directory: set KVND_HOME");
+    let text = eval::data::corpus(&sotu).expect("prose data (cargo xtask fetch-data)");
+    let dir = home.join("calibration");
+    eval::calibrated_axes(m, &sha, &text, &dir, &Default::default(), &eval::Silent)
+        .expect("calibrated axes")
+}
+
 /// The methods to time: full fp16, KIVI-4, KIVI-2, and every plan in `$KVND_BENCH_PLANS`.
-fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Caches>)> {
-    let mut out: Vec<(String, Box<dyn Fn() -> Caches>)> = vec![
+fn methods(m: &LoadedModel<B>) -> Vec<Method> {
+    let (layers, head_dim) = (m.model.config.layers, m.model.config.head_dim);
+    let mut out: Vec<Method> = vec![
         (
             "full-fp16".into(),
             Box::new(move || {
@@ -38,9 +55,18 @@ fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Cache
                     .map(|_| Box::new(FullCache::<B>::new()) as Box<dyn LayerCache<B>>)
                     .collect()
             }),
+            PrefillOptions::default(),
         ),
-        ("kivi-4".into(), Box::new(move || kivi(4, layers))),
-        ("kivi-2".into(), Box::new(move || kivi(2, layers))),
+        (
+            "kivi-4".into(),
+            Box::new(move || kivi(4, layers)),
+            PrefillOptions::default(),
+        ),
+        (
+            "kivi-2".into(),
+            Box::new(move || kivi(2, layers)),
+            PrefillOptions::default(),
+        ),
     ];
     let Ok(dir) = std::env::var("KVND_BENCH_PLANS") else {
         return out;
@@ -58,16 +84,23 @@ fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Cache
         let name = p
             .file_stem()
             .map_or("plan".into(), |s| s.to_string_lossy().into_owned());
+        // A plan's scorers may read attention mass or KVzip's reconstruction pass, and its
+        // axes calibrated statistics.
+        let opts = solver::observing(plan.needs());
+        let axes = if plan.needs().calibration() {
+            calibrated_axes(m)
+        } else {
+            router::Axes::default()
+        };
         out.push((
             name,
             Box::new(move || {
                 plan.layers
                     .iter()
-                    .map(|e| {
-                        Box::new(router::RoutedCache::<B>::new(e.clone())) as Box<dyn LayerCache<B>>
-                    })
+                    .map(|e| Box::new(axes.cache(e.clone())) as Box<dyn LayerCache<B>>)
                     .collect()
             }),
+            opts,
         ));
     }
     out
@@ -75,7 +108,6 @@ fn methods(layers: usize, head_dim: usize) -> Vec<(String, Box<dyn Fn() -> Cache
 
 fn bench(c: &mut Criterion) {
     let m = kvnd_tests::bench_model();
-    let layers = m.model.config.layers;
     let contexts: Vec<usize> = std::env::var("KVND_BENCH_CONTEXTS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -90,12 +122,10 @@ fn bench(c: &mut Criterion) {
         let prompt = ctx.min(m.model.config.context - 1024).saturating_sub(64);
         let limit = m.model.config.context - 1;
         let ids: Vec<u32> = (0..prompt as u32).map(|i| 100 + (i * 37) % 20000).collect();
-        for (name, make) in methods(layers, m.model.config.head_dim) {
+        for (name, make, opts) in methods(m) {
             let prefilled = || {
                 let mut c = make();
-                m.model
-                    .prefill(&ids, &mut c, &PrefillOptions::default())
-                    .expect("prefill");
+                m.model.prefill(&ids, &mut c, &opts).expect("prefill");
                 c
             };
             // Prefilled on first use, so a filter that skips the method skips its prefill.

@@ -720,18 +720,59 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A small deterministic generator for the kernel checks.
+    #[cfg(target_arch = "x86_64")]
+    struct Lcg(u64);
+
+    #[cfg(target_arch = "x86_64")]
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+
+        /// `n` values in `[-0.5, 0.5]`.
+        fn floats(&mut self, n: usize) -> Vec<f32> {
+            (0..n)
+                .map(|_| self.next() as f32 / u32::MAX as f32 - 0.5)
+                .collect()
+        }
+    }
+
+    /// Every element of `a` within `tol · (1 + |b|)` of `b`'s.
+    #[cfg(target_arch = "x86_64")]
+    fn close(a: &[f32], b: &[f32], tol: f32) -> Result<(), TestCaseError> {
+        prop_assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            prop_assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{} vs {}", x, y);
+        }
+        Ok(())
+    }
+
     /// The checks of `avx2_matches_plain` for one SIMD kernel `k`.
     #[cfg(target_arch = "x86_64")]
     fn matches_plain<K: RowKernel>(k: K, seed: u64, w: usize) -> Result<(), TestCaseError> {
-        let mut s = seed;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
+        let mut rng = Lcg(seed);
+        row_ops_match(k, &mut rng, w)?;
+        // Tiles over several query rows and key counts that are not multiples of the tiles.
+        let rows = 1 + (seed % 7) as usize;
+        let keys = (seed / 7 % 11) as usize;
+        let ws = if w.is_multiple_of(2) {
+            w / 2 * 8 % 80 + 8
+        } else {
+            w
         };
+        tiles_match(k, &mut rng, rows, keys, ws)
+    }
+
+    /// Conversions (exactly) and the one-row primitives (to summation order).
+    #[cfg(target_arch = "x86_64")]
+    fn row_ops_match<K: RowKernel>(k: K, rng: &mut Lcg, w: usize) -> Result<(), TestCaseError> {
         let halves: Vec<u16> = (0..w)
-            .map(|_| next() as u16)
+            .map(|_| rng.next() as u16)
             .filter(|h| h & 0x7c00 != 0x7c00)
             .collect();
         let (mut a, mut b) = (vec![0f32; halves.len()], vec![0f32; halves.len()]);
@@ -742,77 +783,54 @@ mod tests {
             prop_assert_eq!(*x, half::f16::from_bits(*h).to_f32());
         }
         let words = w.div_ceil(4) * 4;
-        let bytes: Vec<u8> = (0..words).map(|_| next() as u8).collect();
+        let bytes: Vec<u8> = (0..words).map(|_| rng.next() as u8).collect();
         for bits in [2usize, 4, 8] {
             let n = words * 8 / bits;
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             match bits {
-                2 => {
-                    k.codes_row::<2>(&bytes, &mut a);
-                    Plain.codes_row::<2>(&bytes, &mut b);
-                }
-                4 => {
-                    k.codes_row::<4>(&bytes, &mut a);
-                    Plain.codes_row::<4>(&bytes, &mut b);
-                }
-                _ => {
-                    k.codes_row::<8>(&bytes, &mut a);
-                    Plain.codes_row::<8>(&bytes, &mut b);
-                }
+                2 => k.codes_row::<2>(&bytes, &mut a),
+                4 => k.codes_row::<4>(&bytes, &mut a),
+                _ => k.codes_row::<8>(&bytes, &mut a),
             }
+            codes_any(bits, &bytes, &mut b);
             prop_assert_eq!(&a, &b, "{} bits", bits);
         }
-        let x: Vec<f32> = (0..w)
-            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
-            .collect();
-        let y: Vec<f32> = (0..w)
-            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
-            .collect();
-        let (d1, d2) = (k.dot(&x, &y), Plain.dot(&x, &y));
-        prop_assert!((d1 - d2).abs() <= 1e-5 * (1.0 + d2.abs()));
+        let (x, y) = (rng.floats(w), rng.floats(w));
+        close(&[k.dot(&x, &y)], &[Plain.dot(&x, &y)], 1e-5)?;
         let (mut o1, mut o2) = (y.clone(), y.clone());
         k.axpy(&mut o1, 0.3, &x);
         Plain.axpy(&mut o2, 0.3, &x);
-        for (p, q) in o1.iter().zip(&o2) {
-            prop_assert!((p - q).abs() <= 1e-6);
-        }
+        close(&o1, &o2, 1e-6)?;
         let (mut f1, mut f2) = (x.clone(), x.clone());
         k.fma_row(&mut f1, &y, &x);
         Plain.fma_row(&mut f2, &y, &x);
         k.scale_add(&mut f1, 0.7, -0.1);
         Plain.scale_add(&mut f2, 0.7, -0.1);
-        for (p, q) in f1.iter().zip(&f2) {
-            prop_assert!((p - q).abs() <= 1e-6);
-        }
-        // Tiled dot products and weighted sums, over several query rows and key counts
-        // that are not multiples of the tiles.
-        let rows = 1 + (seed % 7) as usize;
-        let keys = (seed / 7 % 11) as usize;
-        let ws = if w.is_multiple_of(2) {
-            w / 2 * 8 % 80 + 8
-        } else {
-            w
-        };
-        let q: Vec<f32> = (0..rows * ws)
-            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
-            .collect();
-        let kv: Vec<f32> = (0..keys * ws)
-            .map(|_| next() as f32 / u32::MAX as f32 - 0.5)
-            .collect();
-        let (mut s1, mut s2) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+        close(&f1, &f2, 1e-6)
+    }
+
+    /// Tiled dot products and weighted sums of `rows` queries over `keys` rows of width `ws`,
+    /// from f32 rows, binary16 rows and packed codes, against the plain loops over f32.
+    #[cfg(target_arch = "x86_64")]
+    fn tiles_match<K: RowKernel>(
+        k: K,
+        rng: &mut Lcg,
+        rows: usize,
+        keys: usize,
+        ws: usize,
+    ) -> Result<(), TestCaseError> {
+        let (q, kv) = (rng.floats(rows * ws), rng.floats(keys * ws));
+        let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+        let scores = || vec![0f32; rows * keys];
+        let (mut s1, mut s2) = (scores(), scores());
         k.dots(&q, ws, &kv, &mut s1, keys);
         Plain.dots(&q, ws, &kv, &mut s2, keys);
-        for (p, q) in s1.iter().zip(&s2) {
-            prop_assert!((p - q).abs() <= 1e-5);
-        }
-        let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+        close(&s1, &s2, 1e-5)?;
         let (mut a1, mut a2) = (q.clone(), q.clone());
         k.weighted_sum(&s1, keys, &kv, ws, cols.clone(), &mut a1);
-        Plain.weighted_sum(&s1, keys, &kv, ws, cols, &mut a2);
-        for (p, q) in a1.iter().zip(&a2) {
-            prop_assert!((p - q).abs() <= 1e-5);
-        }
-        // The same over binary16 keys and values, widened as they are read.
+        Plain.weighted_sum(&s1, keys, &kv, ws, cols.clone(), &mut a2);
+        close(&a1, &a2, 1e-5)?;
+        // Binary16 keys and values, widened as they are read.
         let kh: Vec<u16> = kv
             .iter()
             .map(|&x| half::f16::from_f32(x).to_bits())
@@ -821,32 +839,26 @@ mod tests {
             .iter()
             .map(|&h| half::f16::from_bits(h).to_f32())
             .collect();
-        let (mut s3, mut s4) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+        let (mut s3, mut s4) = (scores(), scores());
         k.dots_f16(&q, ws, &kh, &mut s3, keys);
         Plain.dots(&q, ws, &kw, &mut s4, keys);
-        for (p, q) in s3.iter().zip(&s4) {
-            prop_assert!((p - q).abs() <= 1e-5);
-        }
-        let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+        close(&s3, &s4, 1e-5)?;
         let (mut a3, mut a4) = (q.clone(), q.clone());
         k.weighted_sum_f16(&s3, keys, &kh, ws, cols.clone(), &mut a3);
-        Plain.weighted_sum(&s3, keys, &kw, ws, cols, &mut a4);
-        for (p, q) in a3.iter().zip(&a4) {
-            prop_assert!((p - q).abs() <= 1e-5);
-        }
-        // And over packed codes, unpacked as they are read.
+        Plain.weighted_sum(&s3, keys, &kw, ws, cols.clone(), &mut a4);
+        close(&a3, &a4, 1e-5)?;
+        // Packed codes, unpacked as they are read (rows on word boundaries only).
         for bits in [2usize, 4, 8] {
             let m = if ws.is_multiple_of(32 / bits) {
                 keys
             } else {
                 0
             };
-            let packed: Vec<u8> = (0..m * ws * bits / 8).map(|_| next() as u8).collect();
+            let packed: Vec<u8> = (0..m * ws * bits / 8).map(|_| rng.next() as u8).collect();
             let mut kw = vec![0f32; m * ws];
             codes_any(bits, &packed, &mut kw);
-            let (mut s5, mut s6) = (vec![0f32; rows * keys], vec![0f32; rows * keys]);
+            let (mut s5, mut s6) = (scores(), scores());
             let (mut a5, mut a6) = (q.clone(), q.clone());
-            let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
             let c = cols.clone();
             match bits {
                 2 => {
@@ -863,20 +875,17 @@ mod tests {
                 }
             }
             Plain.dots(&q, ws, &kw, &mut s6, keys);
-            Plain.weighted_sum(&s3, keys, &kw, ws, cols, &mut a6);
+            Plain.weighted_sum(&s3, keys, &kw, ws, cols.clone(), &mut a6);
             // Codes up to 255 scale the summation error.
             let tol = 1e-5 * (1 << bits) as f32;
-            for (p, q) in s5.iter().zip(&s6).take(rows * m) {
-                prop_assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{} bits", bits);
-            }
-            for (p, q) in a5.iter().zip(&a6) {
-                prop_assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{} bits", bits);
-            }
+            close(&s5, &s6, tol)?;
+            close(&a5, &a6, tol)?;
         }
         Ok(())
     }
 
     /// `codes_row` for a run-time width, through the plain loops.
+    #[cfg(target_arch = "x86_64")]
     fn codes_any(bits: usize, bytes: &[u8], out: &mut [f32]) {
         match bits {
             2 => Plain.codes_row::<2>(bytes, out),
