@@ -78,6 +78,8 @@ fn methods(m: &LoadedModel<B>) -> Vec<Method> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     plans.sort();
+    // Loaded once (reading the cached statistics hashes the model file), shared by every plan.
+    let calibrated = std::cell::OnceCell::new();
     for p in plans {
         let text = std::fs::read_to_string(&p).expect("plan readable");
         let plan = RoutingPlan::from_toml(&text, layers, head_dim).expect("plan valid");
@@ -88,7 +90,7 @@ fn methods(m: &LoadedModel<B>) -> Vec<Method> {
         // axes calibrated statistics.
         let opts = solver::observing(plan.needs());
         let axes = if plan.needs().calibration() {
-            calibrated_axes(m)
+            calibrated.get_or_init(|| calibrated_axes(m)).clone()
         } else {
             router::Axes::default()
         };

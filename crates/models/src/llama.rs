@@ -632,11 +632,6 @@ impl<B: KvBackend> Llama<B> {
     }
 }
 
-/// Appends a chunk's keys and values to `cache` and attends with its queries (after RoPE),
-/// recording what `observe` asks for in `ob`: the window's queries (and pre-RoPE queries,
-/// given when asked for), the attention mass every key received, and a compression after the
-/// chunk. Returns the attention output `[1, q_heads, t, d]`. The tensor and host forward
-/// passes share it.
 /// Runs a whole forward pass on a rayon worker thread. Called from outside the pool, every
 /// parallel product would otherwise be injected into the pool while the caller sleeps, and each
 /// of a decode step's ~150 products paid three futex wake-ups; on a worker, the caller takes a
@@ -646,6 +641,11 @@ fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Appends a chunk's keys and values to `cache` and attends with its queries (after RoPE),
+/// recording what `observe` asks for in `ob`: the window's queries (and pre-RoPE queries,
+/// given when asked for), the attention mass every key received, and a compression after the
+/// chunk. Returns the attention output `[1, q_heads, t, d]`. The tensor and host forward
+/// passes share it.
 fn cache_step<B: KvBackend, C: LayerCache<B>>(
     cache: &mut C,
     l: usize,
