@@ -1,6 +1,6 @@
 //! Times decode steps at a given context on the embedded model (profiling aid, release build):
-//! `cargo bench -p models --bench decode_profile -- [context 2047] [steps 20] [f32]`, `f32` to
-//! decode from f32 rows rather than the file's blocks. A bench target, not an example, so that
+//! `cargo bench -p models --bench decode_profile -- [context 2047] [steps 20] [f32|rows]`, `f32` to
+//! decode from f32 rows rather than the file's blocks, `rows` to time forwards of 1 to 64 tokens. A bench target, not an example, so that
 //! `cargo test` does not compile it (each binary compiles burn's CPU backend once more).
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
@@ -36,6 +36,24 @@ fn main() {
         .prefill(&ids, &mut caches, &PrefillOptions::default())
         .expect("prefill");
     eprintln!("prefill {ctx}: {:.2} s", t.elapsed().as_secs_f64());
+    // Third argument `rows`: time forwards of a few tokens at a time (a question, a
+    // teacher-forced answer) instead of single steps.
+    if args.get(2).map(String::as_str) == Some("rows") {
+        for n in [1usize, 2, 3, 4, 6, 8, 16, 32, 64] {
+            let t = Instant::now();
+            for _ in 0..steps {
+                let mut c = caches.clone();
+                let _ = m
+                    .model
+                    .forward(&ids[..n], &mut c, Logits::All)
+                    .expect("forward")
+                    .into_data();
+            }
+            let dt = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+            eprintln!("forward of {n:>2} tokens: {:.1} ms", dt * 1e3);
+        }
+        return;
+    }
     let t = Instant::now();
     for _ in 0..steps {
         let _ = m

@@ -7,6 +7,7 @@ mod chat;
 mod config;
 mod dequant;
 mod error;
+mod gemm;
 mod generate;
 pub mod gguf;
 mod linear;

@@ -1,17 +1,19 @@
-//! Weight matrices of the decoder and the two ways they are applied: burn's matmul, and a
-//! host-side matrix–vector product for the few-row case (decode) on CPU backends.
+//! Weight matrices of the decoder and the two ways they are applied: burn's matmul, and host
+//! products on CPU backends (matrix–vector kernels for a few rows, a tiled product for more).
 //!
 //! Why a second path: burn-ndarray multiplies through `matrixmultiply`, which packs the whole
-//! right-hand matrix before every product. For a prefill chunk of hundreds of rows that copy is
-//! amortised; for one decode row it triples the memory traffic, and decode on a CPU is nothing
-//! but memory traffic (the 135M model reads 0.54 GB of f32 weights per token). A row-major
-//! `[out][in]` copy of each matrix lets every output be one contiguous dot product, split over
-//! the rayon pool: the weights stream through once. The path is generic (it goes through
-//! `into_data`/`from_data`), so it is correct on every backend; it is only *fast* where the
-//! backend's memory is the host's, hence on by default for `ndarray` only.
+//! right-hand matrix before every product, from f32 weights. For one decode row that triples
+//! the memory traffic, and decode on a CPU is nothing but memory traffic (the 135M model
+//! reads 0.54 GB of f32 weights per token); a ten-row forward (a question, a teacher-forced
+//! answer) pays for a full copy of the weights. A row-major `[out][in]` host copy of each
+//! matrix lets every output be one contiguous dot product, split over the rayon pool: the
+//! weights stream through once. The path is generic (it goes through `into_data`/`from_data`),
+//! so it is correct on every backend; it is only *fast* where the backend's memory is the
+//! host's, hence on by default for `ndarray` only.
 //!
-//! Where the model file stores a matrix as Q4_1 or Q8_0 blocks, the host copy is those blocks
-//! ([`QuantRows`]) instead of f32: a fifth of the bytes to stream, the same weights.
+//! Where the model file stores a matrix as ggml blocks with a kernel here, the host copy is
+//! those blocks ([`QuantRows`]) instead of f32: a fifth of the bytes to stream, the same weights.
+use crate::gemm;
 use crate::quant_rows::QuantRows;
 use burn::tensor::{Tensor, TensorData};
 use kv_tensor::KvBackend;
@@ -19,9 +21,11 @@ use kv_tensor::{Prefetch, dot};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Inputs with at most this many rows take the host path (when enabled): a weight row is
-/// streamed once and reused from L1 for every input row, which beats packing up to a few rows.
-pub(crate) const HOST_MAX_ROWS: usize = 4;
+/// Inputs with at most this many rows take the matrix–vector kernels, more rows the tiled
+/// product ([`crate::gemm`]). The tiled product first dequantises and transposes the whole
+/// matrix into panels, a fixed cost of about three single-row products, which pays from
+/// about 16 rows on (measured with `decode_profile … rows`, see README).
+pub(crate) const MATVEC_MAX_ROWS: usize = 16;
 
 /// Weight bytes per rayon task: large enough that scheduling costs nothing next to the dot
 /// products and each task streams long enough for the hardware prefetcher to ramp up, small
@@ -131,16 +135,14 @@ impl<B: KvBackend> Linear<B> {
     }
 
     /// `x · W` for the `t` rows of `x` (`[t][in]`, on the host) → `[t][out]`: the host
-    /// matrix–vector product for a few rows, burn's matmul for more. `None` if the backend does
+    /// products when the host copy exists, burn's matmul otherwise. `None` if the backend does
     /// not hand the product back as f32.
     pub(crate) fn apply_rows(&self, x: &[f32], t: usize) -> Option<Vec<f32>> {
         if x.len() != t * self.inp {
             return None;
         }
-        if let Some(rows) = &self.host
-            && t <= HOST_MAX_ROWS
-        {
-            return Some(matvec(rows, x, t, self.inp, self.out));
+        if let Some(rows) = &self.host {
+            return Some(host_product(rows, x, t, self.inp, self.out));
         }
         let device = self.blocks.first()?.device();
         let x = Tensor::from_data(TensorData::new(x.to_vec(), [t, self.inp]), &device);
@@ -162,13 +164,11 @@ impl<B: KvBackend> Linear<B> {
     /// `x`: `[t, in]` → `[t, out]`
     pub(crate) fn apply(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let t = x.dims()[0];
-        if let Some(rows) = &self.host
-            && t <= HOST_MAX_ROWS
-        {
+        if let Some(rows) = &self.host {
             let device = x.device();
             let data = x.into_data().convert::<f32>();
             if let Ok(xs) = data.as_slice::<f32>() {
-                let y = matvec(rows, xs, t, self.inp, self.out);
+                let y = host_product(rows, xs, t, self.inp, self.out);
                 return Tensor::from_data(TensorData::new(y, [t, self.out]), &device);
             }
             // `convert::<f32>` makes the slice f32, so this is never reached; stay correct
@@ -197,6 +197,18 @@ impl<B: KvBackend> Linear<B> {
 enum HostRows {
     F32(Arc<[f32]>),
     Blocks(Arc<QuantRows>),
+}
+
+/// `x · W` on the host for the `t` rows of `x`: the matrix–vector kernels for a few rows,
+/// the tiled product ([`crate::gemm`]) for more.
+fn host_product(rows: &HostRows, x: &[f32], t: usize, inp: usize, out: usize) -> Vec<f32> {
+    if t <= MATVEC_MAX_ROWS {
+        return matvec(rows, x, t, inp, out);
+    }
+    match rows {
+        HostRows::F32(r) => gemm::gemm(&gemm::F32Rows { rows: r, inp }, x, t),
+        HostRows::Blocks(b) => gemm::gemm(b.as_ref(), x, t),
+    }
 }
 
 /// `y[r][o] = Σ_i rows[o][i] · x[r][i]` for `t` input rows, outputs split over rayon tasks.
@@ -297,11 +309,12 @@ mod tests {
     type B = NdArray<f32>;
 
     proptest! {
-        /// The host path and burn's matmul compute the same product (up to float order), for
-        /// every row count on either side of the threshold and for blocked matrices.
+        /// The host products and burn's matmul compute the same product (up to float order),
+        /// for row counts on either side of the matrix–vector threshold and for blocked
+        /// matrices.
         #[test]
         fn host_path_equals_matmul(
-            t in 1usize..7,
+            t in 1usize..24,
             inp in 1usize..40,
             out in 1usize..150,
             block in 1usize..200,

@@ -245,6 +245,40 @@ impl QuantRows {
         }
     }
 
+    /// Row `o` dequantised into `out` (`inp` values): what the many-row product
+    /// ([`crate::gemm`]) packs, once per product, for every input row to reuse.
+    #[inline(always)]
+    pub(crate) fn row_into(&self, o: usize, out: &mut [f32]) {
+        let nb = self.inp() / BLOCK;
+        let blocks = o * nb..(o + 1) * nb;
+        let (out, _) = out.as_chunks_mut::<BLOCK>();
+        match self {
+            Self::Q4_1 { d, m, q, .. } => {
+                for (((o, q), &d), &m) in out.iter_mut().zip(&q[blocks.clone()]).zip(&d[blocks.clone()]).zip(&m[blocks]) {
+                    for j in 0..HALF {
+                        o[j] = d * f32::from(q[j] & 0x0F) + m;
+                        o[j + HALF] = d * f32::from(q[j] >> 4) + m;
+                    }
+                }
+            }
+            Self::Q8_0 { d, q, .. } => {
+                for ((o, q), &d) in out.iter_mut().zip(&q[blocks.clone()]).zip(&d[blocks]) {
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = d * f32::from(q as i8);
+                    }
+                }
+            }
+            Self::Unpacked { d, m, q, .. } => {
+                for (((o, q), d), m) in out.iter_mut().zip(&q[blocks.clone()]).zip(&d[blocks.clone()]).zip(&m[blocks]) {
+                    for (j, (o, &q)) in o.iter_mut().zip(q).enumerate() {
+                        let h = j / HALF;
+                        *o = d[h] * f32::from(q) + m[h];
+                    }
+                }
+            }
+        }
+    }
+
     /// What [`QuantRows::dot_rows`] needs besides `x`: the sum of every half block of every
     /// input row (`[t][2 · blocks_per_row]`, for the minimums). Computed once per product.
     pub(crate) fn block_sums(x: &[f32]) -> Vec<f32> {
@@ -379,6 +413,17 @@ mod v3 {
             } = self;
             let t = ys.len() / rows.len().max(1);
             let nb = w.inp() / BLOCK;
+            if t > 1 {
+                return match w {
+                    QuantRows::Q4_1 { d, m, q, .. } => {
+                        multi_rows(simd, Q41 { d, m, q }, nb, rows, xs, ys)
+                    }
+                    QuantRows::Q8_0 { d, q, .. } => multi_rows(simd, Q80 { d, q }, nb, rows, xs, ys),
+                    QuantRows::Unpacked { d, m, q, .. } => {
+                        multi_rows(simd, Unp { d, m, q }, nb, rows, xs, ys)
+                    }
+                };
+            }
             for (o, yo) in rows.zip(ys.chunks_exact_mut(t.max(1))) {
                 let b = o * nb..(o + 1) * nb;
                 for (r, y) in yo.iter_mut().enumerate() {
@@ -405,6 +450,157 @@ mod v3 {
                 }
             }
         }
+    }
+
+    /// One block type seen by the many-row kernel: block `b` of the matrix as its 32 weights,
+    /// widened to f32 in four vectors (`d·q + m` applied).
+    trait Widen: Copy {
+        fn widen(self, simd: V3, b: usize) -> [__m256; 4];
+    }
+
+    #[derive(Clone, Copy)]
+    struct Q41<'a> {
+        d: &'a [f32],
+        m: &'a [f32],
+        q: &'a [[u8; 16]],
+    }
+
+    impl Widen for Q41<'_> {
+        #[inline(always)]
+        fn widen(self, simd: V3, b: usize) -> [__m256; 4] {
+            let (sse2, avx, avx2, fma) = (simd.sse2, simd.avx, simd.avx2, simd.fma);
+            prefetch(simd, &self.q[b]);
+            let q: __m128i = pulp::cast(self.q[b]);
+            let low = sse2._mm_set1_epi8(0x0F);
+            let lo = sse2._mm_and_si128(q, low);
+            let hi = sse2._mm_and_si128(sse2._mm_srli_epi16::<4>(q), low);
+            let (d, m) = (avx._mm256_set1_ps(self.d[b]), avx._mm256_set1_ps(self.m[b]));
+            let f = |v: __m128i| {
+                fma._mm256_fmadd_ps(avx._mm256_cvtepi32_ps(avx2._mm256_cvtepu8_epi32(v)), d, m)
+            };
+            [
+                f(lo),
+                f(sse2._mm_srli_si128::<8>(lo)),
+                f(hi),
+                f(sse2._mm_srli_si128::<8>(hi)),
+            ]
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Q80<'a> {
+        d: &'a [f32],
+        q: &'a [[u8; 32]],
+    }
+
+    impl Widen for Q80<'_> {
+        #[inline(always)]
+        fn widen(self, simd: V3, b: usize) -> [__m256; 4] {
+            let (sse2, avx, avx2) = (simd.sse2, simd.avx, simd.avx2);
+            prefetch(simd, &self.q[b]);
+            let q: [__m128i; 2] = pulp::cast(self.q[b]);
+            let d = avx._mm256_set1_ps(self.d[b]);
+            let f = |v: __m128i| {
+                avx._mm256_mul_ps(avx._mm256_cvtepi32_ps(avx2._mm256_cvtepi8_epi32(v)), d)
+            };
+            [
+                f(q[0]),
+                f(sse2._mm_srli_si128::<8>(q[0])),
+                f(q[1]),
+                f(sse2._mm_srli_si128::<8>(q[1])),
+            ]
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Unp<'a> {
+        d: &'a [[f32; 2]],
+        m: &'a [[f32; 2]],
+        q: &'a [[u8; 32]],
+    }
+
+    impl Widen for Unp<'_> {
+        #[inline(always)]
+        fn widen(self, simd: V3, b: usize) -> [__m256; 4] {
+            let (sse2, avx, avx2, fma) = (simd.sse2, simd.avx, simd.avx2, simd.fma);
+            prefetch(simd, &self.q[b]);
+            let q: [__m128i; 2] = pulp::cast(self.q[b]);
+            let [d0, d1] = self.d[b];
+            let [m0, m1] = self.m[b];
+            let f = |v: __m128i, d: f32, m: f32| {
+                fma._mm256_fmadd_ps(
+                    avx._mm256_cvtepi32_ps(avx2._mm256_cvtepu8_epi32(v)),
+                    avx._mm256_set1_ps(d),
+                    avx._mm256_set1_ps(m),
+                )
+            };
+            [
+                f(q[0], d0, m0),
+                f(sse2._mm_srli_si128::<8>(q[0]), d0, m0),
+                f(q[1], d1, m1),
+                f(sse2._mm_srli_si128::<8>(q[1]), d1, m1),
+            ]
+        }
+    }
+
+    /// Rows `rows` of the matrix times the `t ≥ 2` input rows `xs`, output-major into `ys`
+    /// (`[rows][t]`). Each weight block is widened once and multiplied with up to eight input
+    /// rows in registers: the one-row kernel would widen it again for every input row, which
+    /// made each extra row cost nearly a whole decode step.
+    #[inline(always)]
+    fn multi_rows<W: Widen>(
+        simd: V3,
+        w: W,
+        nb: usize,
+        rows: Range<usize>,
+        xs: &[[f32; BLOCK]],
+        ys: &mut [f32],
+    ) {
+        let t = ys.len() / rows.len().max(1);
+        for (o, yo) in rows.zip(ys.chunks_exact_mut(t)) {
+            let mut r0 = 0;
+            while r0 < t {
+                let xr = &xs[r0 * nb..];
+                let yr = &mut yo[r0..];
+                r0 += match t - r0 {
+                    8.. => row_tile::<W, 8>(simd, w, o * nb, nb, xr, yr),
+                    4.. => row_tile::<W, 4>(simd, w, o * nb, nb, xr, yr),
+                    2.. => row_tile::<W, 2>(simd, w, o * nb, nb, xr, yr),
+                    _ => row_tile::<W, 1>(simd, w, o * nb, nb, xr, yr),
+                };
+            }
+        }
+    }
+
+    /// One weight row (blocks `first..first + nb`) dotted with the `R` input rows at the
+    /// start of `xs` into `ys[..R]`; returns `R`. The accumulators are an array filled by
+    /// loops, not closures, so that they stay in registers (see `kv_tensor`'s host kernels).
+    #[inline(always)]
+    fn row_tile<W: Widen, const R: usize>(
+        simd: V3,
+        w: W,
+        first: usize,
+        nb: usize,
+        xs: &[[f32; BLOCK]],
+        ys: &mut [f32],
+    ) -> usize {
+        let (avx, fma) = (simd.avx, simd.fma);
+        let mut acc = [avx._mm256_setzero_ps(); R];
+        for i in 0..nb {
+            let v = w.widen(simd, first + i);
+            for r in 0..R {
+                let x: [__m256; 4] = pulp::cast(xs[r * nb + i]);
+                let mut a = acc[r];
+                for (v, x) in v.iter().zip(&x) {
+                    a = fma._mm256_fmadd_ps(*v, *x, a);
+                }
+                acc[r] = a;
+            }
+        }
+        for r in 0..R {
+            ys[r] = hsum(acc[r]);
+        }
+        R
     }
 
     /// Asks for the quants ~2 KiB past `block` (the rest of the row, then the next rows of
@@ -565,15 +761,16 @@ mod tests {
 
     proptest! {
         /// Both kernels (AVX2 where the CPU has it, and the scalar loop) equal the f32 product
-        /// of the dequantised weights, for every row range and up to four input rows.
+        /// of the dequantised weights, for every row range and up to twelve input rows (the
+        /// many-row tiles of 8, 4, 2 and 1 rows).
         #[test]
         fn kernels_match_dequantised_product(
             ty in prop::sample::select(TYPES.to_vec()),
             nb in 1usize..3,
             out in 1usize..9,
-            t in 1usize..5,
+            t in 1usize..13,
             seed in proptest::collection::vec(any::<u8>(), 1..40),
-            xs in proptest::collection::vec(-2f32..2.0, 512 * 4),
+            xs in proptest::collection::vec(-2f32..2.0, 512 * 12),
             first in 0usize..8,
         ) {
             let inp = nb * ty.block_values().max(BLOCK);
