@@ -93,10 +93,7 @@ impl Packed {
         let mut r0 = 0;
         while r0 < t {
             let left = t - r0;
-            let m = [mr, 4, 2, 1]
-                .into_iter()
-                .find(|&m| m <= left)
-                .unwrap_or(1);
+            let m = [mr, 4, 2, 1].into_iter().find(|&m| m <= left).unwrap_or(1);
             blocks.push((r0, m, data.len()));
             for k in 0..inp {
                 for i in 0..m {
@@ -269,7 +266,10 @@ mod tests {
         let mut mag = Vec::new();
         for xr in x.chunks_exact(inp) {
             for wr in w.chunks_exact(inp) {
-                let terms = xr.iter().zip(wr).map(|(a, b)| f64::from(*a) * f64::from(*b));
+                let terms = xr
+                    .iter()
+                    .zip(wr)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b));
                 y.push(terms.clone().sum::<f64>() as f32);
                 mag.push(terms.map(f64::abs).sum::<f64>() as f32);
             }

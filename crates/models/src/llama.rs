@@ -282,12 +282,13 @@ impl<B: KvBackend> Llama<B> {
         };
     }
 
-    /// Turns the host-side matrix–vector path of decode steps on or off. It is on by default
-    /// where the backend keeps tensors in host memory (burn-ndarray), where it makes a decode
-    /// step several times faster. The copy is the model file's blocks for Q4_1 and Q8_0
-    /// tensors (0.1 GB for SmolLM2-135M in Q4_1) and f32 rows otherwise (a second f32 copy of
-    /// the matrix), so a CPU user short of memory may turn it off; turned back on, it is
-    /// rebuilt as f32 rows. Results agree up to float summation order.
+    /// Turns the host path (the host matrix products of every forward pass) on or off. It is
+    /// on by default where the backend keeps tensors in host memory (burn-ndarray), where it
+    /// makes a decode step several times faster. Its copy of each matrix replaces burn's f32
+    /// tensors: the model file's blocks where a kernel reads them (0.1 GB for SmolLM2-135M in
+    /// Q4_1, instead of 0.54 GB of f32), f32 rows otherwise. Turned off, burn's tensors are
+    /// rebuilt from it (dequantised); turned back on, it is rebuilt as f32 rows. Results agree
+    /// up to float summation order.
     pub fn set_host_matvec(&mut self, on: bool) {
         for b in &mut self.blocks {
             for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {

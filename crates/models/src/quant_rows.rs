@@ -254,7 +254,12 @@ impl QuantRows {
         let (out, _) = out.as_chunks_mut::<BLOCK>();
         match self {
             Self::Q4_1 { d, m, q, .. } => {
-                for (((o, q), &d), &m) in out.iter_mut().zip(&q[blocks.clone()]).zip(&d[blocks.clone()]).zip(&m[blocks]) {
+                for (((o, q), &d), &m) in out
+                    .iter_mut()
+                    .zip(&q[blocks.clone()])
+                    .zip(&d[blocks.clone()])
+                    .zip(&m[blocks])
+                {
                     for j in 0..HALF {
                         o[j] = d * f32::from(q[j] & 0x0F) + m;
                         o[j + HALF] = d * f32::from(q[j] >> 4) + m;
@@ -269,7 +274,12 @@ impl QuantRows {
                 }
             }
             Self::Unpacked { d, m, q, .. } => {
-                for (((o, q), d), m) in out.iter_mut().zip(&q[blocks.clone()]).zip(&d[blocks.clone()]).zip(&m[blocks]) {
+                for (((o, q), d), m) in out
+                    .iter_mut()
+                    .zip(&q[blocks.clone()])
+                    .zip(&d[blocks.clone()])
+                    .zip(&m[blocks])
+                {
                     for (j, (o, &q)) in o.iter_mut().zip(q).enumerate() {
                         let h = j / HALF;
                         *o = d[h] * f32::from(q) + m[h];
@@ -289,13 +299,34 @@ impl QuantRows {
     /// `x` (`[t][inp]`), written output-major into `ys` (`[rows][t]`). `sums` is
     /// [`QuantRows::block_sums`] of `x`.
     pub(crate) fn dot_rows(&self, first: usize, x: &[f32], sums: &[f32], ys: &mut [f32]) {
+        self.dot_rows_on(Isa::best(), first, x, sums, ys);
+    }
+
+    /// [`QuantRows::dot_rows`] with the kernels of `isa` (which the CPU must have: see
+    /// [`Isa::available`]).
+    fn dot_rows_on(&self, isa: Isa, first: usize, x: &[f32], sums: &[f32], ys: &mut [f32]) {
         let inp = self.inp();
         let t = x.len() / inp;
         let nb = inp / BLOCK;
         let rows = first..first + ys.len() / t;
         let (xs, _) = x.as_chunks::<BLOCK>();
         #[cfg(target_arch = "x86_64")]
-        if let Some(simd) = pulp::x86::V3::try_new() {
+        if isa == Isa::V4
+            && let Some(simd) = pulp::x86::V4::try_new()
+        {
+            simd.vectorize(v4::DotRows {
+                simd,
+                w: self,
+                rows,
+                xs,
+                ys,
+            });
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Plain
+            && let Some(simd) = pulp::x86::V3::try_new()
+        {
             simd.vectorize(v3::DotRows {
                 simd,
                 w: self,
@@ -332,6 +363,38 @@ impl QuantRows {
                 };
             }
         }
+    }
+}
+
+/// The kernel families of [`QuantRows::dot_rows`]: AVX-512 (16 lanes, the nibbles widened by
+/// one `vpmovzxbd` per block), AVX2/FMA, or plain loops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    V4,
+    V3,
+    Plain,
+}
+
+impl Isa {
+    /// The widest this CPU has.
+    fn best() -> Self {
+        Self::available()[0]
+    }
+
+    /// Every family this CPU can run, widest first.
+    fn available() -> Vec<Self> {
+        let mut all = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if pulp::x86::V4::try_new().is_some() {
+                all.push(Self::V4);
+            }
+            if pulp::x86::V3::try_new().is_some() {
+                all.push(Self::V3);
+            }
+        }
+        all.push(Self::Plain);
+        all
     }
 }
 
@@ -418,7 +481,9 @@ mod v3 {
                     QuantRows::Q4_1 { d, m, q, .. } => {
                         multi_rows(simd, Q41 { d, m, q }, nb, rows, xs, ys)
                     }
-                    QuantRows::Q8_0 { d, q, .. } => multi_rows(simd, Q80 { d, q }, nb, rows, xs, ys),
+                    QuantRows::Q8_0 { d, q, .. } => {
+                        multi_rows(simd, Q80 { d, q }, nb, rows, xs, ys)
+                    }
                     QuantRows::Unpacked { d, m, q, .. } => {
                         multi_rows(simd, Unp { d, m, q }, nb, rows, xs, ys)
                     }
@@ -608,7 +673,7 @@ mod v3 {
     /// 100 MB Q4_1 matrix one core went from 6.0 to 2.7 ns per block with it. A prefetch
     /// never faults, so an address past the end is harmless.
     #[inline(always)]
-    fn prefetch<T>(simd: V3, block: &T) {
+    pub(super) fn prefetch<T>(simd: V3, block: &T) {
         const AHEAD: usize = 2048;
         simd.sse
             ._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
@@ -691,6 +756,176 @@ mod v3 {
     }
 }
 
+/// The AVX-512 kernels: a block's 32 weights widened to two 16-lane vectors (`vpmovzxbd`
+/// of its 16 bytes, then a mask and a shift for the two nibbles: a quarter of the AVX2 path's
+/// shuffles, which were its limit) with `d·q + m` applied, then multiplied with up to eight
+/// input rows in registers. One row (decode) takes the same path.
+#[cfg(target_arch = "x86_64")]
+mod v4 {
+    use super::{BLOCK, QuantRows};
+    use core::arch::x86_64::{__m128i, __m512};
+    use pulp::x86::V4;
+    use std::ops::Range;
+
+    pub(super) struct DotRows<'a> {
+        pub(super) simd: V4,
+        pub(super) w: &'a QuantRows,
+        pub(super) rows: Range<usize>,
+        pub(super) xs: &'a [[f32; BLOCK]],
+        pub(super) ys: &'a mut [f32],
+    }
+
+    impl pulp::NullaryFnOnce for DotRows<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let DotRows {
+                simd,
+                w,
+                rows,
+                xs,
+                ys,
+            } = self;
+            let nb = w.inp() / BLOCK;
+            match w {
+                QuantRows::Q4_1 { d, m, q, .. } => {
+                    multi_rows(simd, Q41 { d, m, q }, nb, rows, xs, ys)
+                }
+                QuantRows::Q8_0 { d, q, .. } => multi_rows(simd, Q80 { d, q }, nb, rows, xs, ys),
+                QuantRows::Unpacked { d, m, q, .. } => {
+                    multi_rows(simd, Unp { d, m, q }, nb, rows, xs, ys)
+                }
+            }
+        }
+    }
+
+    /// One block type: block `b` of the matrix as its 32 weights in two vectors.
+    trait Widen: Copy {
+        fn widen(self, simd: V4, b: usize) -> [__m512; 2];
+    }
+
+    #[derive(Clone, Copy)]
+    struct Q41<'a> {
+        d: &'a [f32],
+        m: &'a [f32],
+        q: &'a [[u8; 16]],
+    }
+
+    impl Widen for Q41<'_> {
+        #[inline(always)]
+        fn widen(self, simd: V4, b: usize) -> [__m512; 2] {
+            let f = simd.avx512f;
+            super::v3::prefetch(*simd, &self.q[b]);
+            let v = f._mm512_cvtepu8_epi32(pulp::cast::<[u8; 16], __m128i>(self.q[b]));
+            let lo = f._mm512_and_si512(v, f._mm512_set1_epi32(0x0F));
+            let hi = f._mm512_srli_epi32::<4>(v);
+            let (d, m) = (f._mm512_set1_ps(self.d[b]), f._mm512_set1_ps(self.m[b]));
+            [
+                f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(lo), d, m),
+                f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(hi), d, m),
+            ]
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Q80<'a> {
+        d: &'a [f32],
+        q: &'a [[u8; 32]],
+    }
+
+    impl Widen for Q80<'_> {
+        #[inline(always)]
+        fn widen(self, simd: V4, b: usize) -> [__m512; 2] {
+            let f = simd.avx512f;
+            super::v3::prefetch(*simd, &self.q[b]);
+            let q: [__m128i; 2] = pulp::cast(self.q[b]);
+            let d = f._mm512_set1_ps(self.d[b]);
+            [
+                f._mm512_mul_ps(f._mm512_cvtepi32_ps(f._mm512_cvtepi8_epi32(q[0])), d),
+                f._mm512_mul_ps(f._mm512_cvtepi32_ps(f._mm512_cvtepi8_epi32(q[1])), d),
+            ]
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Unp<'a> {
+        d: &'a [[f32; 2]],
+        m: &'a [[f32; 2]],
+        q: &'a [[u8; 32]],
+    }
+
+    impl Widen for Unp<'_> {
+        #[inline(always)]
+        fn widen(self, simd: V4, b: usize) -> [__m512; 2] {
+            let f = simd.avx512f;
+            super::v3::prefetch(*simd, &self.q[b]);
+            let q: [__m128i; 2] = pulp::cast(self.q[b]);
+            let ([d0, d1], [m0, m1]) = (self.d[b], self.m[b]);
+            let half = |q: __m128i, d: f32, m: f32| {
+                let v = f._mm512_cvtepi32_ps(f._mm512_cvtepu8_epi32(q));
+                f._mm512_fmadd_ps(v, f._mm512_set1_ps(d), f._mm512_set1_ps(m))
+            };
+            [half(q[0], d0, m0), half(q[1], d1, m1)]
+        }
+    }
+
+    /// Rows `rows` of the matrix times the `t` input rows `xs`, output-major into `ys`
+    /// (`[rows][t]`), in tiles of 8, 4, 2 and 1 input rows.
+    #[inline(always)]
+    fn multi_rows<W: Widen>(
+        simd: V4,
+        w: W,
+        nb: usize,
+        rows: Range<usize>,
+        xs: &[[f32; BLOCK]],
+        ys: &mut [f32],
+    ) {
+        let t = ys.len() / rows.len().max(1);
+        for (o, yo) in rows.zip(ys.chunks_exact_mut(t.max(1))) {
+            let mut r0 = 0;
+            while r0 < t {
+                let xr = &xs[r0 * nb..];
+                let yr = &mut yo[r0..];
+                r0 += match t - r0 {
+                    8.. => row_tile::<W, 8>(simd, w, o * nb, nb, xr, yr),
+                    4.. => row_tile::<W, 4>(simd, w, o * nb, nb, xr, yr),
+                    2.. => row_tile::<W, 2>(simd, w, o * nb, nb, xr, yr),
+                    _ => row_tile::<W, 1>(simd, w, o * nb, nb, xr, yr),
+                };
+            }
+        }
+    }
+
+    /// One weight row (blocks `first..first + nb`) dotted with the `R` input rows at the
+    /// start of `xs` into `ys[..R]`; returns `R`. Two accumulators per input row (one per
+    /// half block), so that one row's chain of dependent FMAs is not the limit.
+    #[inline(always)]
+    fn row_tile<W: Widen, const R: usize>(
+        simd: V4,
+        w: W,
+        first: usize,
+        nb: usize,
+        xs: &[[f32; BLOCK]],
+        ys: &mut [f32],
+    ) -> usize {
+        let f = simd.avx512f;
+        let mut acc = [[f._mm512_setzero_ps(); 2]; R];
+        for i in 0..nb {
+            let v = w.widen(simd, first + i);
+            for r in 0..R {
+                let x: [__m512; 2] = pulp::cast(xs[r * nb + i]);
+                acc[r][0] = f._mm512_fmadd_ps(v[0], x[0], acc[r][0]);
+                acc[r][1] = f._mm512_fmadd_ps(v[1], x[1], acc[r][1]);
+            }
+        }
+        for r in 0..R {
+            ys[r] = f._mm512_reduce_add_ps(f._mm512_add_ps(acc[r][0], acc[r][1]));
+        }
+        R
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -760,8 +995,8 @@ mod tests {
     }
 
     proptest! {
-        /// Both kernels (AVX2 where the CPU has it, and the scalar loop) equal the f32 product
-        /// of the dequantised weights, for every row range and up to twelve input rows (the
+        /// Every kernel family the CPU has (AVX-512, AVX2, plain loops) and the scalar
+        /// per-block loops equal the f32 product of the dequantised weights, for every row range and up to twelve input rows (the
         /// many-row tiles of 8, 4, 2 and 1 rows).
         #[test]
         fn kernels_match_dequantised_product(
@@ -783,14 +1018,21 @@ mod tests {
             let first = first % out;
             let n = out - first;
             let sums = QuantRows::block_sums(x);
-            let mut got = vec![f32::NAN; n * t];
-            w.dot_rows(first, x, &sums, &mut got);
             let (xs_blocks, _) = x.as_chunks::<BLOCK>();
-            for (k, g) in got.iter().enumerate() {
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; n * t];
+                w.dot_rows_on(isa, first, x, &sums, &mut got);
+                for (k, g) in got.iter().enumerate() {
+                    let (o, r) = (first + k / t, k % t);
+                    let e = want[o * t + r];
+                    let tol = 1e-5 * mag[o * t + r] + 1e-4;
+                    prop_assert!((g - e).abs() <= tol, "{ty:?} {isa:?} row {o} input {r}: {g} vs {e}");
+                }
+            }
+            for k in 0..n * t {
                 let (o, r) = (first + k / t, k % t);
                 let e = want[o * t + r];
                 let tol = 1e-5 * mag[o * t + r] + 1e-4;
-                prop_assert!((g - e).abs() <= tol, "{ty:?} row {o} input {r}: {g} vs {e}");
                 let (xr, sr) = (
                     &xs_blocks[r * nb..(r + 1) * nb],
                     &sums[2 * r * nb..2 * (r + 1) * nb],
