@@ -475,16 +475,45 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
                 j = end;
             }
         }
-        Rows::F16(x) => kern.dots_f16(&qs, w, &x[t.range.start * w..t.range.end * w], scores, n),
+        Rows::F16(x) if rows < TILE_ROWS => {
+            kern.dots_f16(&qs, w, &x[t.range.start * w..t.range.end * w], scores, n);
+        }
+        Rows::F16(x) => {
+            kern.f16_row(&x[t.range.start * w..t.range.end * w], &mut scratch);
+            dots_tiled(&qs, w, &scratch, scores, n);
+        }
         _ => {
             for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
                 let jj = t.range.start + j;
                 prefetch_row(pf, &k.rows, jj + AHEAD, w);
                 k.row(kern, jj, &mut cache, row);
             }
-            kern.dots(&qs, w, &scratch, scores, n);
+            if rows < TILE_ROWS {
+                kern.dots(&qs, w, &scratch, scores, n);
+            } else {
+                dots_tiled(&qs, w, &scratch, scores, n);
+            }
         }
     }
+}
+
+/// Query rows from which a task's scores and value sums run as register-tiled products
+/// ([`crate::host_gemm`]) over rows widened to f32, instead of the row kernels: a prefill
+/// chunk's block of queries against a run of keys is a small dense product, and the tiles
+/// reach several times the row kernels' FLOP rate (AVX-512 where the CPU has it). Decode
+/// steps (a few grouped query rows) keep the row kernels, which read fp16 and codes in place.
+const TILE_ROWS: usize = 16;
+
+/// `scores[r·stride + j] = q_r · key_j` by the tiled product.
+#[inline(always)]
+fn dots_tiled(q: &[f32], w: usize, keys: &[f32], scores: &mut [f32], stride: usize) {
+    crate::host_gemm::dispatch(crate::host_gemm::ProductNt {
+        a: q,
+        b: keys,
+        w,
+        out: scores,
+        stride,
+    });
 }
 
 /// Zeros, for [`RowKernel::fma_row`] used as a plain product.
@@ -509,6 +538,18 @@ fn prefetch_row(pf: Prefetch, rows: &Rows<'_>, j: usize, w: usize) {
         }
         Rows::Quant(q) => pf.line(q.bytes, (q.first + j * w) * q.bits.get() as usize / 8),
     }
+}
+
+/// `acc_r += Σ_j p[r·stride + j] · vals_j` by the tiled product.
+#[inline(always)]
+fn weighted_tiled(p: &[f32], stride: usize, vals: &[f32], w: usize, acc: &mut [f32]) {
+    crate::host_gemm::dispatch(crate::host_gemm::ProductNn {
+        p,
+        stride,
+        v: vals,
+        w,
+        acc,
+    });
 }
 
 /// `Σ_j p[r][j] · v_j` over the visible keys of each row (`rows × d`).
@@ -571,9 +612,16 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
                 }
             }
         }
-        Rows::F16(x) => {
+        Rows::F16(x) if rows < TILE_ROWS => {
             let rows = &x[t.range.start * w..(t.range.start + seen) * w];
             kern.weighted_sum_f16(p, n, rows, w, 0..w, &mut acc);
+        }
+        Rows::F16(x) => {
+            kern.f16_row(
+                &x[t.range.start * w..(t.range.start + seen) * w],
+                &mut scratch,
+            );
+            weighted_tiled(p, n, &scratch, w, &mut acc);
         }
         _ => {
             for (j, row) in scratch.chunks_exact_mut(w).enumerate() {
@@ -581,7 +629,11 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
                 prefetch_row(pf, &v.rows, jj + AHEAD, w);
                 v.row(kern, jj, &mut cache, row);
             }
-            kern.weighted_sum(p, n, &scratch, w, 0..w, &mut acc);
+            if rows < TILE_ROWS {
+                kern.weighted_sum(p, n, &scratch, w, 0..w, &mut acc);
+            } else {
+                weighted_tiled(p, n, &scratch, w, &mut acc);
+            }
         }
     }
     match v.basis {

@@ -18,6 +18,7 @@ mod footprint;
 mod fp16;
 mod host;
 mod host_attention;
+pub mod host_gemm;
 mod host_kernels;
 mod host_segment;
 mod layer;

@@ -5,10 +5,10 @@
 //! Why not burn's matmul: burn-ndarray multiplies through `matrixmultiply`, which wants f32
 //! weights and packs the whole right-hand matrix on every call, so a ten-row forward pays for a
 //! full copy of the weights; its kernels stop at AVX2. Here each task dequantises a few weight
-//! rows into a k-major panel once, in cache, and reuses it for every input row through a
-//! register tile: `MR` input rows × `NV` vectors of outputs, as wide as the register file
-//! allows (12 × 32 on AVX-512, 6 × 16 on AVX2). The input rows are packed k-major once per
-//! product, so the tile's inner loop is one broadcast per row and one load per vector.
+//! rows into a k-major panel once, in cache, and reuses it for every input row through
+//! `kv_tensor::host_gemm`'s register tiles (12 × 32 outputs on AVX-512, 6 × 16 on AVX2). The
+//! input rows are packed k-major once per product.
+use kv_tensor::host_gemm::{self, Packed, TileOp};
 use pulp::Simd;
 use rayon::prelude::*;
 
@@ -60,90 +60,61 @@ const PANEL_BYTES: usize = 1 << 18;
 
 /// `X · Wᵀ` for the `t` rows of `x` (`[t][inp]`): `[t][rows]`, row-major.
 pub(crate) fn gemm<W: WeightRows + ?Sized>(w: &W, x: &[f32], t: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if let Some(simd) = pulp::x86::V4::try_new() {
-            return product::<_, _, 12, 2>(simd, w, x, t);
-        }
-        if let Some(simd) = pulp::x86::V3::try_new() {
-            return product::<_, _, 6, 2>(simd, w, x, t);
-        }
-    }
-    plain(w, x, t)
+    host_gemm::dispatch(Product { w, x, t })
 }
 
-/// [`gemm`] without explicit SIMD: the tile over pulp's scalar "vectors" (every CPU, and
-/// the reference the vector versions are tested against).
+/// [`gemm`] with pulp's scalar "vectors" (the reference the vector tiles are tested against).
+#[cfg(test)]
 pub(crate) fn plain<W: WeightRows + ?Sized>(w: &W, x: &[f32], t: usize) -> Vec<f32> {
-    product::<_, _, 4, 4>(pulp::Scalar::new(), w, x, t)
+    host_gemm::plain(Product { w, x, t })
 }
 
-/// The input rows cut into blocks of `MR` rows (then 4, 2, 1 for the rest), each packed
-/// k-major: `data[start + k·m + i] = x[r0 + i][k]`.
-struct Packed {
-    /// `(first row, rows m, offset into data)` per block.
-    blocks: Vec<(usize, usize, usize)>,
-    data: Vec<f32>,
-}
-
-impl Packed {
-    fn new(x: &[f32], t: usize, inp: usize, mr: usize) -> Self {
-        let mut blocks = Vec::new();
-        let mut data = Vec::with_capacity(x.len());
-        let mut r0 = 0;
-        while r0 < t {
-            let left = t - r0;
-            let m = [mr, 4, 2, 1].into_iter().find(|&m| m <= left).unwrap_or(1);
-            blocks.push((r0, m, data.len()));
-            for k in 0..inp {
-                for i in 0..m {
-                    data.push(x[(r0 + i) * inp + k]);
-                }
-            }
-            r0 += m;
-        }
-        Self { blocks, data }
-    }
-}
-
-fn product<S: Simd, W: WeightRows + ?Sized, const MR: usize, const NV: usize>(
-    simd: S,
-    w: &W,
-    x: &[f32],
+/// The whole product: weight-row groups split over rayon tasks.
+struct Product<'a, W: ?Sized> {
+    w: &'a W,
+    x: &'a [f32],
     t: usize,
-) -> Vec<f32> {
-    let (inp, out) = (w.inp(), w.rows());
-    let nr = NV * S::F32_LANES;
-    if t == 0 || out == 0 || inp == 0 {
-        return vec![0f32; t * out];
-    }
-    let groups = out.div_ceil(nr);
-    let by_cache = (PANEL_BYTES / (inp * nr * 4)).max(1);
-    let by_share = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
-    let per_task = by_cache.min(by_share);
-    let packed = Packed::new(x, t, inp, MR);
-    let starts: Vec<usize> = (0..groups).step_by(per_task).collect();
-    let parts: Vec<Vec<f32>> = starts
-        .par_iter()
-        .map(|&g0| {
-            simd.vectorize(Task::<W, MR, NV> {
-                w,
-                packed: &packed,
-                t,
-                groups: g0..(g0 + per_task).min(groups),
-            })
-        })
-        .collect();
-    let mut y = vec![0f32; t * out];
-    for (&g0, part) in starts.iter().zip(&parts) {
-        let c0 = g0 * nr;
-        let width = part.len() / t;
-        let keep = width.min(out - c0);
-        for (yr, pr) in y.chunks_exact_mut(out).zip(part.chunks_exact(width)) {
-            yr[c0..c0 + keep].copy_from_slice(&pr[..keep]);
+}
+
+impl<W: WeightRows + ?Sized> TileOp for Product<'_, W> {
+    type Output = Vec<f32>;
+
+    #[inline(always)]
+    fn run<S: Simd, const MR: usize, const NV: usize>(self, simd: S) -> Vec<f32> {
+        let Product { w, x, t } = self;
+        let (inp, out) = (w.inp(), w.rows());
+        let nr = NV * S::F32_LANES;
+        if t == 0 || out == 0 || inp == 0 {
+            return vec![0f32; t * out];
         }
+        let groups = out.div_ceil(nr);
+        let by_cache = (PANEL_BYTES / (inp * nr * 4)).max(1);
+        let by_share = groups.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let per_task = by_cache.min(by_share);
+        let packed = Packed::new(x, t, inp, inp, MR);
+        let starts: Vec<usize> = (0..groups).step_by(per_task).collect();
+        let parts: Vec<Vec<f32>> = starts
+            .par_iter()
+            .map(|&g0| {
+                simd.vectorize(Task::<W, MR, NV> {
+                    w,
+                    packed: &packed,
+                    t,
+                    groups: g0..(g0 + per_task).min(groups),
+                })
+            })
+            .collect();
+        let mut y = vec![0f32; t * out];
+        for (&g0, part) in starts.iter().zip(&parts) {
+            let c0 = g0 * nr;
+            let width = part.len() / t;
+            let keep = width.min(out - c0);
+            for (yr, pr) in y.chunks_exact_mut(out).zip(part.chunks_exact(width)) {
+                yr[c0..c0 + keep].copy_from_slice(&pr[..keep]);
+            }
+        }
+        y
     }
-    y
 }
 
 /// One task: the output columns of weight-row groups `groups` (each `NV` vectors wide) for
@@ -183,72 +154,10 @@ impl<W: WeightRows + ?Sized, const MR: usize, const NV: usize> pulp::WithSimd
                     row.fill(0.0);
                 }
             }
-            transpose(&rows, inp, &mut panel, nr);
-            let (pv, _) = S::as_simd_f32s(&panel);
-            let (pv, _) = pv.as_chunks::<NV>();
-            for &(r0, m, at) in &packed.blocks {
-                let a = &packed.data[at..at + m * inp];
-                let ys = &mut ys[r0 * width..];
-                let col = gi * nr;
-                match m {
-                    _ if m == MR => tile::<S, MR, NV>(simd, a, pv, ys, width, col),
-                    4 => tile::<S, 4, NV>(simd, a, pv, ys, width, col),
-                    2 => tile::<S, 2, NV>(simd, a, pv, ys, width, col),
-                    _ => tile::<S, 1, NV>(simd, a, pv, ys, width, col),
-                }
-            }
+            host_gemm::transpose(&rows, inp, &mut panel, nr);
+            host_gemm::panel_product::<S, MR, NV>(simd, packed, &panel, &mut ys, width, gi * nr);
         }
         ys
-    }
-}
-
-/// `panel[k][j] = rows[j][k]` (`rows` is `[nr][inp]`), in tiles of 32 `k` so that the
-/// lines written stay in L1 while every row is visited: element by element, the stores of a
-/// whole row landed a panel row apart and missed the cache on each one (a quarter of the
-/// product's time).
-#[inline(always)]
-fn transpose(rows: &[f32], inp: usize, panel: &mut [f32], nr: usize) {
-    const TILE: usize = 32;
-    for k0 in (0..inp).step_by(TILE) {
-        let kn = (inp - k0).min(TILE);
-        let dst = &mut panel[k0 * nr..(k0 + kn) * nr];
-        for (kk, d) in dst.chunks_exact_mut(nr).enumerate() {
-            for (j, d) in d.iter_mut().enumerate() {
-                *d = rows[j * inp + k0 + kk];
-            }
-        }
-    }
-}
-
-/// `M` packed input rows (`a`, k-major) times one panel (`[k][NV]` vectors) into columns
-/// `col..col + NV·lanes` of `M` rows of `ys` (row stride `width`). The accumulators are a
-/// fixed-size array indexed by constants, so they live in registers; the loops are plain
-/// loops, not closures, so that they are compiled with the caller's target features.
-#[inline(always)]
-fn tile<S: Simd, const M: usize, const NV: usize>(
-    simd: S,
-    a: &[f32],
-    panel: &[[S::f32s; NV]],
-    ys: &mut [f32],
-    width: usize,
-    col: usize,
-) {
-    let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; NV]; M];
-    let (a, _) = a.as_chunks::<M>();
-    for (ak, pk) in a.iter().zip(panel) {
-        for i in 0..M {
-            let b = simd.splat_f32s(ak[i]);
-            for v in 0..NV {
-                acc[i][v] = simd.mul_add_e_f32s(b, pk[v], acc[i][v]);
-            }
-        }
-    }
-    let lanes = S::F32_LANES;
-    for (i, acc) in acc.iter().enumerate() {
-        let dst = &mut ys[i * width + col..i * width + col + NV * lanes];
-        let (dst, _) = S::as_mut_simd_f32s(dst);
-        dst.copy_from_slice(acc);
     }
 }
 
