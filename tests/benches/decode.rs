@@ -71,8 +71,13 @@ fn methods(m: &LoadedModel<B>) -> Vec<Method> {
     let Ok(dir) = std::env::var("KVND_BENCH_PLANS") else {
         return out;
     };
-    let mut plans: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("KVND_BENCH_PLANS={dir}: {e}"))
+    // `cargo bench` runs this in `tests/`; a relative path is meant from the workspace root,
+    // where the command was typed.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(&dir);
+    let mut plans: Vec<_> = std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("KVND_BENCH_PLANS={dir} ({}): {e}", path.display()))
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))

@@ -18,7 +18,9 @@ pub(crate) trait WeightRows: Sync {
     fn inp(&self) -> usize;
     /// Number of rows (outputs).
     fn rows(&self) -> usize;
-    /// Row `o` as f32 into `out` (`inp` values).
+    /// Row `o` as f32 into `out` (`inp` values). Implementations are `#[inline(always)]`: a
+    /// call compiled outside the product's target-feature function dequantised with scalar
+    /// code, a quarter of a small forward's time.
     fn row_into(&self, o: usize, out: &mut [f32]);
 }
 
