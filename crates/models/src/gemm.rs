@@ -4,7 +4,7 @@
 //!
 //! Why not burn's matmul: burn-ndarray multiplies through `matrixmultiply`, which wants f32
 //! weights and packs the whole right-hand matrix on every call, so a ten-row forward pays for a
-//! full copy of the weights; its kernels stop at AVX2. Here each task dequantises a few weight
+//! full copy of the weights. Here each task dequantises a few weight
 //! rows into a k-major panel once, in cache, and reuses it for every input row through
 //! `kv_tensor::host_gemm`'s register tiles (12 × 32 outputs on AVX-512, 6 × 16 on AVX2). The
 //! input rows are packed k-major once per product.
