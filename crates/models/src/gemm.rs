@@ -226,17 +226,7 @@ mod tests {
             seed in proptest::collection::vec(any::<u8>(), 1..40),
         ) {
             let inp = 256;
-            let n = inp / ty.block_values() * out * ty.block_bytes();
-            let mut bytes: Vec<u8> = (0..n).map(|i| seed[i % seed.len()].wrapping_add((i / 7) as u8)).collect();
-            // Small finite f16 scales where each type keeps them.
-            let at = match ty { GgmlType::Q6K => 208, _ => 0 };
-            for (b, chunk) in bytes.chunks_exact_mut(ty.block_bytes()).enumerate() {
-                let s = half::f16::from_f32(((b % 7) as f32 - 3.0) / 64.0).to_le_bytes();
-                chunk[at..at + 2].copy_from_slice(&s);
-                if ty == GgmlType::Q4_1 {
-                    chunk[2..4].copy_from_slice(&half::f16::from_f32(0.25).to_le_bytes());
-                }
-            }
+            let bytes = crate::quant_rows::tests::blocks(ty, inp, out, &seed);
             let q = QuantRows::from_ggml(ty, &bytes, inp, out).expect("whole blocks");
             let mut w = vec![0f32; inp * out];
             ty.dequantize(&bytes, &mut w);

@@ -412,14 +412,8 @@ mod tests {
     fn blocks_turned_off_become_their_weights() {
         let device = Default::default();
         let (inp, out) = (64, 3);
-        let mut bytes = vec![0u8; 2 * out * 20];
-        for (b, chunk) in bytes.chunks_exact_mut(20).enumerate() {
-            chunk[0..2].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
-            chunk[2..4].copy_from_slice(&half::f16::from_f32(-1.0).to_le_bytes());
-            for (j, q) in chunk[4..].iter_mut().enumerate() {
-                *q = (b * 16 + j) as u8;
-            }
-        }
+        let bytes =
+            crate::quant_rows::tests::blocks(crate::GgmlType::Q4_1, inp, out, &[3, 1, 4, 1, 5]);
         let mut w = vec![0f32; inp * out];
         crate::GgmlType::Q4_1.dequantize(&bytes, &mut w);
         let q = QuantRows::from_ggml(crate::GgmlType::Q4_1, &bytes, inp, out).expect("blocks");
