@@ -457,7 +457,7 @@ fn q8_0_dot(q: &[[u8; 32]], d: &[f32], x: &[[f32; BLOCK]]) -> f32 {
 /// block sum by `d` into the row's accumulator: every weight is touched once, in registers.
 #[cfg(target_arch = "x86_64")]
 mod v3 {
-    use super::{BLOCK, QuantRows};
+    use super::{BLOCK, Q41, Q80, QuantRows, RowSimd, Unp, Widen, many_rows};
     use core::arch::x86_64::{__m128i, __m256};
     use pulp::x86::V3;
     use std::ops::Range;
@@ -487,17 +487,7 @@ mod v3 {
             let t = ys.len() / rows.len().max(1);
             let nb = w.inp() / BLOCK;
             if t > 1 {
-                return match w {
-                    QuantRows::Q4_1 { d, m, q, .. } => {
-                        multi_rows(simd, Q41 { d, m, q }, nb, rows, xs, ys)
-                    }
-                    QuantRows::Q8_0 { d, q, .. } => {
-                        multi_rows(simd, Q80 { d, q }, nb, rows, xs, ys)
-                    }
-                    QuantRows::Unpacked { d, m, q, .. } => {
-                        multi_rows(simd, Unp { d, m, q }, nb, rows, xs, ys)
-                    }
-                };
+                return many_rows(simd, w, rows, xs, ys);
             }
             for (o, yo) in rows.zip(ys.chunks_exact_mut(t.max(1))) {
                 let b = o * nb..(o + 1) * nb;
@@ -527,20 +517,34 @@ mod v3 {
         }
     }
 
-    /// One block type seen by the many-row kernel: block `b` of the matrix as its 32 weights,
-    /// widened to f32 in four vectors (`d·q + m` applied).
-    trait Widen: Copy {
-        fn widen(self, simd: V3, b: usize) -> [__m256; 4];
+    impl RowSimd for V3 {
+        /// Four vectors of eight.
+        type Block = [__m256; 4];
+        /// One accumulator per input row: with eight rows and a block in flight, AVX2's
+        /// sixteen registers hold no more.
+        type Acc = __m256;
+
+        #[inline(always)]
+        fn zero(self) -> __m256 {
+            self.avx._mm256_setzero_ps()
+        }
+
+        #[inline(always)]
+        fn fma(self, w: [__m256; 4], x: &[f32; BLOCK], mut acc: __m256) -> __m256 {
+            let x: [__m256; 4] = pulp::cast(*x);
+            for (w, x) in w.iter().zip(&x) {
+                acc = self.fma._mm256_fmadd_ps(*w, *x, acc);
+            }
+            acc
+        }
+
+        #[inline(always)]
+        fn sum(self, acc: __m256) -> f32 {
+            hsum(acc)
+        }
     }
 
-    #[derive(Clone, Copy)]
-    struct Q41<'a> {
-        d: &'a [f32],
-        m: &'a [f32],
-        q: &'a [[u8; 16]],
-    }
-
-    impl Widen for Q41<'_> {
+    impl Widen<V3> for Q41<'_> {
         #[inline(always)]
         fn widen(self, simd: V3, b: usize) -> [__m256; 4] {
             let (sse2, avx, avx2, fma) = (simd.sse2, simd.avx, simd.avx2, simd.fma);
@@ -562,13 +566,7 @@ mod v3 {
         }
     }
 
-    #[derive(Clone, Copy)]
-    struct Q80<'a> {
-        d: &'a [f32],
-        q: &'a [[u8; 32]],
-    }
-
-    impl Widen for Q80<'_> {
+    impl Widen<V3> for Q80<'_> {
         #[inline(always)]
         fn widen(self, simd: V3, b: usize) -> [__m256; 4] {
             let (sse2, avx, avx2) = (simd.sse2, simd.avx, simd.avx2);
@@ -587,14 +585,7 @@ mod v3 {
         }
     }
 
-    #[derive(Clone, Copy)]
-    struct Unp<'a> {
-        d: &'a [[f32; 2]],
-        m: &'a [[f32; 2]],
-        q: &'a [[u8; 32]],
-    }
-
-    impl Widen for Unp<'_> {
+    impl Widen<V3> for Unp<'_> {
         #[inline(always)]
         fn widen(self, simd: V3, b: usize) -> [__m256; 4] {
             let (sse2, avx, avx2, fma) = (simd.sse2, simd.avx, simd.avx2, simd.fma);
@@ -616,66 +607,6 @@ mod v3 {
                 f(sse2._mm_srli_si128::<8>(q[1]), d1, m1),
             ]
         }
-    }
-
-    /// Rows `rows` of the matrix times the `t ≥ 2` input rows `xs`, output-major into `ys`
-    /// (`[rows][t]`). Each weight block is widened once and multiplied with up to eight input
-    /// rows in registers: the one-row kernel would widen it again for every input row, which
-    /// made each extra row cost nearly a whole decode step.
-    #[inline(always)]
-    fn multi_rows<W: Widen>(
-        simd: V3,
-        w: W,
-        nb: usize,
-        rows: Range<usize>,
-        xs: &[[f32; BLOCK]],
-        ys: &mut [f32],
-    ) {
-        let t = ys.len() / rows.len().max(1);
-        for (o, yo) in rows.zip(ys.chunks_exact_mut(t)) {
-            let mut r0 = 0;
-            while r0 < t {
-                let xr = &xs[r0 * nb..];
-                let yr = &mut yo[r0..];
-                r0 += match t - r0 {
-                    8.. => row_tile::<W, 8>(simd, w, o * nb, nb, xr, yr),
-                    4.. => row_tile::<W, 4>(simd, w, o * nb, nb, xr, yr),
-                    2.. => row_tile::<W, 2>(simd, w, o * nb, nb, xr, yr),
-                    _ => row_tile::<W, 1>(simd, w, o * nb, nb, xr, yr),
-                };
-            }
-        }
-    }
-
-    /// One weight row (blocks `first..first + nb`) dotted with the `R` input rows at the
-    /// start of `xs` into `ys[..R]`; returns `R`. The accumulators are an array filled by
-    /// loops, not closures, so that they stay in registers (see `kv_tensor`'s host kernels).
-    #[inline(always)]
-    fn row_tile<W: Widen, const R: usize>(
-        simd: V3,
-        w: W,
-        first: usize,
-        nb: usize,
-        xs: &[[f32; BLOCK]],
-        ys: &mut [f32],
-    ) -> usize {
-        let (avx, fma) = (simd.avx, simd.fma);
-        let mut acc = [avx._mm256_setzero_ps(); R];
-        for i in 0..nb {
-            let v = w.widen(simd, first + i);
-            for r in 0..R {
-                let x: [__m256; 4] = pulp::cast(xs[r * nb + i]);
-                let mut a = acc[r];
-                for (v, x) in v.iter().zip(&x) {
-                    a = fma._mm256_fmadd_ps(*v, *x, a);
-                }
-                acc[r] = a;
-            }
-        }
-        for r in 0..R {
-            ys[r] = hsum(acc[r]);
-        }
-        R
     }
 
     /// Asks for the quants ~2 KiB past `block` (the rest of the row, then the next rows of
@@ -772,7 +703,7 @@ mod v3 {
 /// input rows in registers. One row (decode) takes the same path.
 #[cfg(target_arch = "x86_64")]
 mod v4 {
-    use super::{BLOCK, QuantRows};
+    use super::{BLOCK, Q41, Q80, QuantRows, RowSimd, Unp, Widen, many_rows};
     use core::arch::x86_64::{__m128i, __m512};
     use pulp::x86::V4;
     use std::ops::Range;
@@ -797,32 +728,40 @@ mod v4 {
                 xs,
                 ys,
             } = self;
-            let nb = w.inp() / BLOCK;
-            match w {
-                QuantRows::Q4_1 { d, m, q, .. } => {
-                    multi_rows(simd, Q41 { d, m, q }, nb, rows, xs, ys)
-                }
-                QuantRows::Q8_0 { d, q, .. } => multi_rows(simd, Q80 { d, q }, nb, rows, xs, ys),
-                QuantRows::Unpacked { d, m, q, .. } => {
-                    multi_rows(simd, Unp { d, m, q }, nb, rows, xs, ys)
-                }
-            }
+            many_rows(simd, w, rows, xs, ys);
         }
     }
 
-    /// One block type: block `b` of the matrix as its 32 weights in two vectors.
-    trait Widen: Copy {
-        fn widen(self, simd: V4, b: usize) -> [__m512; 2];
+    impl RowSimd for V4 {
+        /// Two vectors of sixteen.
+        type Block = [__m512; 2];
+        /// Two accumulators per input row (one per half block), so that one row's chain of
+        /// dependent FMAs is not the limit.
+        type Acc = [__m512; 2];
+
+        #[inline(always)]
+        fn zero(self) -> [__m512; 2] {
+            [self.avx512f._mm512_setzero_ps(); 2]
+        }
+
+        #[inline(always)]
+        fn fma(self, w: [__m512; 2], x: &[f32; BLOCK], acc: [__m512; 2]) -> [__m512; 2] {
+            let f = self.avx512f;
+            let x: [__m512; 2] = pulp::cast(*x);
+            [
+                f._mm512_fmadd_ps(w[0], x[0], acc[0]),
+                f._mm512_fmadd_ps(w[1], x[1], acc[1]),
+            ]
+        }
+
+        #[inline(always)]
+        fn sum(self, acc: [__m512; 2]) -> f32 {
+            let f = self.avx512f;
+            f._mm512_reduce_add_ps(f._mm512_add_ps(acc[0], acc[1]))
+        }
     }
 
-    #[derive(Clone, Copy)]
-    struct Q41<'a> {
-        d: &'a [f32],
-        m: &'a [f32],
-        q: &'a [[u8; 16]],
-    }
-
-    impl Widen for Q41<'_> {
+    impl Widen<V4> for Q41<'_> {
         #[inline(always)]
         fn widen(self, simd: V4, b: usize) -> [__m512; 2] {
             let f = simd.avx512f;
@@ -838,13 +777,7 @@ mod v4 {
         }
     }
 
-    #[derive(Clone, Copy)]
-    struct Q80<'a> {
-        d: &'a [f32],
-        q: &'a [[u8; 32]],
-    }
-
-    impl Widen for Q80<'_> {
+    impl Widen<V4> for Q80<'_> {
         #[inline(always)]
         fn widen(self, simd: V4, b: usize) -> [__m512; 2] {
             let f = simd.avx512f;
@@ -858,14 +791,7 @@ mod v4 {
         }
     }
 
-    #[derive(Clone, Copy)]
-    struct Unp<'a> {
-        d: &'a [[f32; 2]],
-        m: &'a [[f32; 2]],
-        q: &'a [[u8; 32]],
-    }
-
-    impl Widen for Unp<'_> {
+    impl Widen<V4> for Unp<'_> {
         #[inline(always)]
         fn widen(self, simd: V4, b: usize) -> [__m512; 2] {
             let f = simd.avx512f;
@@ -879,61 +805,130 @@ mod v4 {
             [half(q[0], d0, m0), half(q[1], d1, m1)]
         }
     }
+}
 
-    /// Rows `rows` of the matrix times the `t` input rows `xs`, output-major into `ys`
-    /// (`[rows][t]`), in tiles of 8, 4, 2 and 1 input rows.
-    #[inline(always)]
-    fn multi_rows<W: Widen>(
-        simd: V4,
-        w: W,
-        nb: usize,
-        rows: Range<usize>,
-        xs: &[[f32; BLOCK]],
-        ys: &mut [f32],
-    ) {
-        let t = ys.len() / rows.len().max(1);
-        for (o, yo) in rows.zip(ys.chunks_exact_mut(t.max(1))) {
-            let mut r0 = 0;
-            while r0 < t {
-                let xr = &xs[r0 * nb..];
-                let yr = &mut yo[r0..];
-                r0 += match t - r0 {
-                    8.. => row_tile::<W, 8>(simd, w, o * nb, nb, xr, yr),
-                    4.. => row_tile::<W, 4>(simd, w, o * nb, nb, xr, yr),
-                    2.. => row_tile::<W, 2>(simd, w, o * nb, nb, xr, yr),
-                    _ => row_tile::<W, 1>(simd, w, o * nb, nb, xr, yr),
-                };
-            }
+/// The many-row kernel, written once over the SIMD level ([`RowSimd`]) and the block type
+/// ([`Widen`]): each weight block is widened once (`d·q + m` applied) and multiplied with up
+/// to eight input rows in registers. The one-row kernel would widen it again for every input
+/// row, which made each extra row cost nearly a whole decode step.
+#[cfg(target_arch = "x86_64")]
+trait RowSimd: Copy {
+    /// A block's 32 weights, widened.
+    type Block: Copy;
+    /// One input row's running sum.
+    type Acc: Copy;
+    fn zero(self) -> Self::Acc;
+    /// `acc + w ⊙ x`, lane-wise.
+    fn fma(self, w: Self::Block, x: &[f32; BLOCK], acc: Self::Acc) -> Self::Acc;
+    /// The lanes of `acc` added up.
+    fn sum(self, acc: Self::Acc) -> f32;
+}
+
+/// A block type as the many-row kernel reads it: block `b` of the matrix widened.
+#[cfg(target_arch = "x86_64")]
+trait Widen<S: RowSimd>: Copy {
+    fn widen(self, simd: S, b: usize) -> S::Block;
+}
+
+/// Q4_1 blocks (see [`QuantRows::Q4_1`]).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Q41<'a> {
+    d: &'a [f32],
+    m: &'a [f32],
+    q: &'a [[u8; 16]],
+}
+
+/// Q8_0 blocks.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Q80<'a> {
+    d: &'a [f32],
+    q: &'a [[u8; 32]],
+}
+
+/// Unpacked sub-blocks (scale and minimum per half).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Unp<'a> {
+    d: &'a [[f32; 2]],
+    m: &'a [[f32; 2]],
+    q: &'a [[u8; 32]],
+}
+
+/// Rows `rows` of `w` times the `t` input rows `xs`, output-major into `ys` (`[rows][t]`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn many_rows<S: RowSimd>(
+    simd: S,
+    w: &QuantRows,
+    rows: std::ops::Range<usize>,
+    xs: &[[f32; BLOCK]],
+    ys: &mut [f32],
+) where
+    for<'a> Q41<'a>: Widen<S>,
+    for<'a> Q80<'a>: Widen<S>,
+    for<'a> Unp<'a>: Widen<S>,
+{
+    let nb = w.inp() / BLOCK;
+    match w {
+        QuantRows::Q4_1 { d, m, q, .. } => tiles(simd, Q41 { d, m, q }, nb, rows, xs, ys),
+        QuantRows::Q8_0 { d, q, .. } => tiles(simd, Q80 { d, q }, nb, rows, xs, ys),
+        QuantRows::Unpacked { d, m, q, .. } => tiles(simd, Unp { d, m, q }, nb, rows, xs, ys),
+    }
+}
+
+/// [`many_rows`] for one block type, in tiles of 8, 4, 2 and 1 input rows.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn tiles<S: RowSimd, W: Widen<S>>(
+    simd: S,
+    w: W,
+    nb: usize,
+    rows: std::ops::Range<usize>,
+    xs: &[[f32; BLOCK]],
+    ys: &mut [f32],
+) {
+    let t = ys.len() / rows.len().max(1);
+    for (o, yo) in rows.zip(ys.chunks_exact_mut(t.max(1))) {
+        let mut r0 = 0;
+        while r0 < t {
+            let xr = &xs[r0 * nb..];
+            let yr = &mut yo[r0..];
+            r0 += match t - r0 {
+                8.. => row_tile::<S, W, 8>(simd, w, o * nb, nb, xr, yr),
+                4.. => row_tile::<S, W, 4>(simd, w, o * nb, nb, xr, yr),
+                2.. => row_tile::<S, W, 2>(simd, w, o * nb, nb, xr, yr),
+                _ => row_tile::<S, W, 1>(simd, w, o * nb, nb, xr, yr),
+            };
         }
     }
+}
 
-    /// One weight row (blocks `first..first + nb`) dotted with the `R` input rows at the
-    /// start of `xs` into `ys[..R]`; returns `R`. Two accumulators per input row (one per
-    /// half block), so that one row's chain of dependent FMAs is not the limit.
-    #[inline(always)]
-    fn row_tile<W: Widen, const R: usize>(
-        simd: V4,
-        w: W,
-        first: usize,
-        nb: usize,
-        xs: &[[f32; BLOCK]],
-        ys: &mut [f32],
-    ) -> usize {
-        let f = simd.avx512f;
-        let mut acc = [[f._mm512_setzero_ps(); 2]; R];
-        for i in 0..nb {
-            let v = w.widen(simd, first + i);
-            for r in 0..R {
-                let x: [__m512; 2] = pulp::cast(xs[r * nb + i]);
-                acc[r][0] = f._mm512_fmadd_ps(v[0], x[0], acc[r][0]);
-                acc[r][1] = f._mm512_fmadd_ps(v[1], x[1], acc[r][1]);
-            }
-        }
+/// One weight row (blocks `first..first + nb`) dotted with the `R` input rows at the start of
+/// `xs` into `ys[..R]`; returns `R`. The accumulators are an array filled by loops, not
+/// closures, so that they stay in registers (see `kv_tensor`'s host kernels).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn row_tile<S: RowSimd, W: Widen<S>, const R: usize>(
+    simd: S,
+    w: W,
+    first: usize,
+    nb: usize,
+    xs: &[[f32; BLOCK]],
+    ys: &mut [f32],
+) -> usize {
+    let mut acc = [simd.zero(); R];
+    for i in 0..nb {
+        let v = w.widen(simd, first + i);
         for r in 0..R {
-            ys[r] = f._mm512_reduce_add_ps(f._mm512_add_ps(acc[r][0], acc[r][1]));
+            acc[r] = simd.fma(v, &xs[r * nb + i], acc[r]);
         }
-        R
     }
+    for r in 0..R {
+        ys[r] = simd.sum(acc[r]);
+    }
+    R
 }
 
 #[cfg(test)]
