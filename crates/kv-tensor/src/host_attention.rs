@@ -288,18 +288,31 @@ impl SideView<'_> {
 
 /// A buffer a task decodes rows into, reused across the tasks a thread runs: allocating and
 /// zeroing 64 KiB per task cost a tenth of the kernel's time. Callers overwrite what they read.
-struct Scratch(Vec<f32>);
+struct Scratch(Vec<f32>, usize);
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Scratch {
-    /// A buffer of `len` floats (contents unspecified).
+    /// A buffer of `len` floats (contents unspecified). The thread's smallest pooled buffer
+    /// that is long enough is reused as it is (a buffer is never shortened, so it is zeroed
+    /// only where it grows); failing that, the longest one grows.
     fn take(len: usize) -> Self {
-        let mut v = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
-        v.resize(len, 0.0);
-        Scratch(v)
+        let mut v = SCRATCH
+            .with(|s| {
+                let mut pool = s.borrow_mut();
+                let fit = (0..pool.len())
+                    .filter(|&i| pool[i].len() >= len)
+                    .min_by_key(|&i| pool[i].len())
+                    .or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].len()));
+                fit.map(|i| pool.swap_remove(i))
+            })
+            .unwrap_or_default();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        Scratch(v, len)
     }
 }
 
@@ -313,13 +326,13 @@ impl Drop for Scratch {
 impl std::ops::Deref for Scratch {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        &self.0
+        &self.0[..self.1]
     }
 }
 
 impl std::ops::DerefMut for Scratch {
     fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.0
+        &mut self.0[..self.1]
     }
 }
 
@@ -379,7 +392,7 @@ impl Task<'_> {
         let d = self.k.d;
         let rows = self.q.len() / d;
         let n = self.range.len();
-        let mut scores = vec![0f32; rows * n];
+        let mut scores = Scratch::take(rows * n);
         key_scores(k, &self, &mut scores);
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
@@ -421,10 +434,11 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
     let rows = t.q.len() / d;
     let n = t.range.len();
     // Queries in the rows' space (projected: `Bᵀq`), scaled once.
-    let mut qs = vec![0f32; rows * w];
+    let mut qs = Scratch::take(rows * w);
     for (qr, dst) in t.q.chunks_exact(d).zip(qs.chunks_exact_mut(w)) {
         match k.basis {
             Some(b) => {
+                dst.fill(0.0);
                 for (c, &x) in qr.iter().enumerate() {
                     kern.axpy(dst, x * t.scale, &b[c * w..(c + 1) * w]);
                 }
@@ -450,7 +464,7 @@ fn key_scores<K: RowKernel>(kern: K, t: &Task<'_>, scores: &mut [f32]) {
                 q.codes_run(kern, pf, t.range.start, w, &mut scratch);
             }
             // Fold each token group's scale into the queries and its minimum into a constant.
-            let mut folded = vec![0f32; rows * w];
+            let mut folded = Scratch::take(rows * w);
             let mut j = 0;
             while j < n {
                 let jj = t.range.start + j;
@@ -575,18 +589,23 @@ fn value_sums<K: RowKernel>(kern: K, t: &Task<'_>, p: &[f32]) -> Vec<f32> {
             let groups = w / q.group;
             // Every visible row's scales and minimums, `[j][group]`, widened once.
             let span = t.range.start * groups..(t.range.start + seen) * groups;
-            let (mut sc, mut mn) = (vec![0f32; seen * groups], vec![0f32; seen * groups]);
+            let (mut sc, mut mn) = (Scratch::take(seen * groups), Scratch::take(seen * groups));
             kern.f16_row(&q.scales[span.clone()], &mut sc);
             kern.f16_row(&q.mins[span], &mut mn);
-            // Group-major, so each group's scales and minimums are contiguous.
-            let (mut sg, mut mg) = (vec![0f32; seen * groups], vec![0f32; seen * groups]);
-            for j in 0..seen {
-                for gi in 0..groups {
-                    sg[gi * seen + j] = sc[j * groups + gi];
-                    mg[gi * seen + j] = mn[j * groups + gi];
+            // Group-major, so each group's scales and minimums are contiguous (iterators: the
+            // indexed loop checked every access and cost a tenth of the kernel).
+            let (mut sg, mut mg) = (Scratch::take(seen * groups), Scratch::take(seen * groups));
+            for gi in 0..groups {
+                let (ds, dm) = (&mut sg[gi * seen..], &mut mg[gi * seen..]);
+                let src = sc[gi..]
+                    .iter()
+                    .step_by(groups)
+                    .zip(mn[gi..].iter().step_by(groups));
+                for ((s, m), (&x, &y)) in ds.iter_mut().zip(dm.iter_mut()).take(seen).zip(src) {
+                    (*s, *m) = (x, y);
                 }
             }
-            let mut weights = vec![0f32; rows * seen];
+            let mut weights = Scratch::take(rows * seen);
             for gi in 0..groups {
                 let (s, m) = (
                     &sg[gi * seen..(gi + 1) * seen],

@@ -174,8 +174,11 @@ impl RowKernel for Plain {
 #[inline(always)]
 pub fn exp(x0: f32) -> f32 {
     let x = x0.max(-87.0);
-    // Round to nearest by adding and subtracting 1.5·2^23 (no libm call, vectorises).
-    let k = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest by adding and subtracting 1.5·2^23 (no libm call, vectorises). The
+    // sum's low mantissa bits hold k itself, so 2^k is built by integer arithmetic: an `as
+    // i32` cast would saturate, which compiles to one scalar conversion per lane.
+    let biased = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let k = biased - 12_582_912.0;
     let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -184,7 +187,8 @@ pub fn exp(x0: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    let e = f32::from_bits(e.to_bits().wrapping_add(((k as i32) << 23) as u32));
+    let k_bits = biased.to_bits().wrapping_sub(0x4B40_0000);
+    let e = f32::from_bits(e.to_bits().wrapping_add(k_bits << 23));
     if x0 < -87.0 { 0.0 } else { e }
 }
 
@@ -194,6 +198,7 @@ pub(crate) use avx2::{Avx2, HardHalf, SoftHalf};
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Plain, RowKernel};
+    use crate::host_wide as wide;
     use core::arch::x86_64::{__m128i, __m256, __m256i};
     use pulp::x86::{V3, V4};
     use std::ops::Range;
@@ -206,6 +211,12 @@ mod avx2 {
     /// How eight binary16 values become f32 (exactly).
     pub(crate) trait WidenHalf: Copy {
         fn f16x8(self, simd: V3, h: &[u16]) -> __m256;
+        /// The AVX-512 token, where the CPU has it: the decode tiles then run sixteen lanes
+        /// wide ([`crate::host_wide`]).
+        #[inline(always)]
+        fn wide(self) -> Option<V4> {
+            None
+        }
     }
 
     /// Integer arithmetic: normal numbers rebias their exponent, zero and subnormals are
@@ -250,6 +261,11 @@ mod avx2 {
             self.0
                 .avx512f
                 ._mm256_maskz_cvtph_ps(0xff, pulp::cast::<[u16; 8], __m128i>(a))
+        }
+
+        #[inline(always)]
+        fn wide(self) -> Option<V4> {
+            Some(self.0)
         }
     }
 
@@ -405,6 +421,9 @@ mod avx2 {
         /// written and read back.
         #[inline(always)]
         fn dots_f16(self, q: &[f32], w: usize, keys: &[u16], out: &mut [f32], stride: usize) {
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &(0..0))) {
+                return wide::dots(v4, q, w, wide::Half16(keys), keys.len() / w, out, stride);
+            }
             if !w.is_multiple_of(8) {
                 return Plain.dots_f16(q, w, keys, out, stride);
             }
@@ -441,6 +460,10 @@ mod avx2 {
             cols: Range<usize>,
             acc: &mut [f32],
         ) {
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &cols)) {
+                let m = vals.len() / w;
+                return wide::weighted_sum(v4, p, stride, wide::Half16(vals), m, w, cols, acc);
+            }
             if !aligned(w, &cols) {
                 return Plain.weighted_sum_f16(p, stride, vals, w, cols, acc);
             }
@@ -457,10 +480,14 @@ mod avx2 {
             out: &mut [f32],
             stride: usize,
         ) {
+            let m = bytes.len() * 8 / BITS / w;
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &(0..0))) {
+                let keys = wide::Codes16::<BITS>(bytes);
+                return wide::dots(v4, q, w, keys, m, out, stride);
+            }
             if !w.is_multiple_of(8) {
                 return Plain.dots_codes::<BITS>(q, w, bytes, out, stride);
             }
-            let m = bytes.len() * 8 / BITS / w;
             self.dots_on(q, w, CodeRows::<BITS>(bytes, self.0), m, out, stride);
         }
 
@@ -475,10 +502,14 @@ mod avx2 {
             cols: Range<usize>,
             acc: &mut [f32],
         ) {
+            let m = bytes.len() * 8 / BITS / w;
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &cols)) {
+                let vals = wide::Codes16::<BITS>(bytes);
+                return wide::weighted_sum(v4, p, stride, vals, m, w, cols, acc);
+            }
             if !aligned(w, &cols) {
                 return Plain.weighted_sum_codes::<BITS>(p, stride, bytes, w, cols, acc);
             }
-            let m = bytes.len() * 8 / BITS / w;
             let vals = CodeRows::<BITS>(bytes, self.0);
             self.weighted_on(p, stride, vals, m, w, cols, acc);
         }
@@ -820,7 +851,13 @@ mod tests {
         ws: usize,
     ) -> Result<(), TestCaseError> {
         let (q, kv) = (rng.floats(rows * ws), rng.floats(keys * ws));
-        let cols = if ws.is_multiple_of(8) { 8..ws } else { 0..ws };
+        // Column ranges on eight-lane and sixteen-lane boundaries (the AVX-512 tiles take
+        // only the latter).
+        let cols = match (ws % 8, keys % 3) {
+            (0, 1) => 8..ws,
+            (0, 2) if ws > 16 => 16..ws,
+            _ => 0..ws,
+        };
         let scores = || vec![0f32; rows * keys];
         let (mut s1, mut s2) = (scores(), scores());
         k.dots(&q, ws, &kv, &mut s1, keys);

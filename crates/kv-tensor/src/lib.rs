@@ -21,6 +21,8 @@ mod host_attention;
 pub mod host_gemm;
 mod host_kernels;
 mod host_segment;
+#[cfg(target_arch = "x86_64")]
+mod host_wide;
 mod layer;
 mod layout;
 mod packing;
