@@ -261,9 +261,15 @@ fn check(
             &want,
             "attend",
         )?;
-        let (out, mass) = layer.attend_with_mass(q.clone()).expect("tensor path");
+        let (out, mass) = layer.attend_with_mass(q.clone()).expect("attend with mass");
+        close(&values(out), &want, "attend with mass")?;
+        let want_mass = values(want_mass);
+        close(&values(mass), &want_mass, "mass")?;
+        let (out, mass) = layer
+            .attend_parts_with_mass_for_test(q.clone())
+            .expect("tensor path");
         close(&values(out), &want, "tensor path")?;
-        close(&values(mass), &values(want_mass), "mass")?;
+        close(&values(mass), &want_mass, "tensor path mass")?;
         close(
             &values(layer.attend_parts_for_test(q).expect("tensor path")),
             &want,

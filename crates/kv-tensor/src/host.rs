@@ -195,8 +195,9 @@ impl HostWindow {
         (self.k.to_vec(), self.v.to_vec())
     }
 
-    /// Head `bh`'s keys and values for the attention kernels.
-    pub(crate) fn part<'a>(&'a self, bh: usize, offset: usize) -> Part<'a> {
+    /// Head `bh`'s keys and values for the attention kernels (`offset`: its first row's index
+    /// in the head's sequence; `column`: its first row's attention-mass column).
+    pub(crate) fn part<'a>(&'a self, bh: usize, offset: usize, column: usize) -> Part<'a> {
         let side = |rows: Rows<'a>| SideView {
             rows,
             n: self.len,
@@ -208,6 +209,7 @@ impl HostWindow {
             k: side(self.k.view(bh)),
             v: side(self.v.view(bh)),
             offset,
+            column,
         }
     }
 }

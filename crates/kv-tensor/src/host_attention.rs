@@ -343,6 +343,9 @@ pub(crate) struct Partial {
     pub(crate) max: Vec<f32>,
     pub(crate) sum: Vec<f32>,
     pub(crate) out: Vec<f32>,
+    /// With [`Task::mass`]: `exp(score − max)` of every row and key (`rows × n`, keys a row
+    /// may not see 0), from which the merge derives each key's attention mass.
+    pub(crate) weights: Option<Vec<f32>>,
 }
 
 /// One task: query rows `q` (`rows × d`) over rows `range` of one head's part.
@@ -354,6 +357,8 @@ pub(crate) struct Task<'a> {
     /// Keys of `range` each query row sees (causality), at most `range.len()`.
     pub(crate) visible: Vec<usize>,
     pub(crate) scale: f32,
+    /// Whether to keep the task's softmax weights for the attention mass.
+    pub(crate) mass: bool,
 }
 
 /// A task bound to SIMD kernels `K`: as a `NullaryFnOnce` with an `#[inline(always)]` call,
@@ -404,7 +409,13 @@ impl Task<'_> {
             scores[r * n + self.visible[r]..(r + 1) * n].fill(0.0);
         }
         let out = value_sums(k, &self, &scores);
-        Partial { max, sum, out }
+        let weights = self.mass.then(|| scores.to_vec());
+        Partial {
+            max,
+            sum,
+            out,
+            weights,
+        }
     }
 }
 
@@ -675,6 +686,8 @@ pub(crate) struct Part<'a> {
     pub(crate) k: SideView<'a>,
     pub(crate) v: SideView<'a>,
     pub(crate) offset: usize,
+    /// The mass column of the part's first row ([`attend_mass`]).
+    pub(crate) column: usize,
 }
 
 /// Query rows per task when many queries attend at once (a prefill chunk): the task's score
@@ -689,13 +702,19 @@ pub(crate) const ROWS_PER_TASK: usize = 96;
 ///
 /// Work is split by KV head, block of query tokens (all grouped heads of a token together)
 /// and run of keys; a block's partials are merged exactly and its rows scattered back.
-pub(crate) fn attend(
+/// Attention of `tq` query tokens over every head's parts, merged by the online softmax;
+/// given the mass column where each part starts (`columns`, one per part, the same for every
+/// head, ending with the total), also returns the attention mass every
+/// stored row received (`[head][column]`, summed over query rows; columns no head row fills
+/// stay 0): the softmax weights each task kept, rescaled by its rows' merged maximum and sum.
+pub(crate) fn attend_mass(
     q: &[f32],
     tq: usize,
     d: usize,
     heads: &[Vec<Part<'_>>],
     lens: &[usize],
-) -> Vec<f32> {
+    columns: Option<&[usize]>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let rows = q.len() / d / heads.len();
     let group = rows / tq;
     let per_block = (ROWS_PER_TASK / group.max(1)).max(1).min(tq);
@@ -715,11 +734,13 @@ pub(crate) fn attend(
             block
         })
         .collect();
-    let jobs = tasks(&gathered, &blocks, heads, lens, tq, d);
-    let partials: Vec<(usize, Partial)> = jobs
+    let jobs = tasks(&gathered, &blocks, heads, lens, tq, d, columns.is_some());
+    let partials: Vec<(usize, usize, Partial)> = jobs
         .into_par_iter()
-        .map(|(slot, task)| (slot, task.run()))
+        .map(|(slot, column, task)| (slot, column, task.run()))
         .collect();
+    let total = columns.and_then(|c| c.last().copied()).unwrap_or(0);
+    let mut mass = columns.map(|_| vec![0f32; heads.len() * total]);
     let mut out = vec![0f32; q.len()];
     let mut i = 0;
     for slot in 0..gathered.len() {
@@ -729,13 +750,35 @@ pub(crate) fn attend(
             i += 1;
         }
         let mut o = vec![0f32; group * b.len() * d];
-        merge(partials[from..i].iter().map(|(_, p)| p), &mut o, d);
+        let slot_parts = &partials[from..i];
+        let (max, total_sum) = merge(slot_parts.iter().map(|(_, _, p)| p), &mut o, d);
+        if let Some(m) = mass.as_mut() {
+            let head = &mut m[bh * total..(bh + 1) * total];
+            for (_, column, p) in slot_parts {
+                add_mass(p, &max, &total_sum, &mut head[*column..]);
+            }
+        }
         let oh = &mut out[bh * rows * d..(bh + 1) * rows * d];
         for (g, src) in o.chunks_exact(b.len() * d).enumerate() {
             oh[(g * tq + b.start) * d..(g * tq + b.end) * d].copy_from_slice(src);
         }
     }
-    out
+    (out, mass)
+}
+
+/// `mass[j] += Σ_r weights[r][j] · exp(max_r(part) − max_r) / sum_r` over one task's rows.
+fn add_mass(p: &Partial, max: &[f32], sum: &[f32], mass: &mut [f32]) {
+    let Some(weights) = &p.weights else { return };
+    let n = weights.len() / max.len().max(1);
+    for (r, w) in weights.chunks_exact(n.max(1)).enumerate() {
+        if p.sum[r] == 0.0 || sum[r] == 0.0 {
+            continue;
+        }
+        let f = (p.max[r] - max[r]).exp() / sum[r];
+        for (m, &x) in mass.iter_mut().zip(w) {
+            *m += f * x;
+        }
+    }
 }
 
 /// The tasks of [`attend`], in slot order (slot = head × blocks + block): every run of at most
@@ -747,7 +790,8 @@ fn tasks<'a>(
     lens: &[usize],
     tq: usize,
     d: usize,
-) -> Vec<(usize, Task<'a>)> {
+    mass: bool,
+) -> Vec<(usize, usize, Task<'a>)> {
     let scale = 1.0 / (d as f32).sqrt();
     let mut jobs = Vec::new();
     for (slot, qb) in gathered.iter().enumerate() {
@@ -769,6 +813,7 @@ fn tasks<'a>(
                 if visible.iter().any(|&v| v > 0) {
                     jobs.push((
                         slot,
+                        part.column + start,
                         Task {
                             k: part.k,
                             v: part.v,
@@ -776,6 +821,7 @@ fn tasks<'a>(
                             range: start..end,
                             visible,
                             scale,
+                            mass,
                         },
                     ));
                 }
@@ -788,11 +834,14 @@ fn tasks<'a>(
 
 /// Combines partial softmaxes of the same query rows over disjoint keys into the normalised
 /// output (`out`: `rows × d`), exactly: each part is rescaled by `exp(max_part − max)`.
+/// Returns every row's maximum and softmax denominator.
 pub(crate) fn merge<'p>(
     parts: impl Iterator<Item = &'p Partial> + Clone,
     out: &mut [f32],
     d: usize,
-) {
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = out.len() / d;
+    let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
     for (r, o) in out.chunks_exact_mut(d).enumerate() {
         let max = parts
             .clone()
@@ -809,5 +858,7 @@ pub(crate) fn merge<'p>(
         for x in o.iter_mut() {
             *x *= inv;
         }
+        (maxes[r], sums[r]) = (max, total);
     }
+    (maxes, sums)
 }

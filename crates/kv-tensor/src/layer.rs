@@ -463,12 +463,16 @@ impl<B: KvBackend> CompressedLayer<B> {
     /// `q`: `[b, q_heads, tq, d]` → `[b, q_heads, tq, d]`
     pub fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         let lens = self.check_queries(&q)?;
-        let host = matches!(self.window, Window::Host(..) | Window::Empty)
-            && self.segments.iter().all(|s| matches!(s, Stored::Host(_)));
-        if host && is_host(&q) {
-            return self.attend_host(q, &lens);
+        if self.host_parts() && is_host(&q) {
+            return Ok(self.attend_host(q, &lens, false)?.0);
         }
         Ok(self.attend_tensors(q, &lens, false)?.0)
+    }
+
+    /// Whether every part is held for the host kernels.
+    fn host_parts(&self) -> bool {
+        matches!(self.window, Window::Host(..) | Window::Empty)
+            && self.segments.iter().all(|s| matches!(s, Stored::Host(_)))
     }
 
     /// [`attend`](Self::attend) that also returns the attention mass every stored row received
@@ -478,7 +482,11 @@ impl<B: KvBackend> CompressedLayer<B> {
         q: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
         let lens = self.check_queries(&q)?;
-        let (out, mass) = self.attend_tensors(q, &lens, true)?;
+        let (out, mass) = if self.host_parts() && is_host(&q) {
+            self.attend_host(q, &lens, true)?
+        } else {
+            self.attend_tensors(q, &lens, true)?
+        };
         Ok((out, mass.ok_or(KvError::Empty)?))
     }
 
@@ -520,34 +528,56 @@ impl<B: KvBackend> CompressedLayer<B> {
         Ok(lens)
     }
 
-    fn attend_host(&self, q: Tensor<B, 4>, lens: &[usize]) -> Result<Tensor<B, 4>, KvError> {
+    /// The host kernels over every part; with `want_mass`, also the mass every stored row
+    /// received, in the tensor path's columns (each part as wide as its longest head).
+    fn attend_host(
+        &self,
+        q: Tensor<B, 4>,
+        lens: &[usize],
+        want_mass: bool,
+    ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
         let dims = q.dims();
         let [b, _, tq, d] = dims;
         let h = lens.len() / b;
         let device = q.device();
+        let mut columns = vec![0usize];
+        for s in &self.segments {
+            if let Stored::Host(s) = s {
+                let width = s.rows.iter().copied().max().unwrap_or(0);
+                columns.push(columns[columns.len() - 1] + width);
+            }
+        }
+        columns.push(columns[columns.len() - 1] + self.window_len());
         let heads: Vec<Vec<Part<'_>>> = (0..b * h)
             .map(|bh| {
                 let mut offset = 0;
                 let mut parts = Vec::with_capacity(self.segments.len() + 1);
-                for s in &self.segments {
-                    if let Stored::Host(s) = s {
-                        let n = s.rows[bh];
-                        parts.push(Part {
-                            k: side_view(&s.k, bh, n, h, d),
-                            v: side_view(&s.v, bh, n, h, d),
-                            offset,
-                        });
-                        offset += n;
-                    }
+                let host = self.segments.iter().filter_map(|s| match s {
+                    Stored::Host(s) => Some(s),
+                    Stored::Tensors(_) => None,
+                });
+                for (s, &column) in host.zip(&columns) {
+                    let n = s.rows[bh];
+                    parts.push(Part {
+                        k: side_view(&s.k, bh, n, h, d),
+                        v: side_view(&s.v, bh, n, h, d),
+                        offset,
+                        column,
+                    });
+                    offset += n;
                 }
                 if let Window::Host(w, _) = &self.window {
-                    parts.push(w.part(bh, offset));
+                    parts.push(w.part(bh, offset, columns[columns.len() - 2]));
                 }
                 parts
             })
             .collect();
-        let out = crate::host_attention::attend(&floats(q)?, tq, d, &heads, lens);
-        Ok(Tensor::from_data(TensorData::new(out, dims), &device))
+        let cols = want_mass.then_some(columns.as_slice());
+        let (out, mass) =
+            crate::host_attention::attend_mass(&floats(q)?, tq, d, &heads, lens, cols);
+        let total = columns[columns.len() - 1];
+        let mass = mass.map(|m| Tensor::from_data(TensorData::new(m, [b, h, total]), &device));
+        Ok((Tensor::from_data(TensorData::new(out, dims), &device), mass))
     }
 
     /// The part-by-part tensor path, whatever the backend (tests compare both paths).
@@ -555,6 +585,17 @@ impl<B: KvBackend> CompressedLayer<B> {
     pub(crate) fn attend_parts_for_test(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         let lens = self.check_queries(&q)?;
         Ok(self.attend_tensors(q, &lens, false)?.0)
+    }
+
+    /// The tensor path's output and mass, whatever the backend.
+    #[cfg(test)]
+    pub(crate) fn attend_parts_with_mass_for_test(
+        &self,
+        q: Tensor<B, 4>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        let lens = self.check_queries(&q)?;
+        let (out, mass) = self.attend_tensors(q, &lens, true)?;
+        Ok((out, mass.ok_or(KvError::Empty)?))
     }
 
     fn attend_tensors(
