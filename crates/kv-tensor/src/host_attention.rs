@@ -27,9 +27,10 @@ use crate::{CodeBits, GroupAxis};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Keys per task: enough work per task that scheduling is noise, few enough that a 2k-token
-/// layer over 3 KV heads makes a couple of dozen tasks for the cores to share.
-pub(crate) const KEYS_PER_TASK: usize = 256;
+/// Keys per task: enough work per task that scheduling and per-task set-up are noise (with the
+/// sixteen-lane tiles, 256 keys left them a sixth of a decode layer's time), few enough that a
+/// 2k-token layer over 3 KV heads still makes a dozen tasks for the cores to share.
+pub(crate) const KEYS_PER_TASK: usize = 512;
 
 /// The widest row a kernel buffers on the stack (head dimensions and ranks up to this).
 pub(crate) const MAX_W: usize = 512;
