@@ -266,12 +266,18 @@ fn check(
         let want_mass = values(want_mass);
         close(&values(mass), &want_mass, "mass")?;
         let (out, mass) = layer
-            .attend_parts_with_mass_for_test(q.clone())
+            .attend_parts_for_test(q.clone(), true)
             .expect("tensor path");
         close(&values(out), &want, "tensor path")?;
+        let mass = mass.expect("tensor path mass");
         close(&values(mass), &want_mass, "tensor path mass")?;
         close(
-            &values(layer.attend_parts_for_test(q).expect("tensor path")),
+            &values(
+                layer
+                    .attend_parts_for_test(q, false)
+                    .expect("tensor path")
+                    .0,
+            ),
             &want,
             "tensor path without mass",
         )?;

@@ -687,7 +687,7 @@ pub(crate) struct Part<'a> {
     pub(crate) k: SideView<'a>,
     pub(crate) v: SideView<'a>,
     pub(crate) offset: usize,
-    /// The mass column of the part's first row ([`attend_mass`]).
+    /// The mass column of the part's first row ([`attend`]).
     pub(crate) column: usize,
 }
 
@@ -703,12 +703,12 @@ pub(crate) const ROWS_PER_TASK: usize = 96;
 ///
 /// Work is split by KV head, block of query tokens (all grouped heads of a token together)
 /// and run of keys; a block's partials are merged exactly and its rows scattered back.
-/// Attention of `tq` query tokens over every head's parts, merged by the online softmax;
-/// given the mass column where each part starts (`columns`, one per part, the same for every
-/// head, ending with the total), also returns the attention mass every
-/// stored row received (`[head][column]`, summed over query rows; columns no head row fills
-/// stay 0): the softmax weights each task kept, rescaled by its rows' merged maximum and sum.
-pub(crate) fn attend_mass(
+///
+/// Given the mass column where each part starts (`columns`: one per part, the same for every
+/// head, then the total), also returns the attention mass every stored row received
+/// (`[head][column]`, summed over query rows; columns no row of a head fills stay 0): the
+/// softmax weights each task kept, rescaled by its rows' merged maximum and sum.
+pub(crate) fn attend(
     q: &[f32],
     tq: usize,
     d: usize,

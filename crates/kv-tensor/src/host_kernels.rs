@@ -193,7 +193,7 @@ pub fn exp(x0: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::{Avx2, HardHalf, SoftHalf};
+pub(crate) use avx2::{Avx2, HardHalf, SoftHalf, hsum4};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -273,6 +273,20 @@ mod avx2 {
     fn hsum(v: __m256) -> f32 {
         let a: [f32; 8] = pulp::cast(v);
         ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    }
+
+    /// The four horizontal sums of four vectors, reduced together.
+    #[inline(always)]
+    pub(crate) fn hsum4(simd: V3, a: [__m256; 4]) -> [f32; 4] {
+        let V3 { sse, avx, .. } = simd;
+        let t0 = avx._mm256_hadd_ps(a[0], a[1]);
+        let t1 = avx._mm256_hadd_ps(a[2], a[3]);
+        let t = avx._mm256_hadd_ps(t0, t1);
+        let s = sse._mm_add_ps(
+            avx._mm256_castps256_ps128(t),
+            avx._mm256_extractf128_ps::<1>(t),
+        );
+        pulp::cast(s)
     }
 
     #[inline(always)]
@@ -421,7 +435,7 @@ mod avx2 {
         /// written and read back.
         #[inline(always)]
         fn dots_f16(self, q: &[f32], w: usize, keys: &[u16], out: &mut [f32], stride: usize) {
-            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &(0..0))) {
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w)) {
                 return wide::dots(v4, q, w, wide::Half16(keys), keys.len() / w, out, stride);
             }
             if !w.is_multiple_of(8) {
@@ -460,7 +474,7 @@ mod avx2 {
             cols: Range<usize>,
             acc: &mut [f32],
         ) {
-            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &cols)) {
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits_cols(w, &cols)) {
                 let m = vals.len() / w;
                 return wide::weighted_sum(v4, p, stride, wide::Half16(vals), m, w, cols, acc);
             }
@@ -481,7 +495,7 @@ mod avx2 {
             stride: usize,
         ) {
             let m = bytes.len() * 8 / BITS / w;
-            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &(0..0))) {
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w)) {
                 let keys = wide::Codes16::<BITS>(bytes);
                 return wide::dots(v4, q, w, keys, m, out, stride);
             }
@@ -503,7 +517,7 @@ mod avx2 {
             acc: &mut [f32],
         ) {
             let m = bytes.len() * 8 / BITS / w;
-            if let Some(v4) = self.1.wide().filter(|_| wide::fits(w, &cols)) {
+            if let Some(v4) = self.1.wide().filter(|_| wide::fits_cols(w, &cols)) {
                 let vals = wide::Codes16::<BITS>(bytes);
                 return wide::weighted_sum(v4, p, stride, vals, m, w, cols, acc);
             }
@@ -687,23 +701,9 @@ mod avx2 {
             }
             let mut out = [[0f32; 4]; 3];
             for (o, a) in out.iter_mut().zip(acc) {
-                *o = self.hsum4(a);
+                *o = hsum4(self.0, a);
             }
             out
-        }
-
-        /// The four horizontal sums of four vectors, reduced together.
-        #[inline(always)]
-        fn hsum4(self, a: [__m256; 4]) -> [f32; 4] {
-            let V3 { sse, avx, .. } = self.0;
-            let t0 = avx._mm256_hadd_ps(a[0], a[1]);
-            let t1 = avx._mm256_hadd_ps(a[2], a[3]);
-            let t = avx._mm256_hadd_ps(t0, t1);
-            let s = sse._mm_add_ps(
-                avx._mm256_castps256_ps128(t),
-                avx._mm256_extractf128_ps::<1>(t),
-            );
-            pulp::cast(s)
         }
 
         /// Rows `r0..r0 + R` × channels `c..c + 8V` of [`RowKernel::weighted_sum`], the

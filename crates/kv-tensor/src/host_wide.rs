@@ -8,7 +8,7 @@
 //! with one `vpternlogd`, so the lane holds `1 + c / 2^BITS`. The affine correction this
 //! leaves is applied once per dot product (scores) or once per tile (value sums), never per
 //! element.
-use core::arch::x86_64::{__m256, __m512, __m512i};
+use core::arch::x86_64::{__m512, __m512i};
 use pulp::x86::V4;
 use std::ops::Range;
 
@@ -155,10 +155,16 @@ fn sum(simd: V4, x: &[f32]) -> f32 {
     f._mm512_reduce_add_ps(acc) + tail
 }
 
-/// Whether rows of `w` (and, for value sums, the columns `cols`) fall on whole vectors.
+/// Whether rows of `w` fall on whole vectors.
 #[inline(always)]
-pub(crate) fn fits(w: usize, cols: &Range<usize>) -> bool {
-    w.is_multiple_of(16) && cols.start.is_multiple_of(16) && cols.end.is_multiple_of(16)
+pub(crate) fn fits(w: usize) -> bool {
+    w.is_multiple_of(16)
+}
+
+/// Whether rows of `w` and the columns `cols` of a value sum fall on whole vectors.
+#[inline(always)]
+pub(crate) fn fits_cols(w: usize, cols: &Range<usize>) -> bool {
+    fits(w) && cols.start.is_multiple_of(16) && cols.end.is_multiple_of(16)
 }
 
 /// Scores of the `q.len() / w` query rows against `m` keys read through `keys`:
@@ -280,26 +286,19 @@ fn dot_tile<const R: usize, const K: usize, W: Width, L: Lanes16>(
     out
 }
 
-/// The four lane sums of four vectors, reduced together.
+/// The four lane sums of four vectors: each folded to eight lanes, then reduced together as
+/// the AVX2 tiles reduce theirs.
 #[inline(always)]
 fn hsum4(simd: V4, a: [__m512; 4]) -> [f32; 4] {
     let (f, dq) = (simd.avx512f, simd.avx512dq);
-    let V4 { sse, avx, .. } = simd;
-    let mut h = [avx._mm256_setzero_ps(); 4];
+    let mut h = [simd.avx._mm256_setzero_ps(); 4];
     for (x, v) in h.iter_mut().zip(a) {
-        *x = avx._mm256_add_ps(
+        *x = simd.avx._mm256_add_ps(
             f._mm512_castps512_ps256(v),
             dq._mm512_extractf32x8_ps::<1>(v),
         );
     }
-    let t0 = avx._mm256_hadd_ps(h[0], h[1]);
-    let t1 = avx._mm256_hadd_ps(h[2], h[3]);
-    let t: __m256 = avx._mm256_hadd_ps(t0, t1);
-    let s = sse._mm_add_ps(
-        avx._mm256_castps256_ps128(t),
-        avx._mm256_extractf128_ps::<1>(t),
-    );
-    pulp::cast(s)
+    crate::host_kernels::hsum4(*simd, h)
 }
 
 /// `acc_r[cols] += Σ_j p[r·stride + j] · vals_j[cols]` over `m` value rows of width `w` read

@@ -573,8 +573,7 @@ impl<B: KvBackend> CompressedLayer<B> {
             })
             .collect();
         let cols = want_mass.then_some(columns.as_slice());
-        let (out, mass) =
-            crate::host_attention::attend_mass(&floats(q)?, tq, d, &heads, lens, cols);
+        let (out, mass) = crate::host_attention::attend(&floats(q)?, tq, d, &heads, lens, cols);
         let total = columns[columns.len() - 1];
         let mass = mass.map(|m| Tensor::from_data(TensorData::new(m, [b, h, total]), &device));
         Ok((Tensor::from_data(TensorData::new(out, dims), &device), mass))
@@ -582,20 +581,13 @@ impl<B: KvBackend> CompressedLayer<B> {
 
     /// The part-by-part tensor path, whatever the backend (tests compare both paths).
     #[cfg(test)]
-    pub(crate) fn attend_parts_for_test(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
-        let lens = self.check_queries(&q)?;
-        Ok(self.attend_tensors(q, &lens, false)?.0)
-    }
-
-    /// The tensor path's output and mass, whatever the backend.
-    #[cfg(test)]
-    pub(crate) fn attend_parts_with_mass_for_test(
+    pub(crate) fn attend_parts_for_test(
         &self,
         q: Tensor<B, 4>,
-    ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        want_mass: bool,
+    ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
         let lens = self.check_queries(&q)?;
-        let (out, mass) = self.attend_tensors(q, &lens, true)?;
-        Ok((out, mass.ok_or(KvError::Empty)?))
+        self.attend_tensors(q, &lens, want_mass)
     }
 
     fn attend_tensors(
