@@ -348,6 +348,10 @@ impl<B: KvBackend> LayerCache<B> for MoqaeCache<B> {
         self.layer.attend_with_mass(q)
     }
 
+    fn attend_with_peak(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_peak(q)
+    }
+
     fn resident(&self) -> kv_tensor::Bytes {
         self.layer.resident()
     }

@@ -96,7 +96,7 @@ pub fn attention_with_peak<B: KvBackend>(
 
 /// How the softmax weights a key received are reduced over queries and grouped heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reduce {
+pub enum Reduce {
     /// Summed (H2O's attention mass).
     Sum,
     /// The largest (KVzip's peak).

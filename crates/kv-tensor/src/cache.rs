@@ -3,7 +3,7 @@
 use crate::KvBackend;
 use crate::{
     AxisError, Bytes, CompressedLayer, DensePrecision, Footprint, KvError, ObservationCtx,
-    attention_padded, attention_with_mass,
+    attention_padded, attention_with_mass, attention_with_peak,
 };
 use burn::tensor::{Bool, Tensor};
 
@@ -44,6 +44,15 @@ pub trait LayerCache<B: KvBackend>: Send {
     fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
         let (k, v) = self.keys_values()?;
         attention_with_mass(q, k, v, self.padding())
+    }
+
+    /// [`attend`](Self::attend) that also returns the largest attention weight every held key
+    /// received from these queries and their grouped heads (`[b, kv_heads, stored]`; see
+    /// [`attention_with_peak`]): KVzip's reconstruction pass reads it from a fork of the
+    /// prefilled cache. The default decodes the cache; the full cache reads its stored rows.
+    fn attend_with_peak(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        let (k, v) = self.keys_values()?;
+        attention_with_peak(q, k, v, self.padding())
     }
 
     /// Which rows of [`keys_values`](Self::keys_values) are padding rather than tokens
@@ -148,6 +157,10 @@ impl<B: KvBackend> LayerCache<B> for FullCache<B> {
         self.layer.attend_with_mass(q)
     }
 
+    fn attend_with_peak(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_peak(q)
+    }
+
     fn footprint(&self) -> Footprint {
         self.layer.footprint()
     }
@@ -205,6 +218,16 @@ impl<B: KvBackend> LayerCache<B> for RecordingCache<B> {
         self.inner.attend_with_mass(q)
     }
 
+    fn attend_with_peak(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.inner.attend_with_peak(q)
+    }
+
+    /// A copy of the recorded cache without the observations (what a reconstruction pass or a
+    /// probe reads).
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        self.inner.fork()
+    }
+
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         self.observed = Some(ctx.clone());
         Ok(())
@@ -239,6 +262,10 @@ impl<B: KvBackend, C: LayerCache<B> + ?Sized> LayerCache<B> for Box<C> {
 
     fn attend_with_mass(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
         (**self).attend_with_mass(q)
+    }
+
+    fn attend_with_peak(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        (**self).attend_with_peak(q)
     }
 
     fn padding(&self) -> Option<Tensor<B, 3, Bool>> {

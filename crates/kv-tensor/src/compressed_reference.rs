@@ -9,7 +9,7 @@
 //! reading the stored form (query blocks of a prefill chunk split and merged) and the part-by-part tensor path (any query count).
 use crate::{
     Basis, CodeBits, CompressedLayer, Encoded, Fp16Tensor, GroupAxis, PackedCodes, Positions,
-    Quantized, Segment,
+    Quantized, Reduce, Segment,
 };
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use burn_ndarray::NdArray;
@@ -265,21 +265,25 @@ fn check(
         close(&values(out), &want, "attend with mass")?;
         let want_mass = values(want_mass);
         close(&values(mass), &want_mass, "mass")?;
-        let (out, mass) = layer
-            .attend_parts_for_test(q.clone(), true)
-            .expect("tensor path");
-        close(&values(out), &want, "tensor path")?;
-        let mass = mass.expect("tensor path mass");
-        close(&values(mass), &want_mass, "tensor path mass")?;
+        let (_, want_peak) =
+            crate::attention_with_peak(q.clone(), k.clone(), v.clone(), Some(padding.clone()))
+                .expect("reference");
+        let want_peak = values(want_peak);
+        let (out, peak) = layer.attend_with_peak(q.clone()).expect("attend with peak");
+        close(&values(out), &want, "attend with peak")?;
+        close(&values(peak), &want_peak, "peak")?;
+        for (reduce, want_stat) in [(Reduce::Sum, &want_mass), (Reduce::Max, &want_peak)] {
+            let (out, stat) = layer
+                .attend_parts_for_test(q.clone(), Some(reduce))
+                .expect("tensor path");
+            close(&values(out), &want, "tensor path")?;
+            let stat = stat.expect("tensor path statistic");
+            close(&values(stat), want_stat, "tensor path statistic")?;
+        }
         close(
-            &values(
-                layer
-                    .attend_parts_for_test(q, false)
-                    .expect("tensor path")
-                    .0,
-            ),
+            &values(layer.attend_parts_for_test(q, None).expect("tensor path").0),
             &want,
-            "tensor path without mass",
+            "tensor path without a statistic",
         )?;
     }
     Ok(())

@@ -23,7 +23,7 @@
 use crate::host::Prefetch;
 use crate::host_kernels::{Plain, RowKernel};
 use crate::host_segment::{HostQuant, HostSide, f16_to_f32};
-use crate::{CodeBits, GroupAxis};
+use crate::{CodeBits, GroupAxis, Reduce};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -704,17 +704,17 @@ pub(crate) const ROWS_PER_TASK: usize = 96;
 /// Work is split by KV head, block of query tokens (all grouped heads of a token together)
 /// and run of keys; a block's partials are merged exactly and its rows scattered back.
 ///
-/// Given the mass column where each part starts (`columns`: one per part, the same for every
-/// head, then the total), also returns the attention mass every stored row received
-/// (`[head][column]`, summed over query rows; columns no row of a head fills stay 0): the
-/// softmax weights each task kept, rescaled by its rows' merged maximum and sum.
+/// Given the column where each part starts (`columns`: one per part, the same for every head,
+/// then the total) and a reduction, also returns the attention every stored row received
+/// (`[head][column]`, summed or maximised over query rows; columns no row of a head fills stay
+/// 0): the softmax weights each task kept, rescaled by its rows' merged maximum and sum.
 pub(crate) fn attend(
     q: &[f32],
     tq: usize,
     d: usize,
     heads: &[Vec<Part<'_>>],
     lens: &[usize],
-    columns: Option<&[usize]>,
+    columns: Option<(&[usize], Reduce)>,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let rows = q.len() / d / heads.len();
     let group = rows / tq;
@@ -740,7 +740,7 @@ pub(crate) fn attend(
         .into_par_iter()
         .map(|(slot, column, task)| (slot, column, task.run()))
         .collect();
-    let total = columns.and_then(|c| c.last().copied()).unwrap_or(0);
+    let total = columns.and_then(|(c, _)| c.last().copied()).unwrap_or(0);
     let mut mass = columns.map(|_| vec![0f32; heads.len() * total]);
     let mut out = vec![0f32; q.len()];
     let mut i = 0;
@@ -753,10 +753,10 @@ pub(crate) fn attend(
         let mut o = vec![0f32; group * b.len() * d];
         let slot_parts = &partials[from..i];
         let (max, total_sum) = merge(slot_parts.iter().map(|(_, _, p)| p), &mut o, d);
-        if let Some(m) = mass.as_mut() {
+        if let (Some(m), Some((_, reduce))) = (mass.as_mut(), columns) {
             let head = &mut m[bh * total..(bh + 1) * total];
             for (_, column, p) in slot_parts {
-                add_mass(p, &max, &total_sum, &mut head[*column..]);
+                add_weights(p, &max, &total_sum, reduce, &mut head[*column..]);
             }
         }
         let oh = &mut out[bh * rows * d..(bh + 1) * rows * d];
@@ -767,8 +767,10 @@ pub(crate) fn attend(
     (out, mass)
 }
 
-/// `mass[j] += Σ_r weights[r][j] · exp(max_r(part) − max_r) / sum_r` over one task's rows.
-fn add_mass(p: &Partial, max: &[f32], sum: &[f32], mass: &mut [f32]) {
+/// Folds one task's softmax weights into `acc`: `weights[r][j] · exp(max_r(part) − max_r) /
+/// sum_r` is row `r`'s normalised weight on key `j`, summed over rows (the mass) or maximised
+/// (the peak).
+fn add_weights(p: &Partial, max: &[f32], sum: &[f32], reduce: Reduce, acc: &mut [f32]) {
     let Some(weights) = &p.weights else { return };
     let n = weights.len() / max.len().max(1);
     for (r, w) in weights.chunks_exact(n.max(1)).enumerate() {
@@ -776,8 +778,9 @@ fn add_mass(p: &Partial, max: &[f32], sum: &[f32], mass: &mut [f32]) {
             continue;
         }
         let f = (p.max[r] - max[r]).exp() / sum[r];
-        for (m, &x) in mass.iter_mut().zip(w) {
-            *m += f * x;
+        match reduce {
+            Reduce::Sum => acc.iter_mut().zip(w).for_each(|(m, &x)| *m += f * x),
+            Reduce::Max => acc.iter_mut().zip(w).for_each(|(m, &x)| *m = m.max(f * x)),
         }
     }
 }

@@ -7,8 +7,8 @@ use crate::host_attention::{Part, side_view};
 use crate::host_segment::{HostSegment, floats};
 use crate::partial_attention::{TensorPart, attend_parts};
 use crate::{
-    Bytes, DensePrecision, Encoded, Footprint, KvError, Positions, Segment, attention_padded,
-    attention_with_mass,
+    Bytes, DensePrecision, Encoded, Footprint, KvError, Positions, Reduce, Segment,
+    attention_padded, attention_with_mass, attention_with_peak,
 };
 use burn::tensor::{Bool, Int, IntDType, Tensor, TensorData};
 use std::sync::Arc;
@@ -464,9 +464,9 @@ impl<B: KvBackend> CompressedLayer<B> {
     pub fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
         let lens = self.check_queries(&q)?;
         if self.host_parts() && is_host(&q) {
-            return Ok(self.attend_host(q, &lens, false)?.0);
+            return Ok(self.attend_host(q, &lens, None)?.0);
         }
-        Ok(self.attend_tensors(q, &lens, false)?.0)
+        Ok(self.attend_tensors(q, &lens, None)?.0)
     }
 
     /// Whether every part is held for the host kernels.
@@ -481,13 +481,31 @@ impl<B: KvBackend> CompressedLayer<B> {
         &self,
         q: Tensor<B, 4>,
     ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.attend_reduced(q, Reduce::Sum)
+    }
+
+    /// [`attend`](Self::attend) that also returns the largest attention weight every stored row
+    /// received from any query and grouped head (`[b, h, stored]`, padding rows 0): KVzip's
+    /// reconstruction statistic, read on the host kernels like the mass.
+    pub fn attend_with_peak(
+        &self,
+        q: Tensor<B, 4>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.attend_reduced(q, Reduce::Max)
+    }
+
+    fn attend_reduced(
+        &self,
+        q: Tensor<B, 4>,
+        reduce: Reduce,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
         let lens = self.check_queries(&q)?;
-        let (out, mass) = if self.host_parts() && is_host(&q) {
-            self.attend_host(q, &lens, true)?
+        let (out, stat) = if self.host_parts() && is_host(&q) {
+            self.attend_host(q, &lens, Some(reduce))?
         } else {
-            self.attend_tensors(q, &lens, true)?
+            self.attend_tensors(q, &lens, Some(reduce))?
         };
-        Ok((out, mass.ok_or(KvError::Empty)?))
+        Ok((out, stat.ok_or(KvError::Empty)?))
     }
 
     /// Validates `q` against what is stored; returns every head's total rows.
@@ -528,13 +546,13 @@ impl<B: KvBackend> CompressedLayer<B> {
         Ok(lens)
     }
 
-    /// The host kernels over every part; with `want_mass`, also the mass every stored row
-    /// received, in the tensor path's columns (each part as wide as its longest head).
+    /// The host kernels over every part; with a reduction, also the mass or peak every stored
+    /// row received, in the tensor path's columns (each part as wide as its longest head).
     fn attend_host(
         &self,
         q: Tensor<B, 4>,
         lens: &[usize],
-        want_mass: bool,
+        reduce: Option<Reduce>,
     ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
         let dims = q.dims();
         let [b, _, tq, d] = dims;
@@ -572,7 +590,7 @@ impl<B: KvBackend> CompressedLayer<B> {
                 parts
             })
             .collect();
-        let cols = want_mass.then_some(columns.as_slice());
+        let cols = reduce.map(|r| (columns.as_slice(), r));
         let (out, mass) = crate::host_attention::attend(&floats(q)?, tq, d, &heads, lens, cols);
         let total = columns[columns.len() - 1];
         let mass = mass.map(|m| Tensor::from_data(TensorData::new(m, [b, h, total]), &device));
@@ -584,27 +602,32 @@ impl<B: KvBackend> CompressedLayer<B> {
     pub(crate) fn attend_parts_for_test(
         &self,
         q: Tensor<B, 4>,
-        want_mass: bool,
+        reduce: Option<Reduce>,
     ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
         let lens = self.check_queries(&q)?;
-        self.attend_tensors(q, &lens, want_mass)
+        self.attend_tensors(q, &lens, reduce)
     }
 
     fn attend_tensors(
         &self,
         q: Tensor<B, 4>,
         lens: &[usize],
-        want_mass: bool,
+        reduce: Option<Reduce>,
     ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
         if self.segments.is_empty() {
             // The window alone (a full cache, a prefill): one dense attention, whose causal
             // mask touches only the trailing block.
             let p = self.window_part().ok_or(KvError::Empty)?;
-            return Ok(if want_mass {
-                let (out, mass) = attention_with_mass(q, p.k, p.v, None)?;
-                (out, Some(mass))
-            } else {
-                (attention_padded(q, p.k, p.v, None)?, None)
+            return Ok(match reduce {
+                Some(Reduce::Sum) => {
+                    let (out, mass) = attention_with_mass(q, p.k, p.v, None)?;
+                    (out, Some(mass))
+                }
+                Some(Reduce::Max) => {
+                    let (out, peak) = attention_with_peak(q, p.k, p.v, None)?;
+                    (out, Some(peak))
+                }
+                None => (attention_padded(q, p.k, p.v, None)?, None),
             });
         }
         let device = q.device();
@@ -618,6 +641,6 @@ impl<B: KvBackend> CompressedLayer<B> {
                 self.window_part().ok_or(KvError::Empty)
             }
         };
-        attend_parts(q, h, lens, n + usize::from(window), &part, want_mass)
+        attend_parts(q, h, lens, n + usize::from(window), &part, reduce)
     }
 }

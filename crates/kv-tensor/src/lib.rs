@@ -38,8 +38,8 @@ mod attention_reference;
 mod compressed_reference;
 
 pub use attention::{
-    ATTENTION_QUERY_CHUNK, accumulate_mass, attention, attention_padded, attention_with_mass,
-    attention_with_peak, window_attention,
+    ATTENTION_QUERY_CHUNK, Reduce, accumulate_mass, attention, attention_padded,
+    attention_with_mass, attention_with_peak, window_attention,
 };
 pub use axis::{CompressionAxis, ObservationCtx};
 pub use backend::KvBackend;

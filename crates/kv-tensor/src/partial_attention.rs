@@ -5,7 +5,7 @@
 //! chunk, and folded into a running softmax per query row (flash-decoding's merge): the layer is
 //! never dense as a whole, only one part at a time.
 use crate::KvBackend;
-use crate::{ATTENTION_QUERY_CHUNK, KvError};
+use crate::{ATTENTION_QUERY_CHUNK, KvError, Reduce};
 use burn::tensor::{Bool, Tensor, TensorData};
 
 /// One decoded part: keys and values `[b, h, n, d]`, and the rows each of the `b·h` heads
@@ -21,15 +21,15 @@ type Running<B> = (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>);
 
 /// Attention of the newest `tq` tokens' queries `q` (`[b, q_heads, tq, d]`) over `parts`
 /// parts that `part(i)` decodes, oldest first. `lens[bh]` is head `bh`'s total rows; query `i`
-/// sees rows `0 ..= len − tq + i`. With `want_mass`, also the attention mass every row
-/// received (`[b, kv_heads, Σ n]`, padding rows 0), from a second pass over the parts.
+/// sees rows `0 ..= len − tq + i`. With a reduction, also the attention mass (or peak) every
+/// row received (`[b, kv_heads, Σ n]`, padding rows 0), from a second pass over the parts.
 pub(crate) fn attend_parts<B: KvBackend>(
     q: Tensor<B, 4>,
     kv_heads: usize,
     lens: &[usize],
     parts: usize,
     part: &dyn Fn(usize) -> Result<TensorPart<B>, KvError>,
-    want_mass: bool,
+    reduce: Option<Reduce>,
 ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 3>>), KvError> {
     let [b, qh, tq, d] = q.dims();
     let g = qh / kv_heads;
@@ -74,9 +74,9 @@ pub(crate) fn attend_parts<B: KvBackend>(
         lse.push(finite(m) + l.log());
     }
     let out = Tensor::cat(outs, 2).reshape([b, qh, tq, d]);
-    if !want_mass {
+    let Some(reduce) = reduce else {
         return Ok((out, None));
-    }
+    };
     let mut masses = Vec::with_capacity(parts);
     offsets.fill(0);
     for i in 0..parts {
@@ -89,10 +89,12 @@ pub(crate) fn attend_parts<B: KvBackend>(
         let mut mass: Option<Tensor<B, 3>> = None;
         for (ci, &chunk) in chunks.iter().enumerate() {
             let scores = masked_scores(query(chunk), &k3, &p.rows, &offsets, lens, tq, chunk, g);
-            let m = (scores - lse[ci].clone()).exp().sum_dim(1);
-            mass = Some(match mass {
-                None => m,
-                Some(prev) => prev + m,
+            let w = (scores - lse[ci].clone()).exp();
+            mass = Some(match (mass, reduce) {
+                (None, Reduce::Sum) => w.sum_dim(1),
+                (None, Reduce::Max) => w.max_dim(1),
+                (Some(prev), Reduce::Sum) => prev + w.sum_dim(1),
+                (Some(prev), Reduce::Max) => prev.max_pair(w.max_dim(1)),
             });
         }
         masses.extend(mass);

@@ -1,6 +1,7 @@
 //! Times decode steps at a given context on the embedded model (profiling aid, release build):
-//! `cargo bench -p models --bench decode_profile -- [context 2047] [steps 20] [f32|rows]`, `f32` to
-//! decode from f32 rows rather than the file's blocks, `rows` to time forwards of 1 to 64 tokens. A bench target, not an example, so that
+//! `cargo bench -p models --bench decode_profile -- [context 2047] [steps 20] [f32|rows|kvzip]`,
+//! `f32` to decode from f32 rows rather than the file's blocks, `rows` to time forwards of 1 to 64
+//! tokens, `kvzip` to time a prefill with KVzip's reconstruction pass as well. A bench target, not an example, so that
 //! `cargo test` does not compile it (each binary compiles burn's CPU backend once more).
 use burn_ndarray::NdArray;
 use kv_tensor::FullCache;
@@ -36,6 +37,20 @@ fn main() {
         .prefill(&ids, &mut caches, &PrefillOptions::default())
         .expect("prefill");
     eprintln!("prefill {ctx}: {:.2} s", t.elapsed().as_secs_f64());
+    if args.get(2).map(String::as_str) == Some("kvzip") {
+        let mut fresh: Vec<FullCache<B>> = (0..layers).map(|_| FullCache::new()).collect();
+        let opts = PrefillOptions {
+            reconstruction: true,
+            ..PrefillOptions::default()
+        };
+        let t = Instant::now();
+        m.model.prefill(&ids, &mut fresh, &opts).expect("prefill");
+        eprintln!(
+            "prefill {ctx} with KVzip's reconstruction pass: {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        return;
+    }
     // Third argument `rows`: time forwards of a few tokens at a time (a question, a
     // teacher-forced answer) instead of single steps.
     if args.get(2).map(String::as_str) == Some("rows") {

@@ -352,6 +352,12 @@ impl<B: KvBackend> LayerCache<B> for RoutedCache<B> {
         Ok((out, mass))
     }
 
+    /// Read by KVzip's reconstruction pass on a fork of the prefilled cache, before anything
+    /// is compressed or tracked.
+    fn attend_with_peak(&self, q: Tensor<B, 4>) -> Result<(Tensor<B, 4>, Tensor<B, 3>), KvError> {
+        self.layer.attend_with_peak(q)
+    }
+
     fn resident(&self) -> kv_tensor::Bytes {
         self.layer.resident()
     }

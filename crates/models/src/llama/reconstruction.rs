@@ -80,12 +80,16 @@ impl<B: KvBackend> Llama<B> {
 }
 
 /// A prefilled cache seen through a reconstruction piece: attention reads the cache's keys and
-/// values followed by the piece's own, which this wrapper holds (the cache is never written),
-/// and records the peak weight every cached key received.
+/// values followed by the piece's own, and records the peak weight every cached key received.
+/// The cache itself is never written: the piece goes into a fork of it (a copy of the stored
+/// rows, which the host kernels read in place), or, for a cache that cannot fork, into tensors
+/// this wrapper holds beside a decoded copy.
 /// (It borrows the cache mutably only so that it is `Send` whenever the cache is.)
 struct ReadThrough<'a, B: KvBackend, C: LayerCache<B>> {
     base: &'a mut C,
+    fork: Option<Box<dyn LayerCache<B>>>,
     own: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    own_len: usize,
     peak: Mutex<Option<Tensor<B, 3>>>,
 }
 
@@ -93,7 +97,9 @@ impl<'a, B: KvBackend, C: LayerCache<B>> ReadThrough<'a, B, C> {
     fn new(base: &'a mut C) -> Self {
         Self {
             base,
+            fork: None,
             own: None,
+            own_len: 0,
             peak: Mutex::new(None),
         }
     }
@@ -101,22 +107,30 @@ impl<'a, B: KvBackend, C: LayerCache<B>> ReadThrough<'a, B, C> {
     fn into_peak(self) -> Option<Tensor<B, 3>> {
         self.peak.into_inner().ok().flatten()
     }
-
-    fn own_len(&self) -> usize {
-        self.own.as_ref().map_or(0, |(k, _)| k.dims()[2])
-    }
 }
 
 impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
-        self.own = Some(match self.own.take() {
-            Some((ok, ov)) => (Tensor::cat(vec![ok, k], 2), Tensor::cat(vec![ov, v], 2)),
-            None => (k, v),
-        });
+        let t = k.dims()[2];
+        if self.own_len == 0 {
+            self.fork = self.base.fork();
+        }
+        if let Some(fork) = &mut self.fork {
+            fork.append(k, v)?;
+        } else {
+            self.own = Some(match self.own.take() {
+                Some((ok, ov)) => (Tensor::cat(vec![ok, k], 2), Tensor::cat(vec![ov, v], 2)),
+                None => (k, v),
+            });
+        }
+        self.own_len += t;
         Ok(())
     }
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        if let Some(fork) = &self.fork {
+            return fork.keys_values();
+        }
         let (k, v) = self.base.keys_values()?;
         Ok(match &self.own {
             Some((ok, ov)) => (
@@ -128,9 +142,12 @@ impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     }
 
     fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
+        if let Some(fork) = &self.fork {
+            return fork.padding();
+        }
         let base = self.base.padding()?;
         let [b, h, _] = base.dims();
-        let n = self.own_len();
+        let n = self.own_len;
         let own = Tensor::<B, 3, Bool>::from_data(
             TensorData::new(vec![false; b * h * n], [b, h, n]),
             &base.device(),
@@ -139,8 +156,13 @@ impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
-        let (k, v) = self.keys_values()?;
-        let (out, peak) = attention_with_peak(q, k, v, self.padding())?;
+        let (out, peak) = match &self.fork {
+            Some(fork) => fork.attend_with_peak(q)?,
+            None => {
+                let (k, v) = self.keys_values()?;
+                attention_with_peak(q, k, v, self.padding())?
+            }
+        };
         let held = self.base.stored();
         let peak = peak.slice_dim(2, 0..held);
         let mut slot = self.peak.lock().map_err(|_| KvError::Empty)?;
@@ -156,10 +178,10 @@ impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     }
 
     fn len(&self) -> usize {
-        self.base.len() + self.own_len()
+        self.base.len() + self.own_len
     }
 
     fn stored(&self) -> usize {
-        self.base.stored() + self.own_len()
+        self.base.stored() + self.own_len
     }
 }
