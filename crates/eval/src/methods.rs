@@ -108,13 +108,13 @@ fn bits(b: u8) -> Bits {
 }
 
 /// The budgeted methods the eval compares by default, in report order (MoQAE, not a routing
-/// plan, is added after them unless `quick`): hetero, the one-dimensional baseline `1d` (the
-/// menu scorer's uniform keep), and the single scorers that were hetero's best rival somewhere
-/// in two 26-sample runs at 1/4, 1/8 and 1/14 (`snapkv`, `trig`; MoQAE at 1/4), KVzip (the
-/// strongest question-agnostic press in kvpress's benchmarks) and `hetero` without the scorer
-/// axis (`hetero(expected_attention)`), which shows what the axis adds. The rest of
-/// [`all_methods`] never was and is one flag away (`--all-methods`), so the default run can
-/// afford more samples.
+/// plan, is added after them unless `quick`): hetero; `hetero` without the scorer axis
+/// (`hetero(expected_attention)`), which shows what the axis adds; the one-dimensional baseline
+/// `1d` (the menu scorer's uniform keep: the single-axis method MoE-nD is measured against);
+/// and KVzip, the strongest question-agnostic press in kvpress's benchmarks and hetero's best
+/// rival at every budget of the 2026-12-02 default run. The attention-statistics scorers
+/// (`snapkv`, `trig`, …) never were once KVzip ran beside them, so they are one flag away
+/// (`--methods` or `--all-methods`) and the default run affords more samples.
 pub fn default_methods(quick: bool) -> Vec<Method> {
     use ScorerKind::*;
     if quick {
@@ -131,8 +131,6 @@ pub fn default_methods(quick: bool) -> Vec<Method> {
         Method::Hetero,
         Method::HeteroScorer(crate::session::MENU_SCORER),
         Method::OneD,
-        Method::Single(Snapkv),
-        Method::Single(Trig),
         Method::Single(Kvzip),
     ]
 }

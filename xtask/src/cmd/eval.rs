@@ -15,15 +15,15 @@ pub struct Eval {
     /// Budgets as fractions of fp16 bytes [default: 1/4,1/8,1/14; 1/4 with --quick].
     #[arg(long, value_delimiter = ',')]
     budgets: Option<Vec<String>>,
-    /// Budgeted methods compared besides full, KIVI and MoQAE [default: hetero, 1d, snapkv,
-    /// trig]:
+    /// Budgeted methods compared besides full, KIVI and MoQAE [default: hetero,
+    /// hetero(expected_attention), 1d, kvzip]:
     /// hetero, hetero+rank, hetero+share, 2d, 1d, 2d_uniform, a scorer (snapkv, …),
     /// adakv(<scorer>), chunkkv(<scorer>), pyramid(<scorer>).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<solver::Method>>,
     /// Every budgeted method kvnd implements (2d, 2d_uniform, hetero+rank, hetero+share,
     /// pyramid(snapkv), adakv(snapkv), chunkkv(snapkv) and every single scorer), not only the
-    /// default's hetero, 1d, snapkv and trig.
+    /// default's hetero, hetero(expected_attention), 1d and kvzip.
     #[arg(long, conflicts_with = "methods")]
     all_methods: bool,
     /// Context lengths of the task samples, in tokens (up to the model's 8k less 512).
