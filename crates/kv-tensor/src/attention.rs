@@ -103,7 +103,36 @@ pub enum Reduce {
     Max,
 }
 
-fn attention_inner<B: KvBackend>(
+impl Reduce {
+    /// `w` reduced along `dim` (kept as a dimension of size 1).
+    pub(crate) fn along<B: KvBackend, const D: usize>(
+        self,
+        w: Tensor<B, D>,
+        dim: usize,
+    ) -> Tensor<B, D> {
+        match self {
+            Reduce::Sum => w.sum_dim(dim),
+            Reduce::Max => w.max_dim(dim),
+        }
+    }
+
+    /// `next` folded into what was reduced so far.
+    pub(crate) fn fold<B: KvBackend, const D: usize>(
+        self,
+        acc: Option<Tensor<B, D>>,
+        next: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        match (acc, self) {
+            (None, _) => next,
+            (Some(prev), Reduce::Sum) => prev + next,
+            (Some(prev), Reduce::Max) => prev.max_pair(next),
+        }
+    }
+}
+
+/// Attention with the statistic `reduce` asks for: what [`attention_padded`],
+/// [`attention_with_mass`] and [`attention_with_peak`] return.
+pub(crate) fn attention_inner<B: KvBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -174,21 +203,13 @@ fn attention_inner<B: KvBackend>(
         }
         let probs = softmax(scores, 2);
         if let Some(reduce) = reduce {
-            let m = match reduce {
-                Reduce::Sum => probs.clone().sum_dim(1),
-                Reduce::Max => probs.clone().max_dim(1),
-            }
-            .reshape([b * kvh, visible]);
+            let m = reduce.along(probs.clone(), 1).reshape([b * kvh, visible]);
             let m = if visible < tk {
                 Tensor::cat(vec![m, Tensor::zeros([b * kvh, tk - visible], &device)], 1)
             } else {
                 m
             };
-            mass = Some(match (mass.take(), reduce) {
-                (Some(prev), Reduce::Sum) => prev + m,
-                (Some(prev), Reduce::Max) => prev.max_pair(m),
-                (None, _) => m,
-            });
+            mass = Some(reduce.fold(mass.take(), m));
         }
         outs.push(probs.matmul(vc).reshape([b * kvh, g, c, d]));
         start = end;

@@ -1,15 +1,13 @@
 //! A layer's cache as stored: compressed segments followed by a dense residual window, and the
 //! attention that reads them where they are.
 use crate::KvBackend;
+use crate::attention::attention_inner;
 use crate::encoded::dense_bytes;
 use crate::host::{HostWindow, host_backend, is_host};
 use crate::host_attention::{Part, side_view};
 use crate::host_segment::{HostSegment, floats};
 use crate::partial_attention::{TensorPart, attend_parts};
-use crate::{
-    Bytes, DensePrecision, Encoded, Footprint, KvError, Positions, Reduce, Segment,
-    attention_padded, attention_with_mass, attention_with_peak,
-};
+use crate::{Bytes, DensePrecision, Encoded, Footprint, KvError, Positions, Reduce, Segment};
 use burn::tensor::{Bool, Int, IntDType, Tensor, TensorData};
 use std::sync::Arc;
 
@@ -618,17 +616,7 @@ impl<B: KvBackend> CompressedLayer<B> {
             // The window alone (a full cache, a prefill): one dense attention, whose causal
             // mask touches only the trailing block.
             let p = self.window_part().ok_or(KvError::Empty)?;
-            return Ok(match reduce {
-                Some(Reduce::Sum) => {
-                    let (out, mass) = attention_with_mass(q, p.k, p.v, None)?;
-                    (out, Some(mass))
-                }
-                Some(Reduce::Max) => {
-                    let (out, peak) = attention_with_peak(q, p.k, p.v, None)?;
-                    (out, Some(peak))
-                }
-                None => (attention_padded(q, p.k, p.v, None)?, None),
-            });
+            return attention_inner(q, p.k, p.v, None, reduce);
         }
         let device = q.device();
         let h = lens.len() / q.dims()[0];

@@ -89,13 +89,8 @@ pub(crate) fn attend_parts<B: KvBackend>(
         let mut mass: Option<Tensor<B, 3>> = None;
         for (ci, &chunk) in chunks.iter().enumerate() {
             let scores = masked_scores(query(chunk), &k3, &p.rows, &offsets, lens, tq, chunk, g);
-            let w = (scores - lse[ci].clone()).exp();
-            mass = Some(match (mass, reduce) {
-                (None, Reduce::Sum) => w.sum_dim(1),
-                (None, Reduce::Max) => w.max_dim(1),
-                (Some(prev), Reduce::Sum) => prev + w.sum_dim(1),
-                (Some(prev), Reduce::Max) => prev.max_pair(w.max_dim(1)),
-            });
+            let w = reduce.along((scores - lse[ci].clone()).exp(), 1);
+            mass = Some(reduce.fold(mass, w));
         }
         masses.extend(mass);
         for (o, r) in offsets.iter_mut().zip(&p.rows) {

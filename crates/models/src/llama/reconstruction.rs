@@ -81,25 +81,29 @@ impl<B: KvBackend> Llama<B> {
 
 /// A prefilled cache seen through a reconstruction piece: attention reads the cache's keys and
 /// values followed by the piece's own, and records the peak weight every cached key received.
-/// The cache itself is never written: the piece goes into a fork of it (a copy of the stored
-/// rows, which the host kernels read in place), or, for a cache that cannot fork, into tensors
-/// this wrapper holds beside a decoded copy.
+/// The cache itself is never written (see [`Piece`]).
 /// (It borrows the cache mutably only so that it is `Send` whenever the cache is.)
 struct ReadThrough<'a, B: KvBackend, C: LayerCache<B>> {
     base: &'a mut C,
-    fork: Option<Box<dyn LayerCache<B>>>,
-    own: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
-    own_len: usize,
+    piece: Piece<B>,
     peak: Mutex<Option<Tensor<B, 3>>>,
+}
+
+/// Where a reconstruction piece's own keys and values go.
+enum Piece<B: KvBackend> {
+    /// Appended to a fork of the prefilled cache (a copy of its stored rows, which the host
+    /// kernels read in place).
+    Fork(Box<dyn LayerCache<B>>),
+    /// Held beside the cache, for a cache that cannot fork: attention then reads a decoded copy.
+    Held(Option<(Tensor<B, 4>, Tensor<B, 4>)>),
 }
 
 impl<'a, B: KvBackend, C: LayerCache<B>> ReadThrough<'a, B, C> {
     fn new(base: &'a mut C) -> Self {
+        let piece = base.fork().map_or(Piece::Held(None), Piece::Fork);
         Self {
             base,
-            fork: None,
-            own: None,
-            own_len: 0,
+            piece,
             peak: Mutex::new(None),
         }
     }
@@ -107,32 +111,36 @@ impl<'a, B: KvBackend, C: LayerCache<B>> ReadThrough<'a, B, C> {
     fn into_peak(self) -> Option<Tensor<B, 3>> {
         self.peak.into_inner().ok().flatten()
     }
+
+    fn own_len(&self) -> usize {
+        match &self.piece {
+            Piece::Fork(f) => f.stored() - self.base.stored(),
+            Piece::Held(own) => own.as_ref().map_or(0, |(k, _)| k.dims()[2]),
+        }
+    }
 }
 
 impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
-        let t = k.dims()[2];
-        if self.own_len == 0 {
-            self.fork = self.base.fork();
+        match &mut self.piece {
+            Piece::Fork(f) => f.append(k, v)?,
+            Piece::Held(own) => {
+                *own = Some(match own.take() {
+                    Some((ok, ov)) => (Tensor::cat(vec![ok, k], 2), Tensor::cat(vec![ov, v], 2)),
+                    None => (k, v),
+                });
+            }
         }
-        if let Some(fork) = &mut self.fork {
-            fork.append(k, v)?;
-        } else {
-            self.own = Some(match self.own.take() {
-                Some((ok, ov)) => (Tensor::cat(vec![ok, k], 2), Tensor::cat(vec![ov, v], 2)),
-                None => (k, v),
-            });
-        }
-        self.own_len += t;
         Ok(())
     }
 
     fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
-        if let Some(fork) = &self.fork {
-            return fork.keys_values();
-        }
+        let own = match &self.piece {
+            Piece::Fork(f) => return f.keys_values(),
+            Piece::Held(own) => own,
+        };
         let (k, v) = self.base.keys_values()?;
-        Ok(match &self.own {
+        Ok(match own {
             Some((ok, ov)) => (
                 Tensor::cat(vec![k, ok.clone()], 2),
                 Tensor::cat(vec![v, ov.clone()], 2),
@@ -142,12 +150,12 @@ impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     }
 
     fn padding(&self) -> Option<Tensor<B, 3, Bool>> {
-        if let Some(fork) = &self.fork {
-            return fork.padding();
+        if let Piece::Fork(f) = &self.piece {
+            return f.padding();
         }
         let base = self.base.padding()?;
         let [b, h, _] = base.dims();
-        let n = self.own_len;
+        let n = self.own_len();
         let own = Tensor::<B, 3, Bool>::from_data(
             TensorData::new(vec![false; b * h * n], [b, h, n]),
             &base.device(),
@@ -156,9 +164,9 @@ impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
-        let (out, peak) = match &self.fork {
-            Some(fork) => fork.attend_with_peak(q)?,
-            None => {
+        let (out, peak) = match &self.piece {
+            Piece::Fork(f) => f.attend_with_peak(q)?,
+            Piece::Held(_) => {
                 let (k, v) = self.keys_values()?;
                 attention_with_peak(q, k, v, self.padding())?
             }
@@ -178,10 +186,10 @@ impl<B: KvBackend, C: LayerCache<B>> LayerCache<B> for ReadThrough<'_, B, C> {
     }
 
     fn len(&self) -> usize {
-        self.base.len() + self.own_len
+        self.base.len() + self.own_len()
     }
 
     fn stored(&self) -> usize {
-        self.base.stored() + self.own_len
+        self.base.stored() + self.own_len()
     }
 }

@@ -7,7 +7,9 @@ use crate::gguf::Gguf;
 use crate::{Llama, LlamaConfig, ModelError, PrefillOptions};
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
-use kv_tensor::{LayerCache, RecordingCache, attention_with_peak};
+use kv_tensor::{
+    AxisError, Footprint, KvError, LayerCache, ObservationCtx, RecordingCache, attention_with_peak,
+};
 
 type B = NdArray<f32>;
 
@@ -60,13 +62,58 @@ fn reference_peaks(m: &Llama<B>, context: &[u32], piece: &[u32]) -> Vec<Tensor<B
         .collect()
 }
 
+/// A recording cache that forks or not: the pass appends its pieces to a fork of a cache that
+/// can fork, and holds them beside one that cannot.
+struct MaybeFork {
+    inner: RecordingCache<B>,
+    forks: bool,
+}
+
+impl LayerCache<B> for MaybeFork {
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Result<(), AxisError> {
+        self.inner.append(k, v)
+    }
+
+    fn keys_values(&self) -> Result<(Tensor<B, 4>, Tensor<B, 4>), KvError> {
+        self.inner.keys_values()
+    }
+
+    fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
+        self.inner.attend(q)
+    }
+
+    fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
+        self.inner.finish_prefill(ctx)
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.inner.footprint()
+    }
+
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn stored(&self) -> usize {
+        self.inner.stored()
+    }
+
+    fn fork(&self) -> Option<Box<dyn LayerCache<B>>> {
+        if self.forks { self.inner.fork() } else { None }
+    }
+}
+
 #[test]
 fn peaks_match_a_plain_forward_pass_piece_by_piece() {
     let m = model();
     let context: Vec<u32> = (0..23).map(|i| (i * 7 % VOCAB) as u32).collect();
-    // One piece (the whole context), and three (pieces of 8: 8 + 8 + 7 tokens).
-    for piece in [64usize, 8] {
-        let mut caches = recording(LAYERS);
+    // One piece (the whole context), and three (pieces of 8: 8 + 8 + 7 tokens), through a
+    // fork and held beside a cache that cannot fork.
+    for (piece, forks) in [(64usize, true), (8, true), (64, false), (8, false)] {
+        let mut caches: Vec<MaybeFork> = recording(LAYERS)
+            .into_iter()
+            .map(|inner| MaybeFork { inner, forks })
+            .collect();
         let opts = PrefillOptions {
             chunk: piece,
             reconstruction: true,
@@ -86,7 +133,8 @@ fn peaks_match_a_plain_forward_pass_piece_by_piece() {
         }
         for (l, c) in caches.iter().enumerate() {
             let got = values(
-                c.observed()
+                c.inner
+                    .observed()
                     .and_then(|o| o.reconstruction.clone())
                     .expect("peaks handed to the cache"),
             );
@@ -96,7 +144,7 @@ fn peaks_match_a_plain_forward_pass_piece_by_piece() {
             let (worst, scale) = worst_and_scale(&got, &want[l]);
             assert!(
                 scale > 0.0 && worst <= 5e-4,
-                "piece {piece}, layer {l}: off by {worst}"
+                "piece {piece}, fork {forks}, layer {l}: off by {worst}"
             );
             // The pass read the cache and left it as it was: only the context is held.
             assert_eq!(c.len(), context.len());
