@@ -5,10 +5,10 @@
 //! `[min, min + (2^b − 1)·scale]` covers every value of the group and each value is within
 //! half a stored scale step of its reconstruction.
 use crate::{QuantError, QuantSetting};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use kv_tensor::KvBackend;
 use kv_tensor::{
-    AxisError, Bits, CodeBits, CompressionAxis, Encoded, Footprint, Fp16Tensor, GroupAxis,
+    AxisError, Bits, CodeBits, CompressionAxis, Encoded, Footprint, Fp16Tensor, GroupAxis, KvError,
     LayerShape, ObservationCtx, PackedCodes, PlanStage, Quantized, Segment, Side, SidePlan,
 };
 
@@ -21,13 +21,40 @@ pub fn quantize<B: KvBackend>(
     what: &'static str,
 ) -> Result<Quantized<B>, QuantError> {
     let [b, h, t, d] = x.dims();
-    let (len, shape5, reduce) = match along {
-        GroupAxis::Tokens => (t, [b, h, t / group.max(1), group, d], 3),
-        GroupAxis::Channels => (d, [b, h, t, d / group.max(1), group], 4),
+    let len = match along {
+        GroupAxis::Tokens => t,
+        GroupAxis::Channels => d,
     };
     if group == 0 || len % group != 0 {
         return Err(QuantError::Ragged { what, len, group });
     }
+    let device = x.device();
+    if x.dtype() == DType::F32 && B::host_memory(&device) {
+        // Multiplying by one first: a shared tensor (a clone) would otherwise be copied out
+        // element by element through a dynamic-rank iterator, three times the quantizer's cost.
+        let v = x
+            .mul_scalar(1.0)
+            .into_data()
+            .into_vec::<f32>()
+            .map_err(|e| KvError::Backend(format!("{e:?}")))?;
+        return crate::kivi_host::quantize(&v, [b, h, t, d], bits, group, along, what, &device);
+    }
+    quantize_ops(x, bits, group, along, what)
+}
+
+/// [`quantize`] as tensor ops, for backends whose tensors are not in host memory.
+pub(crate) fn quantize_ops<B: KvBackend>(
+    x: Tensor<B, 4>,
+    bits: CodeBits,
+    group: usize,
+    along: GroupAxis,
+    what: &'static str,
+) -> Result<Quantized<B>, QuantError> {
+    let [b, h, t, d] = x.dims();
+    let (shape5, reduce) = match along {
+        GroupAxis::Tokens => ([b, h, t / group, group, d], 3),
+        GroupAxis::Channels => ([b, h, t, d / group, group], 4),
+    };
     let finite = x
         .clone()
         .is_finite()
@@ -47,7 +74,7 @@ pub fn quantize<B: KvBackend>(
         .iter::<f32>()
         .next()
         .unwrap_or(0.0);
-    if max_abs > 65000.0 {
+    if max_abs > crate::kivi_host::MAX_ABS {
         return Err(QuantError::OutOfRange { what, max_abs });
     }
     let levels = bits.max_code() as f32;

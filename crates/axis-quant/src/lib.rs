@@ -12,6 +12,7 @@
 
 mod error;
 mod kivi;
+mod kivi_host;
 pub mod moqae;
 mod setting;
 // Tests of the quantization invariants (proptest), kept in the unit-test binary: a separate

@@ -52,6 +52,10 @@ pub struct Record {
     /// this record's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub same_as: Option<String>,
+    /// Seconds building the compressed caches and running the probes (teacher forcing or
+    /// prose scoring; the batched generation is not counted), on one worker. A twin's are
+    /// its measured entry's.
+    pub seconds: [f64; 2],
 }
 
 /// One method's caches, one per layer.
@@ -94,8 +98,6 @@ pub struct Measured<B: KvBackend> {
     pub logp: Option<Tensor<B, 2>>,
     /// Caches and tokens so far of a greedy answer still to finish.
     pub generation: Option<(Caches<B>, Vec<u32>)>,
-    /// Seconds compressing and probing.
-    pub seconds: [f64; 2],
 }
 
 impl<B: KvBackend> EntryCtx<'_, B> {
@@ -142,6 +144,7 @@ impl<B: KvBackend> EntryCtx<'_, B> {
             prediction: None,
             refs: Vec::new(),
             same_as: None,
+            seconds: [compress, 0.0],
         };
         let mut logp_out = None;
         let mut generation = None;
@@ -188,11 +191,11 @@ impl<B: KvBackend> EntryCtx<'_, B> {
                 }
             }
         }
+        r.seconds[1] = tt.elapsed().as_secs_f64();
         Ok(Measured {
             record: r,
             logp: logp_out,
             generation,
-            seconds: [compress, tt.elapsed().as_secs_f64()],
         })
     }
 }
@@ -357,5 +360,6 @@ pub(crate) fn test_record(
         prediction: None,
         refs: Vec::new(),
         same_as: None,
+        seconds: [0.0; 2],
     }
 }

@@ -396,8 +396,8 @@ fn measure_sample<B: KvBackend>(
                 let got = results[ei]
                     .take()
                     .ok_or(EvalError::Internal("an entry was not measured"))?;
-                phases.0[1] += got.seconds[0];
-                phases.0[2] += got.seconds[1];
+                phases.0[1] += got.record.seconds[0];
+                phases.0[2] += got.record.seconds[1];
                 if let Some((caches, out)) = got.generation {
                     pending.push(Generation {
                         record: records.len(),

@@ -5,12 +5,51 @@
 //! value on every backend, as the footprint says. Encoding and decoding are tensor ops (on host
 //! backends encoding is one pass of the `half` crate); powers of two come from a 32-entry table
 //! so decoding is exact.
-use crate::Bytes;
 use crate::KvBackend;
-use burn::tensor::{Int, IntDType, Tensor, TensorData};
+use crate::{Bytes, KvError};
+use burn::tensor::{DType, Int, IntDType, Tensor, TensorCreationOptions, TensorData};
 
 const MIN_NORMAL: f32 = 6.103_515_6e-5; // 2^-14
 const MAX_HALF: f32 = 65504.0;
+
+/// Binary16 bits of the largest binary16 value ≤ `x` (`x` finite, `|x|` ≤ 65504): the host
+/// counterpart of [`Fp16Tensor::encode_floor`], bit for bit, for quantizers that work on host
+/// vectors.
+pub fn f16_floor_bits(x: f32) -> u16 {
+    f16_directed(x, true)
+}
+
+/// Binary16 bits of the smallest binary16 value ≥ `x` (the host [`Fp16Tensor::encode_ceil`]).
+pub fn f16_ceil_bits(x: f32) -> u16 {
+    f16_directed(x, false)
+}
+
+/// The value of binary16 bits, exactly.
+pub fn f16_value(bits: u16) -> f32 {
+    crate::host_segment::f16_to_f32(bits)
+}
+
+/// Nearest, then one step towards the wanted side where nearest overshot (as
+/// [`Fp16Tensor::encode_directed`] does with tensor ops).
+fn f16_directed(x: f32, floor: bool) -> u16 {
+    let near = half::f16::from_f32(x.clamp(-MAX_HALF, MAX_HALF)).to_bits();
+    let dec = f16_value(near);
+    let overshoot = if floor { dec > x } else { dec < x };
+    if !overshoot {
+        return near;
+    }
+    let negative = near >= 0x8000;
+    if near & 0x7fff == 0 {
+        // ±0: down is the smallest negative subnormal, up the smallest positive one.
+        return if floor { 0x8001 } else { 1 };
+    }
+    // Down: positive values lose magnitude, negative ones gain it; up is the mirror image.
+    if negative == floor {
+        near + 1
+    } else {
+        near - 1
+    }
+}
 
 /// A float tensor stored as binary16 bit patterns (`u16`).
 #[derive(Debug, Clone)]
@@ -121,6 +160,23 @@ impl<B: KvBackend, const D: usize> Fp16Tensor<B, D> {
         Self {
             bits: out.cast(IntDType::U16),
         }
+    }
+
+    /// Wraps binary16 bit patterns laid out row-major in `dims` (as [`f16_floor_bits`] and
+    /// its kin produce them).
+    pub fn from_bits(bits: &[u16], dims: [usize; D], device: &B::Device) -> Result<Self, KvError> {
+        if bits.len() != dims.iter().product::<usize>() {
+            return Err(KvError::Shape {
+                context: "binary16 bits",
+                expected: dims.to_vec(),
+                got: vec![bits.len()],
+            });
+        }
+        let data = TensorData::new(bits.to_vec(), dims);
+        let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U16);
+        Ok(Self {
+            bits: Tensor::<B, D, Int>::from_data(data, opts),
+        })
     }
 
     /// Decodes to the backend's float type, exactly.
@@ -268,16 +324,25 @@ mod tests {
         let device = Default::default();
         let n = values.len();
         let t = Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
-        let lo: Vec<f32> = Fp16Tensor::encode_floor(t.clone())
-            .decode()
-            .into_data()
-            .to_vec()
-            .expect("f32");
-        let hi: Vec<f32> = Fp16Tensor::encode_ceil(t)
-            .decode()
-            .into_data()
-            .to_vec()
-            .expect("f32");
+        let (floor, ceil) = (
+            Fp16Tensor::encode_floor(t.clone()),
+            Fp16Tensor::encode_ceil(t),
+        );
+        // The host helpers store the same bits as the tensor ops.
+        let bits = |e: &Fp16Tensor<B, 1>| -> Vec<i64> {
+            e.bits()
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .expect("bits")
+        };
+        let host =
+            |f: fn(f32) -> u16| -> Vec<i64> { values.iter().map(|&x| f(x) as i64).collect() };
+        assert_eq!(bits(&floor), host(super::f16_floor_bits));
+        assert_eq!(bits(&ceil), host(super::f16_ceil_bits));
+        let lo: Vec<f32> = floor.decode().into_data().to_vec().expect("f32");
+        let hi: Vec<f32> = ceil.decode().into_data().to_vec().expect("f32");
         for ((&x, &l), &h) in values.iter().zip(&lo).zip(&hi) {
             assert!(l <= x && x <= h, "x={x} floor={l} ceil={h}");
             let ulp = (x.abs() * 2f32.powi(-10)).max(5.97e-8) * 1.01;

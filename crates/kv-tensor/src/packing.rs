@@ -6,7 +6,7 @@
 //! in `u32`), so the packed words stay on the device: nothing goes through a host `Vec`.
 use crate::KvBackend;
 use crate::{Bytes, KvError};
-use burn::tensor::{Int, IntDType, Tensor, TensorData};
+use burn::tensor::{DType, Int, IntDType, Tensor, TensorCreationOptions, TensorData};
 use serde::{Deserialize, Serialize};
 
 /// A packable code width.
@@ -114,6 +114,34 @@ impl<B: KvBackend> PackedCodes<B> {
         Self { words, bits, shape }
     }
 
+    /// Packs codes held in host memory (`codes` row-major in `shape`; values above
+    /// `bits.max_code()` are masked to their low bits, as in [`Self::pack`]), for quantizers
+    /// that work on host vectors: one pass instead of a tensor op per step.
+    pub fn from_codes(
+        codes: &[u8],
+        bits: CodeBits,
+        shape: Vec<usize>,
+        device: &B::Device,
+    ) -> Result<Self, KvError> {
+        if codes.len() != shape.iter().product::<usize>() {
+            return Err(KvError::Shape {
+                context: "codes to pack",
+                expected: shape,
+                got: vec![codes.len()],
+            });
+        }
+        let words = match bits {
+            CodeBits::B2 => pack_words::<16, 2>(codes),
+            CodeBits::B3 => pack_words::<10, 3>(codes),
+            CodeBits::B4 => pack_words::<8, 4>(codes),
+            CodeBits::B8 => pack_words::<4, 8>(codes),
+        };
+        let n = words.len();
+        let opts = TensorCreationOptions::new(device.clone()).with_dtype(DType::U32);
+        let words = Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), opts);
+        Ok(Self { words, bits, shape })
+    }
+
     /// Unpacks to integer codes of the original shape.
     pub fn unpack<const D: usize>(&self) -> Result<Tensor<B, D, Int>, KvError> {
         if self.shape.len() != D {
@@ -171,6 +199,26 @@ impl<B: KvBackend> PackedCodes<B> {
     }
 }
 
+/// `PER` codes of `BITS` bits to a word, little-endian; a short last word is padded with
+/// zeros. Widths fixed at compile time, so each word's loop unrolls.
+fn pack_words<const PER: usize, const BITS: u32>(codes: &[u8]) -> Vec<u32> {
+    let mask = (1u32 << BITS) - 1;
+    let word = |c: &[u8]| {
+        c.iter().enumerate().fold(0u32, |w, (i, &x)| {
+            w | ((u32::from(x) & mask) << (BITS * i as u32))
+        })
+    };
+    let chunks = codes.chunks_exact(PER);
+    let tail = chunks.remainder();
+    let mut out: Vec<u32> = chunks
+        .map(|c| word(c.first_chunk::<PER>().map_or(c, |a| a.as_slice())))
+        .collect();
+    if !tail.is_empty() {
+        out.push(word(tail));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +247,22 @@ mod tests {
             .to_vec()
             .expect("i32 data");
         assert_eq!(back, vals);
+        // Packing host codes gives the same words, the same bytes and the same shape.
+        let host: Vec<u8> = vals.iter().map(|&v| v as u8).collect();
+        let from = PackedCodes::<B>::from_codes(&host, bits, shape.to_vec(), &device)
+            .expect("codes match the shape");
+        let words = |p: &PackedCodes<B>| -> Vec<i64> {
+            p.words()
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .expect("words")
+        };
+        assert_eq!(words(&from), words(&packed));
+        assert_eq!(from.bytes(), packed.bytes());
+        assert_eq!(from.shape(), packed.shape());
+        assert!(PackedCodes::<B>::from_codes(&host, bits, vec![n + 1], &device).is_err());
     }
 
     proptest! {
