@@ -51,7 +51,7 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
-    /// The main job: every task four times over 1k/2k contexts, four 2k prose passages, budgets
+    /// The main job: every task five times over 1k/2k contexts, four 2k prose passages, budgets
     /// 1/4, 1/8 and 1/14, hetero against the baselines that win somewhere (sized to stay
     /// under 30 minutes on a 2-core CPU; the README gives the intervals it resolves).
     pub fn default_run(out: PathBuf) -> Self {
@@ -62,7 +62,7 @@ impl EvalOptions {
             lengths: vec![1024, 2048],
             tasks: Task::ALL.to_vec(),
             grid: false,
-            samples: 4,
+            samples: 5,
             prose_samples: 4,
             prose_context: 2048,
             continuation: 256,
