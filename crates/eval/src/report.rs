@@ -44,7 +44,7 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
     let mut s = format!(
         "Task contexts {} tokens, {} sample(s) per task and length, tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
          Ratio = fp16 K+V bytes / measured cache bytes (codes, fp16 scales and minimums, kept indices, dense parts at their stored width), mean over samples. \
-         Score: RULER string match of the greedy answer, 0–100. TF: teacher-forced gold answer (mean token log-prob, share of argmax tokens).\n\n",
+         Score: RULER string match of the greedy answer, 0–100. TF: teacher-forced gold answer (mean token log-prob, share of argmax tokens). Build / probe s: mean seconds per sample building the caches from the shared prefill and running the probes, on one of the workers (the shared prefill, with KVzip's pass, is not in them).\n\n",
         lengths.join(", "),
         opts.samples,
         opts.tasks
@@ -75,17 +75,17 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
         .map(|x| x.per_task.iter().map(|(t, _)| *t).collect())
         .unwrap_or_default();
     s.push_str(
-        "| method | budget | ratio | n | score ↑ | TF log-p ↑ | TF acc ↑ | prose NLL ↓ | KL ↓ |",
+        "| method | budget | ratio | n | score ↑ | TF log-p ↑ | TF acc ↑ | prose NLL ↓ | KL ↓ | build / probe s |",
     );
     for t in &tasks {
         s.push_str(&format!(" {t} |"));
     }
-    s.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    s.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     s.push_str(&"---:|".repeat(tasks.len()));
     s.push('\n');
     for r in summary {
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} |",
             label(r),
             r.budget,
             r.ratio,
@@ -95,6 +95,8 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
             fmt(r.tf_acc, 2),
             fmt(r.nll, 4),
             fmt(r.kl, 4),
+            r.seconds[0],
+            r.seconds[1],
         ));
         for t in &tasks {
             let v = r.per_task.iter().find(|(x, _)| x == t).map(|(_, v)| *v);

@@ -32,6 +32,10 @@ pub struct Summary {
     pub per_task: Vec<(&'static str, f64)>,
     /// Mean score and teacher-forced accuracy per length.
     pub per_length: Vec<(usize, f64, f64)>,
+    /// Mean seconds per sample building the method's caches from the shared prefill, and
+    /// probing them (one worker's wall time; the shared prefill and KVzip's pass are not in
+    /// it).
+    pub seconds: [f64; 2],
 }
 
 /// The mean, `None` for no values.
@@ -165,6 +169,7 @@ pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
                             ))
                         })
                         .collect(),
+                    seconds: [0, 1].map(|i| mean(rs.iter().map(|r| r.seconds[i])).unwrap_or(0.0)),
                     method,
                     budget,
                     aliases,
@@ -335,12 +340,15 @@ mod tests {
 
     #[test]
     fn summaries_average_per_method_and_budget() {
-        let rs = vec![
+        let mut rs = vec![
             rec("hetero", "1/8", "vt", 100.0, -0.5),
             rec("hetero", "1/8", "cwe", 50.0, -1.5),
             rec("snapkv", "1/8", "vt", 0.0, -2.0),
         ];
+        rs[0].seconds = [1.0, 3.0];
+        rs[1].seconds = [2.0, 5.0];
         let s = summarize(&rs, &[1024]);
+        assert_eq!(s[0].seconds, [1.5, 4.0]);
         assert_eq!(s.len(), 2);
         assert_eq!((s[0].method.as_str(), s[0].n), ("hetero", 2));
         assert_eq!(s[0].score, Some(75.0));
