@@ -5,10 +5,10 @@
 //! `[min, min + (2^b − 1)·scale]` covers every value of the group and each value is within
 //! half a stored scale step of its reconstruction.
 use crate::{QuantError, QuantSetting};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use kv_tensor::KvBackend;
 use kv_tensor::{
-    AxisError, Bits, CodeBits, CompressionAxis, Encoded, Footprint, Fp16Tensor, GroupAxis, KvError,
+    AxisError, Bits, CodeBits, CompressionAxis, Encoded, Footprint, Fp16Tensor, GroupAxis,
     LayerShape, ObservationCtx, PackedCodes, PlanStage, Quantized, Segment, Side, SidePlan,
 };
 
@@ -29,17 +29,10 @@ pub fn quantize<B: KvBackend>(
         return Err(QuantError::Ragged { what, len, group });
     }
     let device = x.device();
-    if x.dtype() == DType::F32 && B::host_memory(&device) {
-        // Multiplying by one first: a shared tensor (a clone) would otherwise be copied out
-        // element by element through a dynamic-rank iterator, three times the quantizer's cost.
-        let v = x
-            .mul_scalar(1.0)
-            .into_data()
-            .into_vec::<f32>()
-            .map_err(|e| KvError::Backend(format!("{e:?}")))?;
-        return crate::kivi_host::quantize(&v, [b, h, t, d], bits, group, along, what, &device);
+    match kv_tensor::host_copy(x) {
+        Ok(v) => crate::kivi_host::quantize(&v, [b, h, t, d], bits, group, along, what, &device),
+        Err(x) => quantize_ops(x, bits, group, along, what),
     }
-    quantize_ops(x, bits, group, along, what)
 }
 
 /// [`quantize`] as tensor ops, for backends whose tensors are not in host memory.

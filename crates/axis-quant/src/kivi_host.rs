@@ -38,10 +38,10 @@ pub(crate) fn quantize<B: KvBackend>(
     let [b, h, t, d] = dims;
     let levels = bits.max_code() as f32;
     let mut codes = vec![0u8; x.len()];
-    let (scales, mins, sdims) = match along {
+    let mut st = Stats::new(x.len() / group);
+    let sdims = match along {
         GroupAxis::Tokens => {
             // Blocks of `group` rows, one statistic per channel.
-            let mut st = Stats::new(x.len() / group);
             let (mut lo, mut hi) = (vec![0f32; d], vec![0f32; d]);
             for (bi, block) in x.chunks_exact(group * d).enumerate() {
                 lo.fill(f32::INFINITY);
@@ -63,11 +63,10 @@ pub(crate) fn quantize<B: KvBackend>(
                     }
                 }
             }
-            (st.scales, st.mins, [b, h, t / group, d])
+            [b, h, t / group, d]
         }
         GroupAxis::Channels => {
             // Runs of `group` channels, one statistic per run.
-            let mut st = Stats::new(x.len() / group);
             let runs = x.chunks_exact(group).zip(codes.chunks_exact_mut(group));
             for (gi, (run, out)) in runs.enumerate() {
                 let lo = run.iter().fold(f32::INFINITY, |a, &v| a.min(v));
@@ -78,14 +77,14 @@ pub(crate) fn quantize<B: KvBackend>(
                     *o = code(v, m, s, levels);
                 }
             }
-            (st.scales, st.mins, [b, h, t, d / group])
+            [b, h, t, d / group]
         }
     };
     let codes = PackedCodes::from_codes(&codes, bits, dims.to_vec(), device)?;
     Ok(Quantized::new(
         codes,
-        Fp16Tensor::from_bits(&scales, sdims, device)?,
-        Fp16Tensor::from_bits(&mins, sdims, device)?,
+        Fp16Tensor::from_bits(&st.scales, sdims, device)?,
+        Fp16Tensor::from_bits(&st.mins, sdims, device)?,
         group,
         along,
     )?)

@@ -75,21 +75,21 @@ impl<B: KvBackend, const D: usize> Fp16Tensor<B, D> {
                 bits: Tensor::<B, D, Int>::zeros(dims, &device).cast(IntDType::U16),
             };
         }
-        if crate::host::is_host(&x)
-            && let Ok(v) = x.to_data().into_vec::<f32>()
-        {
-            // Host memory: one pass with the `half` crate (round to nearest even), saturated
-            // like the tensor path. The tensor ops below cost a dozen passes and a log.
-            let bits: Vec<i32> = v
-                .iter()
-                .map(|a| half::f16::from_f32(a.clamp(-MAX_HALF, MAX_HALF)).to_bits() as i32)
-                .collect();
-            let bits = Tensor::<B, D, Int>::from_data(TensorData::new(bits, dims), &device);
-            return Self {
-                bits: bits.cast(IntDType::U16),
-            };
+        match crate::host::host_copy(x) {
+            Ok(v) => {
+                // Host memory: one pass with the `half` crate (round to nearest even),
+                // saturated like the tensor path. The tensor ops cost a dozen passes and a log.
+                let bits: Vec<i32> = v
+                    .iter()
+                    .map(|a| half::f16::from_f32(a.clamp(-MAX_HALF, MAX_HALF)).to_bits() as i32)
+                    .collect();
+                let bits = Tensor::<B, D, Int>::from_data(TensorData::new(bits, dims), &device);
+                Self {
+                    bits: bits.cast(IntDType::U16),
+                }
+            }
+            Err(x) => Self::encode_ops(x),
         }
-        Self::encode_ops(x)
     }
 
     /// [`Self::encode`] as tensor ops, for backends whose tensors do not live on the host.

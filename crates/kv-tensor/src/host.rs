@@ -19,6 +19,24 @@ pub(crate) fn is_host<B: KvBackend, const D: usize>(t: &Tensor<B, D>) -> bool {
     t.dtype() == DType::F32 && host_backend::<B>(&t.device())
 }
 
+/// The values of `t` as a host vector where its backend keeps f32 tensors in host memory
+/// ([`is_host`]); otherwise `t` back, for the tensor-op path.
+///
+/// burn-ndarray copies a shared array (a clone) out element by element through a
+/// dynamic-rank iterator, about 20 ns a value; multiplying by one first makes an unshared
+/// copy in one vectorised pass, which `into_data` then hands over. (The decode path's
+/// [`floats`](crate::host_segment::floats) skips this: its small tensors are unshared.)
+pub fn host_copy<B: KvBackend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, Tensor<B, D>> {
+    if !is_host(&t) {
+        return Err(t);
+    }
+    t.clone()
+        .mul_scalar(1.0)
+        .into_data()
+        .into_vec::<f32>()
+        .map_err(|_| t)
+}
+
 /// True when this backend keeps f32 tensors in host memory (see [`is_host`]), judged from the
 /// backend alone (for segments whose tensors are integer codes).
 pub(crate) fn host_backend<B: KvBackend>(device: &B::Device) -> bool {

@@ -48,7 +48,7 @@ pub use encoded::{Basis, Encoded, GroupAxis, Quantized, basis_bytes_per_layer};
 pub use error::{AxisError, KvError};
 pub use footprint::Footprint;
 pub use fp16::{Fp16Tensor, f16_ceil_bits, f16_floor_bits, f16_value};
-pub use host::{DensePrecision, Prefetch, dot};
+pub use host::{DensePrecision, Prefetch, dot, host_copy};
 pub use host_kernels::exp as exp_nonpositive;
 pub use layer::CompressedLayer;
 pub use layout::{KvLayout, LayerShape};

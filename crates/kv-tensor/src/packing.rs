@@ -200,7 +200,7 @@ impl<B: KvBackend> PackedCodes<B> {
 }
 
 /// `PER` codes of `BITS` bits to a word, little-endian; a short last word is padded with
-/// zeros. Widths fixed at compile time, so each word's loop unrolls.
+/// zeros. Widths fixed at compile time, so each word's shifts are constants.
 fn pack_words<const PER: usize, const BITS: u32>(codes: &[u8]) -> Vec<u32> {
     let mask = (1u32 << BITS) - 1;
     let word = |c: &[u8]| {
@@ -210,9 +210,7 @@ fn pack_words<const PER: usize, const BITS: u32>(codes: &[u8]) -> Vec<u32> {
     };
     let chunks = codes.chunks_exact(PER);
     let tail = chunks.remainder();
-    let mut out: Vec<u32> = chunks
-        .map(|c| word(c.first_chunk::<PER>().map_or(c, |a| a.as_slice())))
-        .collect();
+    let mut out: Vec<u32> = chunks.map(word).collect();
     if !tail.is_empty() {
         out.push(word(tail));
     }
