@@ -2,9 +2,10 @@
 //! after the prompt was compressed, so every `interval` generated tokens the layer is evicted
 //! back to `target` tokens whenever it holds more. Scorers see the queries of the most recent
 //! decoding steps as their observation window (the cache remembers the last `observe` queries it
-//! was asked to attend with), so SnapKV, TOVA and expected attention work during decoding; H2O
-//! (prefill attention mass) and head-wise ragged selection are refused at construction.
-use crate::{Evict, EvictSetting, ScorerKind, Selection};
+//! was asked to attend with), so SnapKV, TOVA and expected attention work during decoding. H2O
+//! scores on a [`MassLedger`]: the prompt's attention mass of the kept tokens plus what every
+//! decoding query paid each row. Head-wise ragged selection is refused at construction.
+use crate::{Evict, EvictSetting, MassLedger, Selection};
 use burn::tensor::{Bool, Tensor};
 use kv_tensor::KvBackend;
 use kv_tensor::{
@@ -51,9 +52,6 @@ impl DecodingSetting {
                 "target {} is below the {protected} protected tokens (sinks + window)",
                 self.target
             ));
-        }
-        if self.evict.scorer == ScorerKind::H2o {
-            return bad("h2o needs prefill attention mass, which decoding does not produce".into());
         }
         if matches!(self.evict.selection, Selection::HeadWise { .. }) {
             return bad("head-wise (ragged) segments cannot be re-evicted".into());
@@ -118,6 +116,8 @@ pub struct DecodingEvictCache<B: KvBackend> {
     axis: Evict<B>,
     setting: DecodingSetting,
     queries: RecentQueries<B>,
+    /// Attention mass of the held rows, for a scorer that reads it (H2O).
+    mass: MassLedger<B>,
     since: usize,
     prefilled: bool,
     layer_idx: usize,
@@ -132,6 +132,7 @@ impl<B: KvBackend> DecodingEvictCache<B> {
             axis,
             setting,
             queries: RecentQueries::new(setting.observe),
+            mass: MassLedger::default(),
             since: 0,
             prefilled: false,
             layer_idx: 0,
@@ -143,6 +144,13 @@ impl<B: KvBackend> DecodingEvictCache<B> {
         &self.layer
     }
 
+    /// Whether the scorer reads attention mass, so the cache keeps a [`MassLedger`].
+    fn tracks_mass(&self) -> bool {
+        self.setting.evict.scorer.needs().attention_mass
+    }
+
+    /// Evicts back to the target when the layer holds more, scoring with `ctx` (whose
+    /// attention mass, for H2O, is the ledger's); the ledger follows the survivors.
     fn compress(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         let stored = self.layer.stored();
         if stored <= self.setting.target {
@@ -156,12 +164,15 @@ impl<B: KvBackend> DecodingEvictCache<B> {
             ..self.setting.evict
         };
         let seg = Segment {
-            positions: Positions::Explicit(positions),
+            positions: Positions::Explicit(positions.clone()),
             k: kv_tensor::Encoded::Dense(k),
             v: kv_tensor::Encoded::Dense(v),
         };
         let seg = self.axis.compress(seg, &setting, ctx)?;
         self.layer.replace_all(seg.into_half())?;
+        if let (true, Some(new)) = (self.tracks_mass(), self.layer.positions()) {
+            self.mass.remap(positions, new);
+        }
         Ok(())
     }
 }
@@ -176,6 +187,9 @@ impl<B: KvBackend> LayerCache<B> for DecodingEvictCache<B> {
                 self.since = 0;
                 let mut ctx = ObservationCtx::bare(self.layer_idx);
                 ctx.window_queries = self.queries.get();
+                if self.tracks_mass() {
+                    ctx.attention_mass = self.mass.get(self.layer.stored());
+                }
                 self.compress(&ctx)?;
             }
         }
@@ -191,15 +205,27 @@ impl<B: KvBackend> LayerCache<B> for DecodingEvictCache<B> {
     }
 
     fn attend(&self, q: Tensor<B, 4>) -> Result<Tensor<B, 4>, KvError> {
-        if self.prefilled {
-            self.queries.record(&q);
+        if !self.prefilled {
+            return self.layer.attend(q);
         }
-        self.layer.attend(q)
+        self.queries.record(&q);
+        if !self.tracks_mass() {
+            return self.layer.attend(q);
+        }
+        let (out, mass) = self.layer.attend_with_mass(q)?;
+        self.mass.add(mass);
+        Ok(out)
     }
 
     fn finish_prefill(&mut self, ctx: &ObservationCtx<B>) -> Result<(), AxisError> {
         self.prefilled = true;
         self.layer_idx = ctx.layer;
+        if self.tracks_mass() {
+            // The prompt's mass starts the ledger when it covers the held rows.
+            let stored = self.layer.stored();
+            let mass = ctx.attention_mass.clone();
+            self.mass.set(mass.filter(|m| m.dims()[2] == stored));
+        }
         self.compress(ctx)
     }
 
@@ -219,6 +245,7 @@ impl<B: KvBackend> LayerCache<B> for DecodingEvictCache<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ScorerKind;
     use burn::tensor::Distribution;
     use burn_ndarray::NdArray;
 
@@ -236,7 +263,12 @@ mod tests {
     #[test]
     fn long_generation_stays_bounded_with_increasing_positions() {
         let device = Default::default();
-        for scorer in [ScorerKind::Knorm, ScorerKind::Snapkv, ScorerKind::Streaming] {
+        for scorer in [
+            ScorerKind::Knorm,
+            ScorerKind::Snapkv,
+            ScorerKind::Streaming,
+            ScorerKind::H2o,
+        ] {
             let mut cache =
                 DecodingEvictCache::<B>::new(Evict::new(), setting(scorer)).expect("test");
             let kv =
@@ -286,7 +318,10 @@ mod tests {
     #[test]
     fn unusable_settings_are_refused() {
         let mut s = setting(ScorerKind::H2o);
-        assert!(s.validate().is_err());
+        assert!(
+            s.validate().is_ok(),
+            "h2o scores on the cache's mass ledger"
+        );
         s.evict.scorer = ScorerKind::Knorm;
         s.target = 10;
         assert!(s.validate().is_err());
@@ -298,5 +333,65 @@ mod tests {
             min_share: Ratio::new(0.2).expect("test"),
         };
         assert!(s.validate().is_err());
+    }
+
+    /// H2O while decoding, as the standalone cache runs it: the prompt's heaviest token
+    /// survives the first re-eviction; a token the decoding queries attend to is kept although
+    /// the prompt paid it least, and it stays kept at the next re-eviction, when every query
+    /// looks away from it, because the ledger carries its mass over by position (a ledger that
+    /// forgot it, or gave it a neighbour's, would drop it).
+    #[test]
+    fn h2o_keeps_what_the_decoding_queries_attend_to() {
+        let d = Default::default();
+        let dim = 8;
+        let unit = |i: usize, scale: f32| {
+            let mut v = vec![0f32; dim];
+            v[i] = scale;
+            Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(v, [1, 1, 1, dim]), &d)
+        };
+        let small = |t| Tensor::<B, 4>::random([1, 1, t, dim], Distribution::Normal(0.0, 0.05), &d);
+        let prompt_k = small(24).slice_assign([0..1, 0..1, 10..11, 0..dim], unit(0, 3.0));
+        let mut s = setting(ScorerKind::H2o);
+        (s.evict.sinks, s.evict.window) = (0, 4);
+        (s.target, s.interval) = (24, 16);
+        let mut c = DecodingEvictCache::<B>::new(Evict::new(), s).expect("valid");
+        c.append(prompt_k, small(24)).expect("append");
+        // The prompt paid token 10 less than the rest, token 15 much more.
+        let mut mass = vec![0.01f32; 24];
+        mass[10] = 0.005;
+        mass[15] = 5.0;
+        let ctx = ObservationCtx {
+            attention_mass: Some(Tensor::from_data(
+                burn::tensor::TensorData::new(mass, [1, 1, 24]),
+                &d,
+            )),
+            ..ObservationCtx::bare(0)
+        };
+        c.finish_prefill(&ctx).expect("prefill");
+        let kept = |c: &DecodingEvictCache<B>| -> Vec<i64> {
+            let p = c.layer().positions().expect("positions");
+            p.into_data().convert::<i64>().to_vec().expect("ints")
+        };
+        // The prompt fills the target exactly, so each re-eviction drops 16 rows: the 12
+        // unprotected new ones and 4 of the prompt's, where token 10 is the lightest unless the
+        // decoding queries' mass counts.
+        assert_eq!(kept(&c).len(), 24, "at target after prefill");
+        // Round 1: the queries look at token 10, up to the re-eviction at its 16th token
+        // (the query after it looks away, so what token 10 holds then is what the ledger
+        // carried). Round 2: every query looks away from it, so the other rows gain mass and
+        // only what round 1 left keeps it.
+        for round in [1, 2] {
+            for step in 0..16 {
+                c.append(small(1), small(1)).expect("append");
+                let scale = if round == 1 && step < 15 { 20.0 } else { -20.0 };
+                c.attend(unit(0, scale)).expect("attend");
+            }
+            let held = kept(&c);
+            assert!(held.len() <= 24, "{held:?}");
+            assert!(held.contains(&10), "after round {round}: {held:?}");
+            if round == 1 {
+                assert!(held.contains(&15), "after round {round}: {held:?}");
+            }
+        }
     }
 }

@@ -22,6 +22,7 @@ pub mod h2o;
 pub mod headwise;
 pub mod knorm;
 pub mod kvzip;
+mod mass;
 pub mod random;
 pub mod redundancy;
 mod scorer;
@@ -38,6 +39,7 @@ mod invariants;
 
 pub use decoding::{DecodingEvictCache, DecodingSetting, RecentQueries};
 pub use evict::Evict;
+pub use mass::MassLedger;
 pub use scorer::{ScoreInput, Scorer, ScorerKind, ScorerNeeds, ScorerType};
 pub use setting::{EvictSetting, Lambda, Selection};
 pub use trig::{TrigAccumulator, TrigStats};

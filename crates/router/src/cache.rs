@@ -36,7 +36,7 @@ pub struct RoutedCache<B: KvBackend> {
     /// Generated tokens since the last decode-time eviction.
     pub(crate) since_evict: usize,
     /// Attention mass of the held rows, for a scorer that reads it while decoding (H2O).
-    pub(crate) mass: crate::decoding::MassLedger<B>,
+    pub(crate) mass: axis_evict::MassLedger<B>,
 }
 
 /// Where a chunk-by-chunk prefill stands: tokens (per head) already in final projected or
