@@ -645,11 +645,14 @@ fn h2o_keeps_what_the_decoding_queries_attend_to() {
         let p = c.layer.positions().expect("positions");
         p.into_data().convert::<i64>().to_vec().expect("ints")
     };
-    // Round 1: every query looks at token 10. Round 2: every query looks away from it, so
-    // the other rows gain mass and only what round 1 left keeps it.
-    for (round, scale) in [(1, 20.0), (2, -20.0)] {
-        for _ in 0..16 {
+    // Round 1: the queries look at token 10, up to the re-eviction at its 16th token (the
+    // query after it looks away, so what token 10 holds then is what the ledger carried).
+    // Round 2: every query looks away from it, so the other rows gain mass and only what
+    // round 1 left keeps it.
+    for round in [1, 2] {
+        for step in 0..16 {
             c.append(small(1), small(1)).expect("append");
+            let scale = if round == 1 && step < 15 { 20.0 } else { -20.0 };
             c.attend(unit(0, scale)).expect("attend");
         }
         let held = kept(&c);
