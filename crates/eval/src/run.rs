@@ -317,11 +317,10 @@ fn measure_all<B: KvBackend>(
     // One full prefill per sample, shared by every method: all of them first, on every core.
     let needs = router::Needs::of(plan_layers);
     let popts = solver::observing(needs);
-    // KVzip's pass needs the whole context: a KVzip layer cannot compress chunk by chunk and
-    // reports the missing pass.
+    // KVzip's pass runs after the last chunk: KVzip layers keep their prompt until then,
+    // the others compress as they go.
     let chunked = PrefillOptions {
         compress_chunks: true,
-        reconstruction: false,
         ..popts
     };
     let mut recordings = prefill_all(&session.model, groups, &popts, progress)?.into_iter();

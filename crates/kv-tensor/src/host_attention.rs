@@ -762,36 +762,59 @@ pub(crate) fn attend(
         })
         .collect();
     let jobs = tasks(&gathered, &blocks, heads, lens, tq, d, columns.is_some());
-    let partials: Vec<(usize, usize, Partial)> = jobs
-        .into_par_iter()
-        .map(|(slot, column, task)| (slot, column, task.run()))
-        .collect();
+    // With the mass, every task keeps its softmax weights until its slot is merged: run whole
+    // slots in batches that hold at most `MASS_BYTES` of them (all at once, a pass over a long
+    // context would hold rows × keys floats, the attention matrix KVzip's pass is meant to avoid).
+    let batch = match columns {
+        Some(_) => {
+            let keys = lens.iter().copied().max().unwrap_or(0);
+            let per_slot = (group * per_block * keys * 4).max(1);
+            (MASS_BYTES / per_slot).max(2)
+        }
+        None => gathered.len().max(1),
+    };
     let total = columns.and_then(|(c, _)| c.last().copied()).unwrap_or(0);
     let mut mass = columns.map(|_| vec![0f32; heads.len() * total]);
     let mut out = vec![0f32; q.len()];
-    let mut i = 0;
-    for slot in 0..gathered.len() {
-        let (bh, b) = (slot / blocks.len(), &blocks[slot % blocks.len()]);
-        let from = i;
-        while i < partials.len() && partials[i].0 == slot {
-            i += 1;
+    let mut jobs = jobs.into_iter().peekable();
+    for first in (0..gathered.len()).step_by(batch) {
+        let end = (first + batch).min(gathered.len());
+        let mut run = Vec::new();
+        while let Some(job) = jobs.next_if(|j| j.0 < end) {
+            run.push(job);
         }
-        let mut o = vec![0f32; group * b.len() * d];
-        let slot_parts = &partials[from..i];
-        let (max, total_sum) = merge(slot_parts.iter().map(|(_, _, p)| p), &mut o, d);
-        if let (Some(m), Some((_, reduce))) = (mass.as_mut(), columns) {
-            let head = &mut m[bh * total..(bh + 1) * total];
-            for (_, column, p) in slot_parts {
-                add_weights(p, &max, &total_sum, reduce, &mut head[*column..]);
+        let partials: Vec<(usize, usize, Partial)> = run
+            .into_par_iter()
+            .map(|(slot, column, task)| (slot, column, task.run()))
+            .collect();
+        let mut i = 0;
+        for slot in first..end {
+            let from = i;
+            while i < partials.len() && partials[i].0 == slot {
+                i += 1;
             }
-        }
-        let oh = &mut out[bh * rows * d..(bh + 1) * rows * d];
-        for (g, src) in o.chunks_exact(b.len() * d).enumerate() {
-            oh[(g * tq + b.start) * d..(g * tq + b.end) * d].copy_from_slice(src);
+            let (bh, b) = (slot / blocks.len(), &blocks[slot % blocks.len()]);
+            let mut o = vec![0f32; group * b.len() * d];
+            let slot_parts = &partials[from..i];
+            let (max, total_sum) = merge(slot_parts.iter().map(|(_, _, p)| p), &mut o, d);
+            if let (Some(m), Some((_, reduce))) = (mass.as_mut(), columns) {
+                let head = &mut m[bh * total..(bh + 1) * total];
+                for (_, column, p) in slot_parts {
+                    add_weights(p, &max, &total_sum, reduce, &mut head[*column..]);
+                }
+            }
+            let oh = &mut out[bh * rows * d..(bh + 1) * rows * d];
+            for (g, src) in o.chunks_exact(b.len() * d).enumerate() {
+                oh[(g * tq + b.start) * d..(g * tq + b.end) * d].copy_from_slice(src);
+            }
         }
     }
     (out, mass)
 }
+
+/// Softmax weights one batch of [`attend`]'s slots may hold when the mass is asked for (tiny
+/// under test, so that the property tests cross batch boundaries).
+const MASS_BYTES: usize = if cfg!(test) { 1 << 12 } else { 16 << 20 };
 
 /// Folds one task's softmax weights into `acc`: `weights[r][j] · exp(max_r(part) − max_r) /
 /// sum_r` is row `r`'s normalised weight on key `j`, summed over rows (the mass) or maximised

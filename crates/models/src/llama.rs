@@ -48,8 +48,10 @@ pub struct PrefillOptions {
     /// the end (the kvpress protocol: question-agnostic compression of the whole prompt).
     pub compress_chunks: bool,
     /// Also run KVzip's reconstruction pass before the caches compress (see
-    /// [`REPEAT_PROMPT`]): about one more prefill, in pieces of `chunk` context tokens. It
-    /// needs the whole context, so it cannot be combined with `compress_chunks`.
+    /// [`REPEAT_PROMPT`]): about one more prefill, in pieces of `chunk` context tokens. With
+    /// `compress_chunks` it runs after the last chunk over what the caches hold then: a cache
+    /// whose scorer reads the pass keeps its whole prompt until `finish_prefill`, the others
+    /// are already compressed (and the pass attends through their compressed rows).
     pub reconstruction: bool,
 }
 
@@ -337,12 +339,6 @@ impl<B: KvBackend> Llama<B> {
         caches: &mut [C],
         opts: &PrefillOptions,
     ) -> Result<Tensor<B, 2>, ModelError> {
-        if opts.reconstruction && opts.compress_chunks {
-            return Err(ModelError::IncompatibleOptions(
-                "KVzip's reconstruction pass needs the whole context, so it cannot run with \
-                 a prefill that compresses chunk by chunk",
-            ));
-        }
         let (logits, observed) = self.run(ids, caches, Logits::Last, Some(opts))?;
         let mut peaks = if opts.reconstruction {
             Some(

@@ -234,13 +234,15 @@ impl<B: KvBackend> RoutedCache<B> {
         Ok(())
     }
 
-    /// Whether this expert can compress chunk by chunk: head-wise (ragged) selections are
-    /// final once made, so they compress the whole prompt at the end.
+    /// Whether this expert can compress chunk by chunk. Head-wise (ragged) selections are
+    /// final once made, and KVzip scores every key by a reconstruction pass that only runs
+    /// once the whole context is in: both keep the prompt until the end of prefill (while the
+    /// other layers of a chunked prefill compress as they go).
     fn chunkable(&self) -> bool {
-        !self
-            .expert
-            .evict
-            .is_some_and(|e| matches!(e.selection, axis_evict::Selection::HeadWise { .. }))
+        !self.expert.evict.is_some_and(|e| {
+            matches!(e.selection, axis_evict::Selection::HeadWise { .. })
+                || e.scorer.needs().reconstruction
+        })
     }
 
     /// Replaces everything held by `seg` (the kept tokens, oldest first), staged as at the end

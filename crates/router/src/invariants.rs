@@ -208,6 +208,59 @@ proptest! {
     }
 }
 
+/// A KVzip layer keeps its whole prompt through a chunk-by-chunk prefill (its scores come from
+/// the reconstruction pass after the last chunk), then compresses to what it keeps with the
+/// pass' peaks, and keeps the highest-peaked tokens; without the pass it reports what is missing.
+#[test]
+fn kvzip_layers_keep_the_prompt_until_the_pass() {
+    let e = Expert {
+        evict: Some(EvictSetting::new(ScorerKind::Kvzip, Ratio::new(0.25).expect("r"))),
+        quant: Some(QuantSetting::new(Bits::try_from(4).expect("b"), Bits::try_from(4).expect("b"))),
+        residual: Some(0),
+        ..Expert::FULL
+    };
+    let d = Default::default();
+    let (mut c, mut bare) = (
+        RoutedCache::<B>::with_axes(e.clone(), axes()),
+        RoutedCache::<B>::with_axes(e.clone(), axes()),
+    );
+    let t = 192;
+    for _ in 0..3 {
+        let k = Tensor::<B, 4>::random([1, 3, t / 3, 64], Distribution::Normal(0.0, 1.0), &d);
+        for cache in [&mut c, &mut bare] {
+            cache.append(k.clone(), k.clone()).expect("append");
+            cache.after_prefill_chunk(&ObservationCtx::bare(0)).expect("held");
+        }
+        assert_eq!(c.stored(), c.len(), "a KVzip layer compressed before the pass");
+    }
+    let err = bare.finish_prefill(&ObservationCtx::bare(0)).expect_err("no pass");
+    assert!(matches!(err, AxisError::MissingObservation { .. }), "{err}");
+    // Peaks that rise with the position, but for the first 40 tokens, which peak highest.
+    let peaks: Vec<f32> = (0..3 * t)
+        .map(|i| {
+            let j = i % t;
+            if j < 40 { 10.0 + j as f32 } else { j as f32 / t as f32 }
+        })
+        .collect();
+    let mut ctx = ObservationCtx::bare(0);
+    ctx.reconstruction = Some(Tensor::from_data(
+        burn::tensor::TensorData::new(peaks, [1, 3, t]),
+        &d,
+    ));
+    c.finish_prefill(&ctx).expect("compress");
+    assert_eq!(c.stored(), e.kept(t));
+    let shape = LayerShape { batch: 1, kv_heads: 3, tokens: t, head_dim: 64 };
+    assert_eq!(c.footprint(), e.footprint(&shape, t));
+    // Beyond the protected sinks and recent window, only tokens of the high-peaked 40.
+    let evict = e.evict.expect("evicts");
+    let kept: Vec<i64> = c.layer.positions().expect("positions").into_data().iter::<i64>().collect();
+    let chosen = kept
+        .iter()
+        .filter(|&&p| p >= evict.sinks as i64 && p < (t - evict.window) as i64);
+    assert!(chosen.clone().count() >= 3, "{kept:?}");
+    assert!(chosen.clone().all(|&p| p < 40), "low peaks kept over high ones: {kept:?}");
+}
+
 #[test]
 fn plans_roundtrip_and_validate() {
     let e = Expert {

@@ -151,8 +151,9 @@ fn generate(a: &Generate) -> Result<()> {
         max_new: a.max_new,
         sampling,
         prefill: PrefillOptions {
-            // KVzip's pass needs the whole context, so its plans compress at the end.
-            compress_chunks: plan.is_some() && !a.compress_at_end && !needs.reconstruction,
+            // KVzip layers keep their prompt until the pass after the last chunk; the
+            // others compress as they go.
+            compress_chunks: plan.is_some() && !a.compress_at_end,
             ..solver::observing(needs)
         },
     };

@@ -1,10 +1,11 @@
 //! KVzip's reconstruction pass: the peaks it hands the caches are the largest weights the
 //! repeat prompt and repeated context pay each context key, exactly as a plain forward pass
 //! over `context ++ prompt ++ piece` computes them, piece by piece; the prefilled caches are
-//! left as they were; and a prefill that compresses chunk by chunk refuses the pass.
+//! left as they were; and a prefill that compresses chunk by chunk runs the pass after its
+//! last chunk.
 use super::support::*;
 use crate::gguf::Gguf;
-use crate::{Llama, LlamaConfig, ModelError, PrefillOptions};
+use crate::{Llama, LlamaConfig, PrefillOptions};
 use burn::tensor::Tensor;
 use burn_ndarray::NdArray;
 use kv_tensor::{
@@ -153,17 +154,33 @@ fn peaks_match_a_plain_forward_pass_piece_by_piece() {
     }
 }
 
+/// A prefill that compresses chunk by chunk still runs the pass, after its last chunk: caches
+/// that keep their prompt (as these do, and as a KVzip layer does) receive the same peaks as
+/// from a one-shot prefill.
 #[test]
-fn chunk_by_chunk_compression_refuses_the_pass() {
+fn chunk_by_chunk_prefill_runs_the_pass_after_the_last_chunk() {
     let m = model();
-    let mut caches = recording(LAYERS);
-    let opts = PrefillOptions {
-        reconstruction: true,
-        compress_chunks: true,
-        ..Default::default()
+    let ids: Vec<u32> = (0..23).map(|i| 1 + (i * 5) % 29).collect();
+    let peaks = |compress_chunks| {
+        let mut caches = recording(LAYERS);
+        let opts = PrefillOptions {
+            reconstruction: true,
+            compress_chunks,
+            chunk: 8,
+            ..Default::default()
+        };
+        m.prefill(&ids, &mut caches, &opts).expect("prefill");
+        caches
+            .iter()
+            .map(|c| {
+                let p = c.observed().and_then(|o| o.reconstruction.clone());
+                values(p.expect("the pass ran"))
+            })
+            .collect::<Vec<_>>()
     };
-    let e = m
-        .prefill(&[1, 2, 3], &mut caches, &opts)
-        .expect_err("refused");
-    assert!(matches!(e, ModelError::IncompatibleOptions(_)), "{e}");
+    let (chunked, one_shot) = (peaks(true), peaks(false));
+    for (l, (a, b)) in chunked.iter().zip(&one_shot).enumerate() {
+        assert_eq!(a.len(), KV_HEADS * ids.len(), "layer {l}");
+        assert_eq!(a, b, "layer {l}");
+    }
 }
