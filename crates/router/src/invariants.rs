@@ -214,8 +214,14 @@ proptest! {
 #[test]
 fn kvzip_layers_keep_the_prompt_until_the_pass() {
     let e = Expert {
-        evict: Some(EvictSetting::new(ScorerKind::Kvzip, Ratio::new(0.25).expect("r"))),
-        quant: Some(QuantSetting::new(Bits::try_from(4).expect("b"), Bits::try_from(4).expect("b"))),
+        evict: Some(EvictSetting::new(
+            ScorerKind::Kvzip,
+            Ratio::new(0.25).expect("r"),
+        )),
+        quant: Some(QuantSetting::new(
+            Bits::try_from(4).expect("b"),
+            Bits::try_from(4).expect("b"),
+        )),
         residual: Some(0),
         ..Expert::FULL
     };
@@ -229,17 +235,29 @@ fn kvzip_layers_keep_the_prompt_until_the_pass() {
         let k = Tensor::<B, 4>::random([1, 3, t / 3, 64], Distribution::Normal(0.0, 1.0), &d);
         for cache in [&mut c, &mut bare] {
             cache.append(k.clone(), k.clone()).expect("append");
-            cache.after_prefill_chunk(&ObservationCtx::bare(0)).expect("held");
+            cache
+                .after_prefill_chunk(&ObservationCtx::bare(0))
+                .expect("held");
         }
-        assert_eq!(c.stored(), c.len(), "a KVzip layer compressed before the pass");
+        assert_eq!(
+            c.stored(),
+            c.len(),
+            "a KVzip layer compressed before the pass"
+        );
     }
-    let err = bare.finish_prefill(&ObservationCtx::bare(0)).expect_err("no pass");
+    let err = bare
+        .finish_prefill(&ObservationCtx::bare(0))
+        .expect_err("no pass");
     assert!(matches!(err, AxisError::MissingObservation { .. }), "{err}");
     // Peaks that rise with the position, but for the first 40 tokens, which peak highest.
     let peaks: Vec<f32> = (0..3 * t)
         .map(|i| {
             let j = i % t;
-            if j < 40 { 10.0 + j as f32 } else { j as f32 / t as f32 }
+            if j < 40 {
+                10.0 + j as f32
+            } else {
+                j as f32 / t as f32
+            }
         })
         .collect();
     let mut ctx = ObservationCtx::bare(0);
@@ -249,16 +267,30 @@ fn kvzip_layers_keep_the_prompt_until_the_pass() {
     ));
     c.finish_prefill(&ctx).expect("compress");
     assert_eq!(c.stored(), e.kept(t));
-    let shape = LayerShape { batch: 1, kv_heads: 3, tokens: t, head_dim: 64 };
+    let shape = LayerShape {
+        batch: 1,
+        kv_heads: 3,
+        tokens: t,
+        head_dim: 64,
+    };
     assert_eq!(c.footprint(), e.footprint(&shape, t));
     // Beyond the protected sinks and recent window, only tokens of the high-peaked 40.
     let evict = e.evict.expect("evicts");
-    let kept: Vec<i64> = c.layer.positions().expect("positions").into_data().iter::<i64>().collect();
+    let kept: Vec<i64> = c
+        .layer
+        .positions()
+        .expect("positions")
+        .into_data()
+        .iter::<i64>()
+        .collect();
     let chosen = kept
         .iter()
         .filter(|&&p| p >= evict.sinks as i64 && p < (t - evict.window) as i64);
     assert!(chosen.clone().count() >= 3, "{kept:?}");
-    assert!(chosen.clone().all(|&p| p < 40), "low peaks kept over high ones: {kept:?}");
+    assert!(
+        chosen.clone().all(|&p| p < 40),
+        "low peaks kept over high ones: {kept:?}"
+    );
 }
 
 #[test]
