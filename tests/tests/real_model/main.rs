@@ -3,6 +3,7 @@
 //! one binary rather than six saves minutes of every clean build, and the embedded model loads
 //! once for all of them (`kvnd_tests::model`).
 mod calibration_losses;
+mod chunked_kvzip;
 mod eval_harness;
 mod evict;
 mod lowrank;
