@@ -761,7 +761,8 @@ pub(crate) fn attend(
             block
         })
         .collect();
-    let jobs = tasks(&gathered, &blocks, heads, lens, tq, d, columns.is_some());
+    // In slot order, so each batch below is a prefix.
+    let mut jobs = tasks(&gathered, &blocks, heads, lens, tq, d, columns.is_some());
     // With the mass, every task keeps its softmax weights until its slot is merged: run whole
     // slots in batches that hold at most `MASS_BYTES` of them (all at once, a pass over a long
     // context would hold rows × keys floats, the attention matrix KVzip's pass is meant to avoid).
@@ -776,15 +777,11 @@ pub(crate) fn attend(
     let total = columns.and_then(|(c, _)| c.last().copied()).unwrap_or(0);
     let mut mass = columns.map(|_| vec![0f32; heads.len() * total]);
     let mut out = vec![0f32; q.len()];
-    let mut jobs = jobs.into_iter().peekable();
     for first in (0..gathered.len()).step_by(batch) {
         let end = (first + batch).min(gathered.len());
-        let mut run = Vec::new();
-        while let Some(job) = jobs.next_if(|j| j.0 < end) {
-            run.push(job);
-        }
-        let partials: Vec<(usize, usize, Partial)> = run
-            .into_par_iter()
+        let n = jobs.partition_point(|j| j.0 < end);
+        let partials: Vec<(usize, usize, Partial)> = jobs
+            .par_drain(..n)
             .map(|(slot, column, task)| (slot, column, task.run()))
             .collect();
         let mut i = 0;

@@ -70,7 +70,7 @@ fn kvzip_plans_prefill_chunk_by_chunk() {
         // The decode step added one fp16 row to the window.
         assert_eq!(cache.stored(), e.kept(PROMPT) + 1, "layer {l}");
         let f = e.footprint(&shape, PROMPT);
-        let row = (2 * c.kv_heads * c.head_dim * 2) as u64;
+        let row = LayerShape { tokens: 1, ..shape }.fp16_bytes().get();
         assert_eq!(
             cache.footprint().total().get(),
             f.total().get() + row,
