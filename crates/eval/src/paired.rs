@@ -6,6 +6,15 @@
 //! some needles are easy for every method). The interval is the 2.5–97.5 % percentile range of
 //! the mean difference over resamples of those samples, with replacement, from a generator
 //! seeded by the run's seed and the pair's names, so a rerun reproduces it.
+//!
+//! The eval draws a fixed number of samples in each cell of its design (a task at a context
+//! length), so the quantity estimated is the mean over that fixed mix of cells, and how the
+//! differences vary *between* cells is not sampling noise. The bootstrap therefore resamples
+//! within each cell (a stratified bootstrap): a pooled one would count the between-cell spread
+//! as noise and report intervals wider than the design's. Within a cell the differences are
+//! widened about the cell's mean by `√(n/(n−1))` before resampling, so that the resampled
+//! variance is the unbiased one even for cells of a few samples. Cells of one sample have no
+//! spread of their own and are pooled. The pooled interval's half-width is kept beside it.
 use crate::measure::Record;
 use crate::rng::Rng;
 use serde::Serialize;
@@ -69,6 +78,10 @@ pub struct Interval {
     pub hi: f64,
     /// Samples both methods measured.
     pub n: usize,
+    /// Cells of the design resampled within (1: the samples were resampled as one pool).
+    pub cells: usize,
+    /// Half-width of the pooled bootstrap interval of the same differences, for comparison.
+    pub pooled_half_width: f64,
 }
 
 impl Interval {
@@ -83,26 +96,88 @@ impl Interval {
     }
 }
 
-/// The bootstrap interval of the mean of `diffs`; `None` below two samples (one sample has no
-/// spread to resample, and a zero-width interval would claim a resolution it does not have).
+/// The pooled bootstrap interval of the mean of `diffs`; `None` below two samples (one sample
+/// has no spread to resample, and a zero-width interval would claim a resolution it does not
+/// have).
 pub fn bootstrap(diffs: &[f64], seed: u64) -> Option<Interval> {
     let n = diffs.len();
     if n < 2 || diffs.iter().any(|d| !d.is_finite()) {
         return None;
     }
-    let mean = diffs.iter().sum::<f64>() / n as f64;
     let mut rng = Rng(seed);
-    let mut means: Vec<f64> = (0..RESAMPLES)
+    let means = (0..RESAMPLES)
         .map(|_| (0..n).map(|_| diffs[rng.below(n)]).sum::<f64>() / n as f64)
         .collect();
-    means.sort_by(f64::total_cmp);
-    let at = |q: f64| means[((q * (RESAMPLES - 1) as f64).round() as usize).min(RESAMPLES - 1)];
+    let (lo, hi) = percentiles(means);
     Some(Interval {
-        mean,
-        lo: at(0.025),
-        hi: at(0.975),
+        mean: diffs.iter().sum::<f64>() / n as f64,
+        lo,
+        hi,
         n,
+        cells: 1,
+        pooled_half_width: (hi - lo) / 2.0,
     })
+}
+
+/// The 2.5 % and 97.5 % percentiles of resampled means.
+fn percentiles(mut means: Vec<f64>) -> (f64, f64) {
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+    (at(0.025), at(0.975))
+}
+
+/// The stratified bootstrap interval of the mean of every difference in `cells` (one vector per
+/// cell of the design; see the module's doc). `None` below two samples or for a non-finite
+/// difference.
+pub fn bootstrap_stratified(cells: &[Vec<f64>], seed: u64) -> Option<Interval> {
+    let all: Vec<f64> = cells.iter().flatten().copied().collect();
+    let pooled = bootstrap(&all, seed)?;
+    let strata = pool_single_samples(cells);
+    let n = all.len();
+    let widened: Vec<Vec<f64>> = strata
+        .iter()
+        .map(|c| {
+            let m = c.iter().sum::<f64>() / c.len() as f64;
+            let k = (c.len() as f64 / (c.len() - 1) as f64).sqrt();
+            c.iter().map(|d| m + k * (d - m)).collect()
+        })
+        .collect();
+    let mut rng = Rng(seed);
+    let means = (0..RESAMPLES)
+        .map(|_| {
+            let sum: f64 = widened
+                .iter()
+                .map(|c| (0..c.len()).map(|_| c[rng.below(c.len())]).sum::<f64>())
+                .sum();
+            sum / n as f64
+        })
+        .collect();
+    let (lo, hi) = percentiles(means);
+    Some(Interval {
+        lo,
+        hi,
+        cells: strata.len(),
+        pooled_half_width: pooled.half_width(),
+        ..pooled
+    })
+}
+
+/// The cells to resample within: cells of two or more samples as they are, cells of one sample
+/// pooled into one (a lone pooled sample joins the largest cell). Every returned cell holds at
+/// least two samples when `cells` hold two in all.
+fn pool_single_samples(cells: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (mut out, singles): (Vec<Vec<f64>>, Vec<Vec<f64>>) = cells
+        .iter()
+        .filter(|c| !c.is_empty())
+        .cloned()
+        .partition(|c| c.len() > 1);
+    let singles: Vec<f64> = singles.into_iter().flatten().collect();
+    match (singles.len(), out.iter_mut().max_by_key(|c| c.len())) {
+        (0, _) => {}
+        (1, Some(largest)) => largest.extend(singles),
+        _ => out.push(singles),
+    }
+    out
 }
 
 /// Which sample a record measured: records of two methods pair on this.
@@ -110,15 +185,40 @@ fn key(r: &Record) -> (usize, &'static str, usize) {
     (r.length, r.task, r.sample)
 }
 
+/// The cell of the design a record's sample was drawn in: its context length and task.
+fn cell(r: &Record) -> (usize, &'static str) {
+    (r.length, r.task)
+}
+
 /// The per-sample differences `a − b` of `metric` on the samples both measured.
 pub fn differences(a: &[&Record], b: &[&Record], metric: Metric) -> Vec<f64> {
-    a.iter()
-        .filter_map(|ra| {
-            let x = metric.of(ra)?;
-            let rb = b.iter().find(|rb| key(rb) == key(ra))?;
-            Some(x - metric.of(rb)?)
-        })
-        .collect()
+    paired(a, b, metric).map(|(_, d)| d).collect()
+}
+
+/// [`differences`] grouped by the cell of the design they were drawn in, cells in order of
+/// first appearance in `a`.
+pub fn cell_differences(a: &[&Record], b: &[&Record], metric: Metric) -> Vec<Vec<f64>> {
+    let mut cells: Vec<((usize, &str), Vec<f64>)> = Vec::new();
+    for (c, d) in paired(a, b, metric) {
+        match cells.iter_mut().find(|(k, _)| *k == c) {
+            Some((_, ds)) => ds.push(d),
+            None => cells.push((c, vec![d])),
+        }
+    }
+    cells.into_iter().map(|(_, ds)| ds).collect()
+}
+
+/// Each sample both measured: its cell and the difference `a − b`.
+fn paired<'r>(
+    a: &'r [&Record],
+    b: &'r [&Record],
+    metric: Metric,
+) -> impl Iterator<Item = ((usize, &'static str), f64)> + 'r {
+    a.iter().filter_map(move |ra| {
+        let x = metric.of(ra)?;
+        let rb = b.iter().find(|rb| key(rb) == key(ra))?;
+        Some((cell(ra), x - metric.of(rb)?))
+    })
 }
 
 /// FNV-1a of a pair's names: each comparison gets its own resampling stream.
@@ -161,8 +261,9 @@ pub fn compare(a: &[&Record], b: &[&Record], names: [&str; 3], seed: u64) -> Com
     let diffs = Metric::ALL
         .iter()
         .filter_map(|&m| {
-            let d = differences(a, b, m);
-            bootstrap(&d, name_seed(seed, &[method, budget, against, m.name()])).map(|i| (m, i))
+            let d = cell_differences(a, b, m);
+            bootstrap_stratified(&d, name_seed(seed, &[method, budget, against, m.name()]))
+                .map(|i| (m, i))
         })
         .collect();
     Comparison {
@@ -238,6 +339,11 @@ pub fn all(records: &[Record], rows: &[(String, String)], seed: u64) -> Vec<Comp
     out
 }
 
+/// Whether `against` is `method`'s control (see [`all`]) rather than its best rival.
+pub fn is_control(method: &str, against: &str) -> bool {
+    CONTROLS.contains(&(method, against))
+}
+
 /// (method, its control): rows always paired with each other.
 const CONTROLS: [(&str, &str); 2] = [
     ("moqae", "moqae-heuristic"),
@@ -291,6 +397,8 @@ mod tests {
             against(&records, &rows, "hetero"),
             ["full", "moqae", "hetero(expected_attention)"]
         );
+        assert!(is_control("hetero", "hetero(expected_attention)"));
+        assert!(!is_control("hetero", "moqae") && !is_control("moqae-heuristic", "moqae"));
     }
 
     #[test]
@@ -346,7 +454,84 @@ mod tests {
         assert_eq!(best_other(&rs, &rows, "knorm", "1/4"), None);
     }
 
+    /// Differences that vary a lot between cells but little within them: the stratified
+    /// interval resolves what the pooled one cannot, and says so beside it.
+    #[test]
+    fn between_cell_spread_is_not_counted_as_noise() {
+        let cells: Vec<Vec<f64>> = [-2.0, 0.5, 2.0]
+            .iter()
+            .map(|c| (0..5).map(|i| c + 0.02 * (i as f64 - 2.0)).collect())
+            .collect();
+        let pooled = bootstrap(&cells.concat(), 7).expect("15 samples");
+        assert!(!pooled.resolved(), "{pooled:?}");
+        let i = bootstrap_stratified(&cells, 7).expect("15 samples");
+        assert!(i.resolved() && i.lo > 0.1, "{i:?}");
+        assert_eq!((i.n, i.cells), (15, 3));
+        assert!((i.mean - pooled.mean).abs() < 1e-12);
+        assert_eq!(i.pooled_half_width, pooled.half_width());
+        // Records of two tasks are two cells.
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for (s, task) in [(0, "vt"), (1, "vt"), (0, "cwe"), (1, "cwe")] {
+            let mut ra = rec("a", s, s as f64);
+            ra.task = task;
+            let mut rb = rec("b", s, 0.0);
+            rb.task = task;
+            a.push(ra);
+            b.push(rb);
+        }
+        let (ra, rb): (Vec<&Record>, Vec<&Record>) = (a.iter().collect(), b.iter().collect());
+        let by_cell = cell_differences(&ra, &rb, Metric::TfLogp);
+        assert_eq!(by_cell, vec![vec![0.0, 1.0], vec![0.0, 1.0]]);
+    }
+
+    #[test]
+    fn cells_of_one_sample_are_pooled() {
+        let pooled = pool_single_samples(&[vec![1.0], vec![2.0], vec![3.0, 4.0], vec![]]);
+        assert_eq!(pooled, vec![vec![3.0, 4.0], vec![1.0, 2.0]]);
+        let joined = pool_single_samples(&[vec![1.0], vec![3.0, 4.0], vec![5.0, 6.0, 7.0]]);
+        assert_eq!(joined, vec![vec![3.0, 4.0], vec![5.0, 6.0, 7.0, 1.0]]);
+        // Every cell a single sample: one pool, a finite interval of nonzero width.
+        let i = bootstrap_stratified(&[vec![1.0], vec![2.0], vec![4.0]], 3).expect("3 samples");
+        assert_eq!(i.cells, 1);
+        assert!(i.half_width() > 0.0);
+        assert!(bootstrap_stratified(&[vec![1.0]], 3).is_none());
+    }
+
     proptest! {
+        /// Shifting every difference of a cell by the cell's own constant moves the interval
+        /// with the mean and leaves its width alone: only the spread within cells is noise.
+        #[test]
+        fn stratified_width_ignores_between_cell_offsets(
+            cells in prop::collection::vec(prop::collection::vec(-5.0f64..5.0, 2..6), 1..6),
+            offsets in prop::collection::vec(-50.0f64..50.0, 6),
+            seed: u64,
+        ) {
+            let shifted: Vec<Vec<f64>> = cells
+                .iter()
+                .zip(&offsets)
+                .map(|(c, o)| c.iter().map(|d| d + o).collect())
+                .collect();
+            let i = bootstrap_stratified(&cells, seed).expect("two or more samples");
+            let j = bootstrap_stratified(&shifted, seed).expect("two or more samples");
+            prop_assert!(i.lo <= i.mean + 1e-9 && i.mean <= i.hi + 1e-9, "{i:?}");
+            prop_assert!(((j.lo - j.mean) - (i.lo - i.mean)).abs() < 1e-9, "{i:?} {j:?}");
+            prop_assert!(((j.hi - j.mean) - (i.hi - i.mean)).abs() < 1e-9, "{i:?} {j:?}");
+        }
+
+        /// One cell: the pooled resamples, widened about the mean by `√(n/(n−1))`.
+        #[test]
+        fn one_cell_is_the_pooled_interval_widened(
+            diffs in prop::collection::vec(-10.0f64..10.0, 2..40),
+            seed: u64,
+        ) {
+            let p = bootstrap(&diffs, seed).expect("two or more samples");
+            let s = bootstrap_stratified(std::slice::from_ref(&diffs), seed).expect("two or more");
+            let k = (diffs.len() as f64 / (diffs.len() - 1) as f64).sqrt();
+            prop_assert!((s.lo - (p.mean + k * (p.lo - p.mean))).abs() < 1e-9, "{p:?} {s:?}");
+            prop_assert!((s.hi - (p.mean + k * (p.hi - p.mean))).abs() < 1e-9, "{p:?} {s:?}");
+        }
+
         /// The interval holds the mean, lies within the differences' range, and is the same
         /// for the same seed.
         #[test]

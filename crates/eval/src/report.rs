@@ -159,7 +159,7 @@ fn paired_table(comparisons: &[Comparison]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "\nPaired differences (row − opponent) on the samples both measured: mean and 95 % bootstrap interval (resampling samples, seeded); **bold** = resolved (the interval excludes 0).\n\n| method | budget | vs |",
+        "\nPaired differences (row − opponent) on the samples both measured: mean and 95 % bootstrap interval (resampling samples within each task × length cell, seeded; results.json also holds the pooled half-widths); **bold** = resolved (the interval excludes 0).\n\n| method | budget | vs |",
     );
     for m in Metric::ALL {
         s.push_str(&format!(" Δ {} |", m.name()));

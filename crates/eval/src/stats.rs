@@ -207,16 +207,23 @@ pub fn versus(comparisons: &[Comparison]) -> String {
                 };
                 let digits = if *m == Metric::Score { 1 } else { 3 };
                 format!(
-                    "{} {} over {} samples ({verdict})",
+                    "{} {} over {} samples, half-width {:.digits$} ({:.digits$} pooled) ({verdict})",
                     m.name(),
                     interval_text(i, digits),
-                    i.n
+                    i.n,
+                    i.half_width(),
+                    i.pooled_half_width,
                 )
             })
             .collect();
         if !parts.is_empty() {
+            let role = if crate::paired::is_control(&c.method, &c.against) {
+                "the same menu with one scorer"
+            } else {
+                "the best other method there"
+            };
             out.push_str(&format!(
-                "- At {}, hetero − {} (the best other method there): {}.\n",
+                "- At {}, hetero − {} ({role}): {}.\n",
                 c.budget,
                 c.against,
                 parts.join("; ")
@@ -226,7 +233,7 @@ pub fn versus(comparisons: &[Comparison]) -> String {
     if !out.is_empty() {
         out.insert_str(
             0,
-            "\nWhere hetero stands (paired differences on the samples both measured, 95 % bootstrap intervals):\n\n",
+            "\nWhere hetero stands (paired differences on the samples both measured, 95 % bootstrap intervals stratified by task and length; the pooled bootstrap's half-width beside):\n\n",
         );
     }
     out
@@ -405,7 +412,7 @@ mod tests {
         assert!(v.contains("hetero − snapkv"), "{v}");
         assert!(
             v.contains(
-                "TF log-p +0.500 [+0.500, +0.500] over 12 samples (resolved, hetero better)"
+                "TF log-p +0.500 [+0.500, +0.500] over 12 samples, half-width 0.000 (0.000 pooled) (resolved, hetero better)"
             ),
             "{v}"
         );
