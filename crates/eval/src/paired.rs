@@ -104,11 +104,7 @@ pub fn bootstrap(diffs: &[f64], seed: u64) -> Option<Interval> {
     if n < 2 || diffs.iter().any(|d| !d.is_finite()) {
         return None;
     }
-    let mut rng = Rng(seed);
-    let means = (0..RESAMPLES)
-        .map(|_| (0..n).map(|_| diffs[rng.below(n)]).sum::<f64>() / n as f64)
-        .collect();
-    let (lo, hi) = percentiles(means);
+    let (lo, hi) = percentiles(resampled_means(&[diffs], seed));
     Some(Interval {
         mean: diffs.iter().sum::<f64>() / n as f64,
         lo,
@@ -117,6 +113,23 @@ pub fn bootstrap(diffs: &[f64], seed: u64) -> Option<Interval> {
         cells: 1,
         pooled_half_width: (hi - lo) / 2.0,
     })
+}
+
+/// [`RESAMPLES`] means of every difference in `cells`, each drawn with replacement within its
+/// own cell (one cell: the pooled bootstrap).
+fn resampled_means<C: AsRef<[f64]>>(cells: &[C], seed: u64) -> Vec<f64> {
+    let n: usize = cells.iter().map(|c| c.as_ref().len()).sum();
+    let mut rng = Rng(seed);
+    (0..RESAMPLES)
+        .map(|_| {
+            let sum: f64 = cells
+                .iter()
+                .map(AsRef::as_ref)
+                .map(|c| (0..c.len()).map(|_| c[rng.below(c.len())]).sum::<f64>())
+                .sum();
+            sum / n as f64
+        })
+        .collect()
 }
 
 /// The 2.5 % and 97.5 % percentiles of resampled means.
@@ -133,7 +146,6 @@ pub fn bootstrap_stratified(cells: &[Vec<f64>], seed: u64) -> Option<Interval> {
     let all: Vec<f64> = cells.iter().flatten().copied().collect();
     let pooled = bootstrap(&all, seed)?;
     let strata = pool_single_samples(cells);
-    let n = all.len();
     let widened: Vec<Vec<f64>> = strata
         .iter()
         .map(|c| {
@@ -142,17 +154,7 @@ pub fn bootstrap_stratified(cells: &[Vec<f64>], seed: u64) -> Option<Interval> {
             c.iter().map(|d| m + k * (d - m)).collect()
         })
         .collect();
-    let mut rng = Rng(seed);
-    let means = (0..RESAMPLES)
-        .map(|_| {
-            let sum: f64 = widened
-                .iter()
-                .map(|c| (0..c.len()).map(|_| c[rng.below(c.len())]).sum::<f64>())
-                .sum();
-            sum / n as f64
-        })
-        .collect();
-    let (lo, hi) = percentiles(means);
+    let (lo, hi) = percentiles(resampled_means(&widened, seed));
     Some(Interval {
         lo,
         hi,
@@ -190,35 +192,23 @@ fn cell(r: &Record) -> (usize, &'static str) {
     (r.length, r.task)
 }
 
-/// The per-sample differences `a − b` of `metric` on the samples both measured.
-pub fn differences(a: &[&Record], b: &[&Record], metric: Metric) -> Vec<f64> {
-    paired(a, b, metric).map(|(_, d)| d).collect()
-}
-
-/// [`differences`] grouped by the cell of the design they were drawn in, cells in order of
-/// first appearance in `a`.
+/// The per-sample differences `a − b` of `metric` on the samples both measured, grouped by
+/// the cell of the design they were drawn in, cells in order of first appearance in `a`.
 pub fn cell_differences(a: &[&Record], b: &[&Record], metric: Metric) -> Vec<Vec<f64>> {
+    let diff = |ra: &Record| {
+        let x = metric.of(ra)?;
+        let rb = b.iter().find(|rb| key(rb) == key(ra))?;
+        Some(x - metric.of(rb)?)
+    };
     let mut cells: Vec<((usize, &str), Vec<f64>)> = Vec::new();
-    for (c, d) in paired(a, b, metric) {
-        match cells.iter_mut().find(|(k, _)| *k == c) {
+    for ra in a {
+        let Some(d) = diff(ra) else { continue };
+        match cells.iter_mut().find(|(k, _)| *k == cell(ra)) {
             Some((_, ds)) => ds.push(d),
-            None => cells.push((c, vec![d])),
+            None => cells.push((cell(ra), vec![d])),
         }
     }
     cells.into_iter().map(|(_, ds)| ds).collect()
-}
-
-/// Each sample both measured: its cell and the difference `a − b`.
-fn paired<'r>(
-    a: &'r [&Record],
-    b: &'r [&Record],
-    metric: Metric,
-) -> impl Iterator<Item = ((usize, &'static str), f64)> + 'r {
-    a.iter().filter_map(move |ra| {
-        let x = metric.of(ra)?;
-        let rb = b.iter().find(|rb| key(rb) == key(ra))?;
-        Some((cell(ra), x - metric.of(rb)?))
-    })
 }
 
 /// FNV-1a of a pair's names: each comparison gets its own resampling stream.
@@ -432,8 +422,14 @@ mod tests {
         let b = [rec("b", 1, -1.0), rec("b", 2, -1.0), rec("b", 7, 0.0)];
         let ra: Vec<&Record> = a.iter().collect();
         let rb: Vec<&Record> = b.iter().collect();
-        assert_eq!(differences(&ra, &rb, Metric::TfLogp), vec![-1.0, -2.0]);
-        assert_eq!(differences(&ra, &rb, Metric::Kl), Vec::<f64>::new());
+        assert_eq!(
+            cell_differences(&ra, &rb, Metric::TfLogp).concat(),
+            vec![-1.0, -2.0]
+        );
+        assert_eq!(
+            cell_differences(&ra, &rb, Metric::Kl).concat(),
+            Vec::<f64>::new()
+        );
         assert!(bootstrap(&[1.0], 3).is_none());
         assert!(bootstrap(&[1.0, f64::NAN], 3).is_none());
     }
