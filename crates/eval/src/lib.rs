@@ -35,7 +35,7 @@ pub mod tasks;
 
 pub use calibration::CalibrationSpec;
 pub use error::{EvalError, Result};
-pub use options::EvalOptions;
+pub use options::{EvalOptions, SampleCounts};
 pub use progress::{Event, Progress, Silent};
 pub use run::{Outcome, run};
 pub use session::{

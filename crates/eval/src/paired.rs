@@ -8,13 +8,17 @@
 //! seeded by the run's seed and the pair's names, so a rerun reproduces it.
 //!
 //! The eval draws a fixed number of samples in each cell of its design (a task at a context
-//! length), so the quantity estimated is the mean over that fixed mix of cells, and how the
-//! differences vary *between* cells is not sampling noise. The bootstrap therefore resamples
-//! within each cell (a stratified bootstrap): a pooled one would count the between-cell spread
-//! as noise and report intervals wider than the design's. Within a cell the differences are
-//! widened about the cell's mean by `√(n/(n−1))` before resampling, so that the resampled
-//! variance is the unbiased one even for cells of a few samples. Cells of one sample have no
-//! spread of their own and are pooled. The pooled interval's half-width is kept beside it.
+//! length), and every mean it reports weighs the cells equally (the mean of the cells' means,
+//! [`cell_mean`]), so the quantity estimated is the mean over that fixed mix of
+//! cells, and how the differences vary *between* cells is not sampling noise. The bootstrap
+//! therefore resamples within each cell (a stratified bootstrap) and averages the cells'
+//! resampled means: a pooled one would count the between-cell spread as noise and report
+//! intervals wider than the design's. Within a cell the differences are widened about the
+//! cell's mean by `√(n/(n−1))` before resampling, so that the resampled variance is the
+//! unbiased one even for cells of a few samples. Cells of one sample have no spread of their
+//! own and are pooled into one stratum that weighs as many cells as it holds (a lone one joins
+//! the largest cell, whose weight grows by one). The pooled interval's half-width, every sample
+//! resampled as one pool, is kept beside it.
 use crate::measure::Record;
 use crate::rng::Rng;
 use serde::Serialize;
@@ -104,7 +108,7 @@ pub fn bootstrap(diffs: &[f64], seed: u64) -> Option<Interval> {
     if n < 2 || diffs.iter().any(|d| !d.is_finite()) {
         return None;
     }
-    let (lo, hi) = percentiles(resampled_means(&[diffs], seed));
+    let (lo, hi) = percentiles(resampled_means(&[Stratum::cell(diffs.to_vec())], seed));
     Some(Interval {
         mean: diffs.iter().sum::<f64>() / n as f64,
         lo,
@@ -115,19 +119,39 @@ pub fn bootstrap(diffs: &[f64], seed: u64) -> Option<Interval> {
     })
 }
 
-/// [`RESAMPLES`] means of every difference in `cells`, each drawn with replacement within its
-/// own cell (one cell: the pooled bootstrap).
-fn resampled_means<C: AsRef<[f64]>>(cells: &[C], seed: u64) -> Vec<f64> {
-    let n: usize = cells.iter().map(|c| c.as_ref().len()).sum();
+/// Differences resampled together, and how many cells of the design they stand for.
+struct Stratum {
+    diffs: Vec<f64>,
+    cells: usize,
+}
+
+impl Stratum {
+    fn cell(diffs: Vec<f64>) -> Self {
+        Self { diffs, cells: 1 }
+    }
+
+    fn mean(&self) -> f64 {
+        self.diffs.iter().sum::<f64>() / self.diffs.len() as f64
+    }
+}
+
+/// The mean of the strata's means, each weighted by the cells it stands for.
+fn weighted_mean(strata: impl Iterator<Item = (f64, usize)>) -> f64 {
+    let (sum, cells) = strata.fold((0.0, 0), |(s, n), (m, c)| (s + m * c as f64, n + c));
+    sum / cells as f64
+}
+
+/// [`RESAMPLES`] cell-weighted means of `strata`, each stratum drawn with replacement within
+/// itself (one stratum: the pooled bootstrap).
+fn resampled_means(strata: &[Stratum], seed: u64) -> Vec<f64> {
     let mut rng = Rng(seed);
     (0..RESAMPLES)
         .map(|_| {
-            let sum: f64 = cells
-                .iter()
-                .map(AsRef::as_ref)
-                .map(|c| (0..c.len()).map(|_| c[rng.below(c.len())]).sum::<f64>())
-                .sum();
-            sum / n as f64
+            weighted_mean(strata.iter().map(|s| {
+                let n = s.diffs.len();
+                let sum: f64 = (0..n).map(|_| s.diffs[rng.below(n)]).sum();
+                (sum / n as f64, s.cells)
+            }))
         })
         .collect()
 }
@@ -139,23 +163,26 @@ fn percentiles(mut means: Vec<f64>) -> (f64, f64) {
     (at(0.025), at(0.975))
 }
 
-/// The stratified bootstrap interval of the mean of every difference in `cells` (one vector per
-/// cell of the design; see the module's doc). `None` below two samples or for a non-finite
-/// difference.
+/// The stratified bootstrap interval of the cell-weighted mean of the differences in `cells`
+/// (one vector per cell of the design; see the module's doc). `None` below two samples or for
+/// a non-finite difference.
 pub fn bootstrap_stratified(cells: &[Vec<f64>], seed: u64) -> Option<Interval> {
     let all: Vec<f64> = cells.iter().flatten().copied().collect();
     let pooled = bootstrap(&all, seed)?;
-    let strata = pool_single_samples(cells);
-    let widened: Vec<Vec<f64>> = strata
-        .iter()
-        .map(|c| {
-            let m = c.iter().sum::<f64>() / c.len() as f64;
-            let k = (c.len() as f64 / (c.len() - 1) as f64).sqrt();
-            c.iter().map(|d| m + k * (d - m)).collect()
+    let strata: Vec<Stratum> = pool_single_samples(cells)
+        .into_iter()
+        .map(|s| {
+            let (m, n) = (s.mean(), s.diffs.len() as f64);
+            let k = (n / (n - 1.0)).sqrt();
+            Stratum {
+                diffs: s.diffs.iter().map(|d| m + k * (d - m)).collect(),
+                ..s
+            }
         })
         .collect();
-    let (lo, hi) = percentiles(resampled_means(&widened, seed));
+    let (lo, hi) = percentiles(resampled_means(&strata, seed));
     Some(Interval {
+        mean: weighted_mean(strata.iter().map(|s| (s.mean(), s.cells))),
         lo,
         hi,
         cells: strata.len(),
@@ -164,20 +191,26 @@ pub fn bootstrap_stratified(cells: &[Vec<f64>], seed: u64) -> Option<Interval> {
     })
 }
 
-/// The cells to resample within: cells of two or more samples as they are, cells of one sample
-/// pooled into one (a lone pooled sample joins the largest cell). Every returned cell holds at
-/// least two samples when `cells` hold two in all.
-fn pool_single_samples(cells: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let (mut out, singles): (Vec<Vec<f64>>, Vec<Vec<f64>>) = cells
+/// The strata to resample within: cells of two or more samples as they are, cells of one
+/// sample pooled into one stratum (a lone pooled sample joins the largest cell). Every stratum
+/// holds at least two samples when `cells` hold two in all.
+fn pool_single_samples(cells: &[Vec<f64>]) -> Vec<Stratum> {
+    let (mut out, singles): (Vec<Stratum>, Vec<Stratum>) = cells
         .iter()
         .filter(|c| !c.is_empty())
-        .cloned()
-        .partition(|c| c.len() > 1);
-    let singles: Vec<f64> = singles.into_iter().flatten().collect();
-    match (singles.len(), out.iter_mut().max_by_key(|c| c.len())) {
+        .map(|c| Stratum::cell(c.clone()))
+        .partition(|s| s.diffs.len() > 1);
+    let pooled = Stratum {
+        cells: singles.len(),
+        diffs: singles.into_iter().flat_map(|s| s.diffs).collect(),
+    };
+    match (pooled.cells, out.iter_mut().max_by_key(|s| s.diffs.len())) {
         (0, _) => {}
-        (1, Some(largest)) => largest.extend(singles),
-        _ => out.push(singles),
+        (1, Some(largest)) => {
+            largest.diffs.extend(pooled.diffs);
+            largest.cells += 1;
+        }
+        _ => out.push(pooled),
     }
     out
 }
@@ -188,8 +221,26 @@ fn key(r: &Record) -> (usize, &'static str, usize) {
 }
 
 /// The cell of the design a record's sample was drawn in: its context length and task.
-fn cell(r: &Record) -> (usize, &'static str) {
+pub fn cell(r: &Record) -> (usize, &'static str) {
     (r.length, r.task)
+}
+
+/// The mean of `f` over `records` with every cell of the design weighted equally: the mean of
+/// the cells' means (see the module's doc); `None` when no record has a value.
+pub fn cell_mean<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    f: impl Fn(&Record) -> Option<f64>,
+) -> Option<f64> {
+    let mut cells: Vec<((usize, &str), f64, usize)> = Vec::new();
+    for r in records {
+        let Some(x) = f(r) else { continue };
+        match cells.iter_mut().find(|(c, _, _)| *c == cell(r)) {
+            Some((_, s, n)) => (*s, *n) = (*s + x, *n + 1),
+            None => cells.push((cell(r), x, 1)),
+        }
+    }
+    let means: Vec<f64> = cells.iter().map(|&(_, s, n)| s / n as f64).collect();
+    (!means.is_empty()).then(|| means.iter().sum::<f64>() / means.len() as f64)
 }
 
 /// The per-sample differences `a − b` of `metric` on the samples both measured, grouped by
@@ -279,12 +330,10 @@ pub fn best_other<'a>(
     budget: &str,
 ) -> Option<&'a str> {
     let mean = |m: &str, metric: Metric| {
-        let xs: Vec<f64> = records
+        let rs = records
             .iter()
-            .filter(|r| r.method == m && r.budget == budget)
-            .filter_map(|r| metric.of(r))
-            .collect();
-        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+            .filter(|r| r.method == m && r.budget == budget);
+        cell_mean(rs, |r| metric.of(r))
     };
     rows.iter()
         .filter(|(m, b)| b == budget && m != method && !(ours(method) && ours(m)))
@@ -483,10 +532,22 @@ mod tests {
 
     #[test]
     fn cells_of_one_sample_are_pooled() {
-        let pooled = pool_single_samples(&[vec![1.0], vec![2.0], vec![3.0, 4.0], vec![]]);
-        assert_eq!(pooled, vec![vec![3.0, 4.0], vec![1.0, 2.0]]);
-        let joined = pool_single_samples(&[vec![1.0], vec![3.0, 4.0], vec![5.0, 6.0, 7.0]]);
-        assert_eq!(joined, vec![vec![3.0, 4.0], vec![5.0, 6.0, 7.0, 1.0]]);
+        let strata = |cells: &[Vec<f64>]| -> Vec<(Vec<f64>, usize)> {
+            pool_single_samples(cells)
+                .into_iter()
+                .map(|s| (s.diffs, s.cells))
+                .collect()
+        };
+        let pooled = strata(&[vec![1.0], vec![2.0], vec![3.0, 4.0], vec![]]);
+        assert_eq!(pooled, vec![(vec![3.0, 4.0], 1), (vec![1.0, 2.0], 2)]);
+        let joined = strata(&[vec![1.0], vec![3.0, 4.0], vec![5.0, 6.0, 7.0]]);
+        assert_eq!(
+            joined,
+            vec![(vec![3.0, 4.0], 1), (vec![5.0, 6.0, 7.0, 1.0], 2)]
+        );
+        // Two pooled singles weigh as two cells: (3.5 + 1.5·2) / 3.
+        let i = bootstrap_stratified(&[vec![1.0], vec![2.0], vec![3.0, 4.0]], 3).expect("4");
+        assert!((i.mean - 6.5 / 3.0).abs() < 1e-12, "{i:?}");
         // Every cell a single sample: one pool, a finite interval of nonzero width.
         let i = bootstrap_stratified(&[vec![1.0], vec![2.0], vec![4.0]], 3).expect("3 samples");
         assert_eq!(i.cells, 1);
@@ -494,7 +555,31 @@ mod tests {
         assert!(bootstrap_stratified(&[vec![1.0]], 3).is_none());
     }
 
+    /// A cell of many samples weighs as much as a cell of few: the estimate is the mean of the
+    /// cells' means, so drawing more samples where the spread is large sharpens it without
+    /// changing what it estimates.
+    #[test]
+    fn cells_weigh_equally_whatever_their_sample_counts() {
+        let many: Vec<f64> = (0..20).map(|i| 0.1 * (i % 2) as f64).collect();
+        let i = bootstrap_stratified(&[many, vec![2.0, 2.2]], 5).expect("22 samples");
+        assert!((i.mean - (0.05 + 2.1) / 2.0).abs() < 1e-12, "{i:?}");
+        assert!(i.lo > 0.9 && i.hi < 1.25, "{i:?}");
+    }
+
     proptest! {
+        /// The stratified estimate is the mean of the cells' means, inside its interval.
+        #[test]
+        fn stratified_mean_is_the_mean_of_cell_means(
+            cells in prop::collection::vec(prop::collection::vec(-5.0f64..5.0, 2..12), 1..6),
+            seed: u64,
+        ) {
+            let i = bootstrap_stratified(&cells, seed).expect("two or more samples");
+            let m = cells.iter().map(|c| c.iter().sum::<f64>() / c.len() as f64).sum::<f64>()
+                / cells.len() as f64;
+            prop_assert!((i.mean - m).abs() < 1e-9, "{i:?} {m}");
+            prop_assert!(i.lo <= i.mean + 1e-9 && i.mean <= i.hi + 1e-9, "{i:?}");
+        }
+
         /// Shifting every difference of a cell by the cell's own constant moves the interval
         /// with the mean and leaves its width alone: only the spread within cells is noise.
         #[test]

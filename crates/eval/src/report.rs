@@ -42,7 +42,7 @@ pub fn markdown(f: &Findings<'_>, opts: &EvalOptions) -> String {
     let (summary, skipped, seconds) = (f.summary, f.skipped, f.seconds);
     let lengths: Vec<String> = opts.lengths.iter().map(|l| l.to_string()).collect();
     let mut s = format!(
-        "Task contexts {} tokens, {} sample(s) per task and length, tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
+        "Task contexts {} tokens, samples per task at its length: {}; tasks: {}; prose: {} sample(s) of {} tokens + {} scored. Seed {}, {:.0} s.\n\n\
          Ratio = fp16 K+V bytes / measured cache bytes (codes, fp16 scales and minimums, kept indices, dense parts at their stored width), mean over samples. \
          Score: RULER string match of the greedy answer, 0–100. TF: teacher-forced gold answer (mean token log-prob, share of argmax tokens). Build / probe s: mean seconds per sample building the caches from the shared prefill and running the probes, on one of the workers (the shared prefill, with KVzip's pass, is not in them).\n\n",
         lengths.join(", "),
@@ -203,7 +203,7 @@ pub fn write(opts: &EvalOptions, f: &Findings<'_>) -> Result<Report> {
     let head = serde_json::json!({
         "lengths": opts.lengths, "tasks": opts.tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "methods": opts.methods.iter().map(|m| m.name()).collect::<Vec<_>>(),
-        "samples_per_task": opts.samples, "prose_samples": opts.prose_samples,
+        "samples_per_task": opts.samples.by_name(&opts.tasks), "prose_samples": opts.prose_samples,
         "prose_context": opts.prose_context, "continuation": opts.continuation,
         "calibration": opts.calibration.to_string(), "seed": opts.seed,
         "chunked_prefill": opts.chunked_prefill,

@@ -189,7 +189,7 @@ fn samples<B: KvBackend>(
                 continue;
             }
             let ti = Task::ALL.iter().position(|t| *t == task).unwrap_or(0);
-            for i in 0..opts.samples {
+            for i in 0..opts.samples.of(task) {
                 let seed = data::sample_seed(opts.seed, ti, length, i);
                 let t = tasks::fit(task, &src, &m.tokenizer, chat, length, seed)?;
                 samples.push(Sample::Task(t));

@@ -1,6 +1,6 @@
 //! Summaries over samples, and where hetero stands against the best other method.
 use crate::measure::Record;
-use crate::paired::{Comparison, Interval, Metric};
+use crate::paired::{Comparison, Interval, Metric, cell_mean};
 use serde::Serialize;
 
 /// One method at one budget, averaged.
@@ -18,11 +18,12 @@ pub struct Summary {
     pub bytes: Vec<(usize, f64)>,
     /// Task samples measured.
     pub n: usize,
-    /// Mean RULER score over every task sample.
+    /// Mean RULER score over the task cells (each cell's mean weighs the same, see
+    /// [`cell_mean`]).
     pub score: Option<f64>,
-    /// Mean teacher-forced log-prob of the gold answers.
+    /// Mean teacher-forced log-prob of the gold answers over the task cells.
     pub tf_logp: Option<f64>,
-    /// Mean teacher-forced argmax accuracy.
+    /// Mean teacher-forced argmax accuracy over the task cells.
     pub tf_acc: Option<f64>,
     /// Mean prose NLL.
     pub nll: Option<f64>,
@@ -146,11 +147,11 @@ pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
                         })
                         .collect(),
                     n: rs.iter().filter(|r| r.score.is_some()).count(),
-                    score: mean(rs.iter().filter_map(|r| r.score)),
-                    tf_logp: mean(rs.iter().filter_map(|r| r.tf_logp)),
-                    tf_acc: mean(rs.iter().filter_map(|r| r.tf_acc)),
-                    nll: mean(rs.iter().filter_map(|r| r.nll)),
-                    kl: mean(rs.iter().filter_map(|r| r.kl)),
+                    score: cell_mean(rs.iter().copied(), |r| r.score),
+                    tf_logp: cell_mean(rs.iter().copied(), |r| r.tf_logp),
+                    tf_acc: cell_mean(rs.iter().copied(), |r| r.tf_acc),
+                    nll: cell_mean(rs.iter().copied(), |r| r.nll),
+                    kl: cell_mean(rs.iter().copied(), |r| r.kl),
                     per_task: tasks
                         .iter()
                         .filter_map(|&t| {
@@ -164,8 +165,8 @@ pub fn summarize(records: &[Record], lengths: &[usize]) -> Vec<Summary> {
                             let at = || rs.iter().filter(move |r| r.length == l);
                             Some((
                                 l,
-                                mean(at().filter_map(|r| r.score))?,
-                                mean(at().filter_map(|r| r.tf_acc))?,
+                                cell_mean(at().copied(), |r| r.score)?,
+                                cell_mean(at().copied(), |r| r.tf_acc)?,
                             ))
                         })
                         .collect(),
@@ -363,6 +364,26 @@ mod tests {
         assert_eq!(s[0].per_task, vec![("vt", 100.0), ("cwe", 50.0)]);
         assert_eq!(s[1].score, Some(0.0));
         assert_eq!(mean(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn summaries_weigh_every_cell_the_same() {
+        let mut rs = vec![rec("hetero", "1/8", "cwe", 0.0, -3.0)];
+        for i in 0..3 {
+            let mut r = rec("hetero", "1/8", "vt", 100.0, -1.0);
+            r.sample = i;
+            rs.push(r);
+        }
+        let s = summarize(&rs, &[1024]);
+        assert_eq!(
+            (s[0].n, s[0].score, s[0].tf_logp),
+            (4, Some(50.0), Some(-2.0))
+        );
+        assert_eq!(
+            s[0].per_length,
+            vec![(1024, 50.0, s[0].tf_acc.expect("measured"))]
+        );
+        assert_eq!(cell_mean(&rs, |r| r.kl), None);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct Eval {
     /// lengths, so each task and each length appears once and the run stays under 30 min).
     #[arg(long)]
     grid: bool,
-    /// Samples per task and length.
+    /// Samples of every task at its length (default: more in the noisiest cells, see README).
     #[arg(long)]
     samples: Option<usize>,
     /// Prose-continuation samples (NLL and KL to the full cache).
@@ -129,7 +129,9 @@ impl Eval {
         o.lengths = self.lengths.unwrap_or(o.lengths);
         o.tasks = self.tasks.unwrap_or(o.tasks);
         o.grid |= self.grid;
-        o.samples = self.samples.unwrap_or(o.samples);
+        if let Some(n) = self.samples {
+            o.samples = eval::SampleCounts::uniform(n);
+        }
         o.prose_samples = self.prose_samples.unwrap_or(o.prose_samples);
         o.prose_context = self.prose_context.unwrap_or(o.prose_context);
         let c = &mut o.calibration;
