@@ -231,16 +231,24 @@ pub fn cell_mean<'a>(
     records: impl IntoIterator<Item = &'a Record>,
     f: impl Fn(&Record) -> Option<f64>,
 ) -> Option<f64> {
-    let mut cells: Vec<((usize, &str), f64, usize)> = Vec::new();
-    for r in records {
-        let Some(x) = f(r) else { continue };
-        match cells.iter_mut().find(|(c, _, _)| *c == cell(r)) {
-            Some((_, s, n)) => (*s, *n) = (*s + x, *n + 1),
-            None => cells.push((cell(r), x, 1)),
+    let cells = by_cell(records.into_iter().filter_map(|r| Some((cell(r), f(r)?))));
+    let means: Vec<f64> = cells
+        .iter()
+        .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+        .collect();
+    (!means.is_empty()).then(|| means.iter().sum::<f64>() / means.len() as f64)
+}
+
+/// Values grouped by their cell, cells in order of first appearance.
+fn by_cell(items: impl Iterator<Item = ((usize, &'static str), f64)>) -> Vec<Vec<f64>> {
+    let mut cells: Vec<((usize, &str), Vec<f64>)> = Vec::new();
+    for (c, x) in items {
+        match cells.iter_mut().find(|(k, _)| *k == c) {
+            Some((_, xs)) => xs.push(x),
+            None => cells.push((c, vec![x])),
         }
     }
-    let means: Vec<f64> = cells.iter().map(|&(_, s, n)| s / n as f64).collect();
-    (!means.is_empty()).then(|| means.iter().sum::<f64>() / means.len() as f64)
+    cells.into_iter().map(|(_, xs)| xs).collect()
 }
 
 /// The per-sample differences `a − b` of `metric` on the samples both measured, grouped by
@@ -251,15 +259,7 @@ pub fn cell_differences(a: &[&Record], b: &[&Record], metric: Metric) -> Vec<Vec
         let rb = b.iter().find(|rb| key(rb) == key(ra))?;
         Some(x - metric.of(rb)?)
     };
-    let mut cells: Vec<((usize, &str), Vec<f64>)> = Vec::new();
-    for ra in a {
-        let Some(d) = diff(ra) else { continue };
-        match cells.iter_mut().find(|(k, _)| *k == cell(ra)) {
-            Some((_, ds)) => ds.push(d),
-            None => cells.push((cell(ra), vec![d])),
-        }
-    }
-    cells.into_iter().map(|(_, ds)| ds).collect()
+    by_cell(a.iter().filter_map(|ra| Some((cell(ra), diff(ra)?))))
 }
 
 /// FNV-1a of a pair's names: each comparison gets its own resampling stream.
