@@ -57,14 +57,15 @@ impl CalibrationSpec {
     /// did (every expert compresses each passage), and one table serves every prompt length.
     pub const DEFAULT_CONTEXT: usize = 1024;
 
-    /// The default at `context` tokens, chosen by [`validate`] and an evaluation against the
-    /// prose-only table: one prose and two retrieval passages, attention-output loss (README,
-    /// "Calibration that predicts the tasks").
+    /// The default at `context` tokens, chosen by [`validate`] and by evaluations against the
+    /// prose-only and two-retrieval tables: one prose and four retrieval passages (one of every
+    /// kind in [`RETRIEVAL_TASKS`]), attention-output loss (README, "Calibration that predicts
+    /// the tasks").
     pub fn default_at(context: usize) -> Self {
         Self {
             context,
             prose: 1,
-            retrieval: 2,
+            retrieval: RETRIEVAL_TASKS.len(),
             loss: CalibrationLoss::Attention,
         }
     }

@@ -231,7 +231,8 @@ fn hetero<B: KvBackend>(
         .filter(|&i| table.menu[i].evict.is_none() || table.menu[i].compresses_while_decoding())
         .collect();
     let menu: Vec<Expert> = usable.iter().map(|&i| table.menu[i].clone()).collect();
-    let loss = |l: usize, e: usize| table.loss[l][usable[e]];
+    let credited = table.solver_loss();
+    let loss = |l: usize, e: usize| credited[l][usable[e]];
     let planned = Method::Hetero.plan(&menu, &loss, &geo, bytes, true)?;
     Ok(planned.plan.with_decode(total, interval).layers)
 }

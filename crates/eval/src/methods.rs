@@ -201,7 +201,8 @@ pub fn entries(
             RoutingPlan::uniform(kivi, geo.layers),
         ));
     }
-    let loss = |l: usize, e: usize| table.loss[l][e];
+    let credited = table.solver_loss();
+    let loss = |l: usize, e: usize| credited[l][e];
     for (label, bytes) in budgets {
         for m in methods {
             match m.plan(&table.menu, &loss, geo, *bytes, true) {
@@ -299,6 +300,7 @@ mod tests {
             tokens,
             menu,
             loss,
+            passage_loss: Vec::new(),
         }
     }
 

@@ -68,12 +68,16 @@ pub fn register_axes() {
 }
 
 /// The calibration menu of a model with `layers` layers: the default menu, the low-rank
-/// extension, small residual windows, the other scorers (the scorer axis) and, when the layers
-/// pair up, the cross-layer sharing extension.
+/// extension, small residual windows (with the menu's scorer and with KVzip), the other scorers
+/// (the scorer axis) and, when the layers pair up, the cross-layer sharing extension.
+///
+/// Why KVzip's small windows: at 1/14 the layers the scorer axis moves go mostly to KVzip, and
+/// with the 64-token fp16 window alone a 1k-token layer spends most of a 1/14 share.
 pub fn menu(layers: usize) -> Vec<router::Expert> {
     let mut menu = solver::default_menu(MENU_SCORER);
     menu.extend(solver::rank_menu(MENU_SCORER));
     menu.extend(solver::window_menu(MENU_SCORER));
+    menu.extend(solver::window_menu(axis_evict::ScorerKind::Kvzip));
     menu.extend(solver::scorer_menu(&solver::ROUTED_SCORERS));
     if layers.is_multiple_of(SHARE_GROUP) {
         menu.extend(solver::stage_menu(MENU_SCORER, share_stage()));
@@ -176,6 +180,7 @@ impl<B: KvBackend> Session<B> {
                 && t.model_sha256 == self.sha
                 && t.tokens == context
                 && t.loss.len() == self.model.model.config.layers
+                && t.passage_loss.len() == spec.prose + spec.retrieval
             {
                 if t.menu == menu {
                     progress.event(Event::Note(&format!(
@@ -197,7 +202,7 @@ impl<B: KvBackend> Session<B> {
         let known = cached.map_or_else(Default::default, |t| known_losses(&t));
         let missing: Vec<router::Expert> = menu
             .iter()
-            .filter(|e| !known.iter().any(|(k, _)| k == *e))
+            .filter(|e| !known.iter().any(|(k, _, _)| k == *e))
             .cloned()
             .collect();
         if !known.is_empty() {
@@ -213,6 +218,7 @@ impl<B: KvBackend> Session<B> {
                 tokens: context,
                 menu: Vec::new(),
                 loss: vec![Vec::new(); self.model.model.config.layers],
+                passage_loss: Vec::new(),
             }
         } else {
             self.calibrate(missing, spec, progress)?
@@ -247,7 +253,7 @@ impl<B: KvBackend> Session<B> {
             total: (passages.len() * layers) as u64,
         });
         let t0 = std::time::Instant::now();
-        let loss = solver::calibrate(
+        let each = solver::calibrate_each(
             &self.model.model,
             &passages,
             &menu,
@@ -264,41 +270,60 @@ impl<B: KvBackend> Session<B> {
         Ok(SensitivityTable {
             model_sha256: self.sha.clone(),
             tokens: spec.context,
+            loss: solver::mean_over_passages(&each, layers, menu.len()),
             menu,
-            loss,
+            passage_loss: each,
         })
     }
 }
 
-/// Each expert of `t` with its loss at every layer.
-fn known_losses(t: &SensitivityTable) -> Vec<(router::Expert, Vec<f64>)> {
+/// One expert's column of a table: its mean loss per layer, and per passage per layer.
+type Column = (router::Expert, Vec<f64>, Vec<Vec<f64>>);
+
+/// Each expert of `t` with its losses at every layer.
+fn known_losses(t: &SensitivityTable) -> Vec<Column> {
     t.menu
         .iter()
         .enumerate()
-        .map(|(i, e)| (e.clone(), t.loss.iter().map(|row| row[i]).collect()))
+        .map(|(i, e)| {
+            let mean = t.loss.iter().map(|row| row[i]).collect();
+            let each = t
+                .passage_loss
+                .iter()
+                .map(|p| p.iter().map(|row| row[i]).collect())
+                .collect();
+            (e.clone(), mean, each)
+        })
         .collect()
 }
 
-/// The table over `menu` in its order, each column from `known` or else from `fresh`.
+/// The table over `menu` in its order, each column from `known` or else from `fresh` (both
+/// measured on the same passages).
 fn merge_losses(
     menu: Vec<router::Expert>,
-    known: &[(router::Expert, Vec<f64>)],
+    known: &[Column],
     fresh: SensitivityTable,
 ) -> SensitivityTable {
     let mut columns = known_losses(&fresh);
     columns.extend(known.iter().cloned());
     let layers = fresh.loss.len();
-    let column = |e: &router::Expert| columns.iter().find(|(k, _)| k == e).map(|(_, c)| c);
-    let loss = (0..layers)
-        .map(|l| {
-            menu.iter()
-                .map(|e| column(e).map_or(f64::NAN, |c| c[l]))
+    let passages = columns.first().map_or(0, |(_, _, each)| each.len());
+    let column = |e: &router::Expert| columns.iter().find(|(k, _, _)| k == e);
+    let pick = |f: &dyn Fn(&Column) -> f64| -> Vec<f64> {
+        menu.iter().map(|e| column(e).map_or(f64::NAN, f)).collect()
+    };
+    let loss = (0..layers).map(|l| pick(&|c| c.1[l])).collect();
+    let passage_loss = (0..passages)
+        .map(|p| {
+            (0..layers)
+                .map(|l| pick(&|c| c.2.get(p).map_or(f64::NAN, |r| r[l])))
                 .collect()
         })
         .collect();
     SensitivityTable {
         menu,
         loss,
+        passage_loss,
         ..fresh
     }
 }
@@ -368,4 +393,52 @@ pub fn calibrated_axes<B: KvBackend>(
         ),
         Err(_) => axes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table over `menu` whose loss at (passage p, layer l, expert e) is `f(p, l, e)`.
+    fn table(menu: &[router::Expert], f: impl Fn(usize, usize, usize) -> f64) -> SensitivityTable {
+        let each: Vec<Vec<Vec<f64>>> = (0..2)
+            .map(|p| {
+                (0..3)
+                    .map(|l| (0..menu.len()).map(|e| f(p, l, e)).collect())
+                    .collect()
+            })
+            .collect();
+        SensitivityTable {
+            model_sha256: "0".repeat(64),
+            tokens: 16,
+            menu: menu.to_vec(),
+            loss: solver::mean_over_passages(&each, 3, menu.len()),
+            passage_loss: each,
+        }
+    }
+
+    /// A cached part of a table merged with freshly calibrated columns keeps each column's
+    /// per-passage losses with its mean, in the menu's order.
+    #[test]
+    fn merged_columns_keep_their_passage_losses() {
+        let menu: Vec<router::Expert> = solver::default_menu(axis_evict::ScorerKind::Tova)
+            .into_iter()
+            .take(3)
+            .collect();
+        let value = |e: usize| move |p: usize, l: usize, _: usize| (100 * e + 10 * p + l) as f64;
+        let cached = table(&[menu[0].clone(), menu[2].clone()], |p, l, i| {
+            value([0, 2][i])(p, l, 0)
+        });
+        let fresh = table(&menu[1..2], |p, l, _| value(1)(p, l, 0));
+        let merged = merge_losses(menu.clone(), &known_losses(&cached), fresh);
+        assert_eq!(merged.menu, menu);
+        for e in 0..3 {
+            for l in 0..3 {
+                for p in 0..2 {
+                    assert_eq!(merged.passage_loss[p][l][e], value(e)(p, l, 0));
+                }
+                assert_eq!(merged.loss[l][e], value(e)(0, l, 0) + 5.0);
+            }
+        }
+    }
 }

@@ -182,17 +182,30 @@ pub fn calibrate<B: KvBackend>(
     menu: &[Expert],
     axes: &Axes<B>,
     opts: &CalibrationOptions,
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<f64>>, ModelError> {
+    let each = calibrate_each(model, passages, menu, axes, opts, progress)?;
+    Ok(mean_over_passages(&each, model.config.layers, menu.len()))
+}
+
+/// `loss[passage][layer][expert]`: [`calibrate`] before the mean over passages, so the solver
+/// can tell a gain every passage shows from one a single passage carries
+/// ([`crate::credited_losses`]).
+pub fn calibrate_each<B: KvBackend>(
+    model: &Llama<B>,
+    passages: &[Passage],
+    menu: &[Expert],
+    axes: &Axes<B>,
+    opts: &CalibrationOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<Vec<f64>>>, ModelError> {
     let layers = model.config.layers;
-    let mut loss = vec![vec![0f64; menu.len()]; layers];
     let total = passages.len() * layers;
-    let share = 1.0 / passages.len().max(1) as f64;
+    let mut out = Vec::with_capacity(passages.len());
     for (pi, passage) in passages.iter().enumerate() {
+        let mut loss = vec![Vec::new(); layers];
         let mut add = |l: usize, errors: Vec<f64>| {
-            for (ei, e) in errors.into_iter().enumerate() {
-                loss[l][ei] += e * share;
-            }
+            loss[l] = errors;
             progress(pi * layers + l + 1, total);
         };
         match opts.loss {
@@ -213,8 +226,23 @@ pub fn calibrate<B: KvBackend>(
                 }
             }
         }
+        out.push(loss);
     }
-    Ok(loss)
+    Ok(out)
+}
+
+/// The mean over passages of `each[passage][layer][expert]` (zeros when there is no passage).
+pub fn mean_over_passages(each: &[Vec<Vec<f64>>], layers: usize, experts: usize) -> Vec<Vec<f64>> {
+    let mut loss = vec![vec![0f64; experts]; layers];
+    let share = 1.0 / each.len().max(1) as f64;
+    for passage in each {
+        for (row, errors) in loss.iter_mut().zip(passage) {
+            for (acc, e) in row.iter_mut().zip(errors) {
+                *acc += e * share;
+            }
+        }
+    }
+    loss
 }
 
 /// The attention-output loss of every (layer, expert) on one passage, handed to `add` layer by

@@ -15,6 +15,7 @@
 pub mod baselines;
 mod budget;
 pub mod calibrate;
+mod credit;
 pub mod exact;
 pub mod greedy;
 pub mod measured;
@@ -30,8 +31,10 @@ mod invariants;
 
 pub use budget::Budget;
 pub use calibrate::{
-    CalibrationLoss, CalibrationOptions, OBSERVE_WINDOW, Passage, calibrate, fit_axes, observing,
+    CalibrationLoss, CalibrationOptions, OBSERVE_WINDOW, Passage, calibrate, calibrate_each,
+    fit_axes, mean_over_passages, observing,
 };
+pub use credit::{credited_losses, menu_scorer};
 pub use measured::{EndToEnd, EndToEndLoss, MeasuredLoss, spearman};
 pub use menu::{
     KEY_RANK, ROUTED_SCORERS, SMALL_WINDOWS, default_menu, rank_menu, scorer_menu, stage_menu,

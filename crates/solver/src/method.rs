@@ -107,10 +107,7 @@ impl Method {
         budget: u64,
         use_exact: bool,
     ) -> Result<Planned, SolverError> {
-        let menu_scorer = menu
-            .iter()
-            .find_map(|e| e.evict.map(|s| s.scorer))
-            .unwrap_or(ScorerKind::ExpectedAttention);
+        let menu_scorer = crate::menu_scorer(menu).unwrap_or(ScorerKind::ExpectedAttention);
         let k8v4 = Bits::try_from(8)
             .and_then(|k| Bits::try_from(4).map(|v| QuantSetting::new(k, v)))
             .ok();

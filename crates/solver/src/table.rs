@@ -22,6 +22,19 @@ pub struct SensitivityTable {
     /// `loss[layer][expert]`: the calibration's loss averaged over its passages (the relative
     /// attention-output error by default; see [`crate::CalibrationLoss`]).
     pub loss: Vec<Vec<f64>>,
+    /// `passage_loss[passage][layer][expert]`: the losses `loss` averages, kept so the solver
+    /// credits a routed scorer only with gains every passage shows ([`crate::credited_losses`]).
+    /// Empty in tables written before it was kept.
+    #[serde(default)]
+    pub passage_loss: Vec<Vec<Vec<f64>>>,
+}
+
+impl SensitivityTable {
+    /// `loss[layer][expert]` as the solver minimises it: the mean, with routed scorers'
+    /// gains over the menu's scorer credited only as far as every passage shows them.
+    pub fn solver_loss(&self) -> Vec<Vec<f64>> {
+        crate::credited_losses(&self.menu, &self.passage_loss, &self.loss)
+    }
 }
 
 impl LossPredictor for SensitivityTable {

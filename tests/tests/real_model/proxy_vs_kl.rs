@@ -27,6 +27,7 @@ fn proxy_ranks_like_measured_kl() {
         tokens: 512,
         menu: menu.clone(),
         loss,
+        passage_loss: Vec::new(),
     };
     let layers = [0, 7, 14, 21, 29];
     let pairs: Vec<(usize, router::Expert)> = layers

@@ -52,7 +52,8 @@ pub struct Eval {
     /// Calibration prose passages [default: 1].
     #[arg(long)]
     calibration_prose: Option<usize>,
-    /// Calibration retrieval passages, built from the calibration split [default: 2].
+    /// Calibration retrieval passages, built from the calibration split [default: 4, one of
+    /// every kind].
     #[arg(long)]
     calibration_retrieval: Option<usize>,
     /// The loss calibration measures: attention, kl or answer-logp [default: attention].

@@ -101,7 +101,8 @@ pub fn solve(a: &Solve) -> Result<()> {
     let geo = solver::Geometry::new(layout, tokens);
     let fp16 = layout.fp16_bytes(1, tokens);
     let budget_bytes = a.budget.parse::<Budget>()?.bytes(fp16).get();
-    let loss = |l: usize, e: usize| table.loss[l][e];
+    let credited = table.solver_loss();
+    let loss = |l: usize, e: usize| credited[l][e];
     let solver::Planned {
         mut plan,
         bytes,

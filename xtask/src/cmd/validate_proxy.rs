@@ -20,9 +20,9 @@ pub struct ValidateProxy {
     /// Held-out retrieval samples (evaluation split, every non-QA RULER task in turn).
     #[arg(long, default_value_t = 6)]
     held_out: usize,
-    /// Calibration retrieval passages compared.
-    #[arg(long, default_value_t = 2)]
-    retrieval: usize,
+    /// Calibration retrieval passages compared [default: 4, the default table's].
+    #[arg(long)]
+    retrieval: Option<usize>,
     /// Print every pair's measurements too.
     #[arg(long)]
     pairs: bool,
@@ -45,7 +45,7 @@ impl ValidateProxy {
         }
         o.experts = self.experts;
         o.held_out = self.held_out;
-        o.retrieval = self.retrieval;
+        o.retrieval = self.retrieval.unwrap_or(o.retrieval);
         let t0 = std::time::Instant::now();
         let r = validate(&s, &o, &crate::progress::Bars::default())?;
         if self.pairs {

@@ -41,15 +41,15 @@ pub struct ValidateOptions {
 }
 
 impl ValidateOptions {
-    /// Six layers from the first to the last, eight experts, one prose and two retrieval
-    /// passages, six held-out samples.
+    /// Six layers from the first to the last, eight experts, one prose and four retrieval
+    /// passages (the default table's), six held-out samples.
     pub fn spread(layers: usize, context: usize) -> Self {
         Self {
             context,
             layers: (0..6).map(|i| i * layers.saturating_sub(1) / 5).collect(),
             experts: 8,
             prose: 1,
-            retrieval: 2,
+            retrieval: crate::calibration::RETRIEVAL_TASKS.len(),
             held_out: 6,
         }
     }
@@ -318,12 +318,13 @@ fn candidates(
     prose_kl: &[f64],
     scale: &Scale,
 ) -> Vec<Candidate> {
-    // Prose alone, retrieval alone, and prose with one and with every retrieval passage (one
-    // more passage costs one more capture of the whole menu).
+    // Prose alone, retrieval alone, and prose with one, two (the default before 2026-12-03)
+    // and every retrieval passage (one more passage costs one more capture of the whole menu).
     let mut sets: Vec<(usize, usize)> = [
         (prose.len(), 0),
         (0, retrieval.len()),
         (prose.len(), retrieval.len().min(1)),
+        (prose.len(), retrieval.len().min(2)),
         (prose.len(), retrieval.len()),
     ]
     .into_iter()
